@@ -1,0 +1,122 @@
+"""What an algorithm is: it computes losses for one batch and owns its own state.
+
+The trainer owns the loop, optimiser, EMA update, evaluation and checkpoints; the
+orchestrator owns replicas and merges. An algorithm never sees any of those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import torch
+from torch import nn
+
+from ssl_imwa.ema import EMAConfig
+
+Batch = dict[str, Any]
+StepCount = Union[int, float]
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "???"
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+def resolve_steps(value: StepCount, total_steps: int, key: str) -> int:
+    """A step-based schedule value: an int >= 0 is a step count; a float in (0, 1) a fraction of the run.
+
+    Fractions let a short run keep a paper's proportions (DASO's 5,000 of 250,000 steps = 0.02).
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{key}={value!r}: expected a step count (int) or a fraction of train.iterations (float)")
+    if isinstance(value, float) and not value.is_integer():
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{key}={value}: a fractional value must lie in (0, 1)")
+        return max(1, round(value * total_steps))
+    steps = int(value)
+    if steps < 0:
+        raise ValueError(f"{key}={value}: expected a non-negative step count")
+    return steps
+
+
+def mean_of_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default merge: float tensors and floats averaged; anything else taken from the first state."""
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    merged: dict[str, Any] = {}
+    for key, first in states[0].items():
+        values = [state[key] for state in states]
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            merged[key] = torch.stack(values).mean(dim=0)
+        elif isinstance(first, float):
+            merged[key] = sum(values) / len(values)
+        elif isinstance(first, dict):
+            merged[key] = mean_of_states(values)
+        else:
+            merged[key] = first
+    return merged
+
+
+def forward_concat(model: nn.Module, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """One forward over the concatenated inputs (so BN sees the whole step's batch), split back.
+
+    Outputs are cast to float32 so losses are computed in full precision under autocast.
+    """
+    sizes = [tensor.shape[0] for tensor in inputs]
+    outputs = model(torch.cat(inputs))
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in inputs]
+    for key, value in outputs.items():
+        for index, chunk in enumerate(value.float().split(sizes)):
+            parts[index][key] = chunk
+    return parts
+
+
+class Algorithm:
+    """Base class of every SSL algorithm plugin.
+
+    Subclasses set `Config` (a dataclass deriving from AlgorithmConfig), register with
+    `@register_algorithm(name)`, and implement `losses`.
+    """
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    # The head evaluation reads from the teacher's outputs.
+    eval_head: ClassVar[str] = "logits"
+
+    def __init__(self, cfg: AlgorithmConfig, num_classes: int, labeled_counts: list[int], total_steps: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        counts = torch.tensor(labeled_counts, dtype=torch.float64)
+        # pi_l: the labeled class prior (float64 so log-adjustments are exact).
+        self.labeled_prior = (counts / counts.sum()).to(self.device)
+        self.total_steps = total_steps
+
+    def num_strong_views(self) -> int:
+        """Strong views per unlabeled image that the data stream must provide."""
+        return 1
+
+    def uses_unlabeled(self) -> bool:
+        return True
+
+    def build_heads(self, feature_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        """Extra heads beyond the standard 'logits' head."""
+        return {}
+
+    def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        """Losses for one batch at global step `step`; must contain 'loss' (the one to minimise)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unexpected = set(state) - set(self.state_dict())
+        if unexpected:
+            raise KeyError(f"{self.name}: unexpected algorithm state keys {sorted(unexpected)}")
+
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """How K replicas' states combine at an IMWA merge (default: mean of float tensors)."""
+        return mean_of_states(states)

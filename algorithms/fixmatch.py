@@ -1,0 +1,59 @@
+"""FixMatch (Sohn et al., 2020), SPEC section 4."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.base import Algorithm, AlgorithmConfig, Batch, forward_concat
+from algorithms.registry import register_algorithm
+
+
+@dataclass
+class FixMatchConfig(AlgorithmConfig):
+    name: str = "fixmatch"
+    threshold: float = 0.95     # tau: confidence needed for a pseudo-label to count
+    lambda_u: float = 1.0       # weight of the unlabeled consistency loss
+    temperature: float = 1.0    # of the weak-view softmax (FixMatch: 1, hard labels)
+
+
+def confident_pseudo_labels(weak_logits: torch.Tensor, threshold: float, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pseudo labels, float mask, max probability) from detached weak-view logits."""
+    probs = torch.softmax(weak_logits.detach() / temperature, dim=1)
+    max_prob, labels = probs.max(dim=1)
+    return labels, max_prob.ge(threshold).float(), max_prob
+
+
+def masked_consistency(strong_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over all unlabeled samples of mask * CE(strong logits, pseudo label)."""
+    return (F.cross_entropy(strong_logits, labels, reduction="none") * mask).mean()
+
+
+def pseudo_label_accuracy(labels: torch.Tensor, mask: torch.Tensor, true_labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy of the masked pseudo-labels where the truth is known (diagnostic only; NaN if none)."""
+    known = (true_labels >= 0) & mask.bool()
+    if not bool(known.any()):
+        return torch.tensor(float("nan"))
+    return (labels[known] == true_labels[known]).float().mean()
+
+
+@register_algorithm("fixmatch")
+class FixMatch(Algorithm):
+    Config = FixMatchConfig
+    cfg: FixMatchConfig
+
+    def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        labeled, weak, strong = forward_concat(model, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
+        loss_x = F.cross_entropy(labeled["logits"], batch["y"])
+        labels, mask, _ = confident_pseudo_labels(weak["logits"], self.cfg.threshold, self.cfg.temperature)
+        loss_u = masked_consistency(strong["logits"], labels, mask)
+        return {
+            "loss": loss_x + self.cfg.lambda_u * loss_u,
+            "loss_x": loss_x.detach(),
+            "loss_u": loss_u.detach(),
+            "mask_rate": mask.mean(),
+            "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
+        }

@@ -1,0 +1,32 @@
+"""Supervised-only baseline on the labeled split: the reference every SSL method must beat."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.base import Algorithm, AlgorithmConfig, Batch
+from algorithms.registry import register_algorithm
+
+
+@dataclass
+class SupervisedConfig(AlgorithmConfig):
+    name: str = "supervised"
+
+
+@register_algorithm("supervised")
+class Supervised(Algorithm):
+    Config = SupervisedConfig
+
+    def num_strong_views(self) -> int:
+        return 0
+
+    def uses_unlabeled(self) -> bool:
+        return False
+
+    def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        logits = model(batch["x"])["logits"].float()
+        loss = F.cross_entropy(logits, batch["y"])
+        return {"loss": loss, "loss_x": loss.detach()}

@@ -1,0 +1,115 @@
+"""Typed configuration: the schema Hydra composes into, and validation before any work starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from datasets.config import DatasetConfig
+from ssl_imwa.merge import MOMENTUM_POLICIES
+
+MERGE_STRATEGIES = ("uniform",)
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "wrn28_2"
+    bn_momentum: float = 0.001  # PyTorch convention; DASO 0.1, FixMatch/ACR 0.001
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 250_000      # T: global steps per replica
+    batch_size: int = 64           # B, labeled images per step
+    mu: int = 7                    # unlabeled images per step = mu * B
+    lr: float = 0.03
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    wd_exclude_bias_bn: bool = False  # True: no weight decay on biases and BN parameters (ACR)
+    schedule: str = "cosine"       # cosine: lr*cos(7*pi*k/(16*K)); constant
+    eval_every: int = 500
+    eval_batch_size: int = 256
+    checkpoint_every: int = 0      # 0: checkpoint at every evaluation
+    log_every: int = 50
+    precision: str = "fp32"        # fp32 | bf16 (autocast) | fp16 (autocast + grad scaler)
+    channels_last: bool = False
+    num_threads: int = 0           # torch intra-op threads; 0 keeps torch's default
+    progress: bool = True          # tqdm bar
+    stop_at: int = 0               # stop (checkpointed) after this global step; 0 = run to the end
+
+
+@dataclass
+class IMWAConfig:
+    k: int = 1           # replicas
+    episodes: int = 1    # E; k=1, episodes=1 is a plain run
+    merge: str = "uniform"
+    momentum: str = "average"   # optimiser momentum at a merge: average | keep | reset
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    deterministic: bool = True
+    run_dir: str = "."
+    plugins: list[str] = field(default_factory=list)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: Any = field(default_factory=lambda: {"name": "fixmatch"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    imwa: IMWAConfig = field(default_factory=IMWAConfig)
+
+
+def register_configs() -> None:
+    """Make the schema available to Hydra as `base_config` (configs/config.yaml lists it first)."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}='{value}': expected one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key}={value}: expected a {'non-negative' if allow_zero else 'positive'} value")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check the composed config and type the algorithm section with its plugin's dataclass.
+
+    Unknown keys and wrong types raise OmegaConf errors that name the key; bad values raise
+    ValueError naming the key and what was expected.
+    """
+    from algorithms import get_algorithm, load_plugins
+
+    typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    load_plugins(list(typed.plugins))
+    algorithm_cls = get_algorithm(typed.algorithm.name)
+    typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
+    train = typed.train
+    _choice("train.schedule", train.schedule, SCHEDULES)
+    _choice("train.precision", train.precision, PRECISIONS)
+    _positive("train.iterations", train.iterations)
+    _positive("train.batch_size", train.batch_size)
+    _positive("train.mu", train.mu, allow_zero=True)
+    _positive("train.eval_every", train.eval_every)
+    _positive("train.lr", train.lr, allow_zero=True)
+    _positive("imwa.k", typed.imwa.k)
+    _positive("imwa.episodes", typed.imwa.episodes)
+    _choice("imwa.merge", typed.imwa.merge, MERGE_STRATEGIES)
+    _choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
+    if train.iterations % typed.imwa.episodes:
+        raise ValueError(
+            f"train.iterations={train.iterations} is not divisible by imwa.episodes={typed.imwa.episodes}: "
+            "every episode must run the same number of steps")
+    if not (typed.device == "cpu" or typed.device.startswith("cuda")):
+        raise ValueError(f"device='{typed.device}': expected 'cpu', 'cuda' or 'cuda:N'")
+    return typed

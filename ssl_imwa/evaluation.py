@@ -1,0 +1,43 @@
+"""Evaluation of a (teacher) model on the held-out splits."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+
+from datasets import eval_batches
+from ssl_imwa.metrics import class_groups, classification_metrics
+
+
+class Evaluator:
+    """Evaluates a model's `head` on the test split and, when the protocol has one, the validation split."""
+
+    def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                 labeled_counts: list[int], mean: list[float], std: list[float], head: str, batch_size: int,
+                 device: torch.device, channels_last: bool,
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
+        self.splits = splits
+        self.num_classes = num_classes
+        self.groups = class_groups(labeled_counts)
+        self.mean, self.std = mean, std
+        self.head = head
+        self.batch_size = batch_size
+        self.device = device
+        self.channels_last = channels_last
+        self.autocast = autocast
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, Any]:
+        images, targets = self.splits[split]
+        was_training = model.training
+        model.eval()
+        predictions = []
+        for batch, _ in eval_batches(images, targets, self.batch_size, self.mean, self.std, self.device):
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                predictions.append(model(batch)[self.head].argmax(dim=1).cpu())
+        model.train(was_training)
+        return classification_metrics(torch.cat(predictions), targets.cpu(), self.num_classes, self.groups)

@@ -1,0 +1,126 @@
+"""What a run writes: TensorBoard streams, metrics.jsonl, status.json and results.json (SPEC 9)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("ssl_imwa")
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN becomes null so every file we write is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(item) for item in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(_json_ready(payload), indent=2))
+    os.replace(temporary, path)
+
+
+def confusion_image(matrix: list[list[int]], class_names: list[str]) -> np.ndarray:
+    """Row-normalised confusion matrix rendered as an HWC uint8 image for TensorBoard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(3.0, 0.4 * len(class_names))
+    figure, axis = plt.subplots(figsize=(size, size), dpi=80)
+    axis.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if len(class_names) <= 20:
+        axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+        axis.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    return np.asarray(matplotlib.image.imread(buffer, format="png")[..., :3] * 255, dtype=np.uint8)
+
+
+class RunLogger:
+    """One TensorBoard event stream per source ('replica<k>', 'merged') plus the JSON files."""
+
+    def __init__(self, run_dir: Path, class_names: list[str], enabled_tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.class_names = class_names
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.status_path = run_dir / "status.json"
+        self.enabled_tensorboard = enabled_tensorboard
+        self._writers: dict[str, Any] = {}
+
+    def writer(self, source: str) -> Any:
+        if source not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[source] = SummaryWriter(str(self.run_dir / "tensorboard" / source))
+        return self._writers[source]
+
+    def scalars(self, source: str, values: dict[str, float], step: int, prefix: str = "train") -> None:
+        if not self.enabled_tensorboard:
+            return
+        writer = self.writer(source)
+        for key, value in values.items():
+            if not math.isnan(value):
+                writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def evaluation(self, source: str, replica: int | None, episode: int | None, split: str, step: int,
+                   metrics: dict[str, Any], elapsed: float) -> None:
+        """Append one line to metrics.jsonl and mirror it to TensorBoard."""
+        record = {"step": step, "source": source, "replica": replica, "episode": episode, "split": split,
+                  **{key: value for key, value in metrics.items() if key != "confusion"}, "time_s": elapsed}
+        with self.metrics_path.open("a") as stream:
+            stream.write(json.dumps(_json_ready(record)) + "\n")
+        if not self.enabled_tensorboard:
+            return
+        name = source if source == "merged" else f"replica{replica}"
+        writer = self.writer(name)
+        for key in ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail"):
+            if not math.isnan(metrics[key]):
+                writer.add_scalar(f"{split}/{key}", metrics[key], step)
+        for index, value in enumerate(metrics["per_class"]):
+            if not math.isnan(value):
+                writer.add_scalar(f"{split}_per_class/{index:03d}_{self.class_names[index]}", value, step)
+        if split == "test":
+            writer.add_image(f"{split}/confusion", confusion_image(metrics["confusion"], self.class_names), step,
+                             dataformats="HWC")
+
+    def hparams(self, hparams: dict[str, Any], final_metrics: dict[str, float]) -> None:
+        if not self.enabled_tensorboard:
+            return
+        clean = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                 for key, value in hparams.items()}
+        metrics = {f"hparam/{key}": value for key, value in final_metrics.items() if not math.isnan(value)}
+        self.writer("hparams").add_hparams(clean, metrics, run_name=".")
+
+    def status(self, status: str, error: str | None = None) -> None:
+        write_json_atomic(self.status_path, {"status": status, "pid": os.getpid(), "host": socket.gethostname(),
+                                             "updated": time.time(), "error": error})
+
+    def results(self, payload: dict[str, Any]) -> None:
+        write_json_atomic(self.run_dir / "results.json", payload)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()

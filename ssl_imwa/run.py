@@ -1,0 +1,127 @@
+"""Build data, algorithm and replicas from a validated config, then hand them to the orchestrator."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from algorithms import Algorithm, get_algorithm
+from datasets import SSLData, build_data
+from ssl_imwa.config import Config, validate
+from ssl_imwa.ema import EMATeacher
+from ssl_imwa.evaluation import Evaluator
+from ssl_imwa.imwa import Orchestrator, seed_everything
+from ssl_imwa.logging import RunLogger
+from ssl_imwa.models import create_model
+from ssl_imwa.trainer import Replica, Trainer, build_optimizer
+
+log = logging.getLogger("ssl_imwa")
+
+# Keys that may change between a run and its resumption without changing the experiment.
+RESUME_FREE_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads")
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """Flattened config minus the keys a resume may change; a checkpoint must match it."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {key: value for key, value in flat.items() if key not in RESUME_FREE_KEYS}
+
+
+def configure_torch(cfg: Config) -> torch.device:
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device='{cfg.device}' but CUDA is not available on this machine; use device=cpu")
+    if cfg.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    return device
+
+
+def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, initial_model: torch.nn.Module,
+                  device: torch.device) -> Replica:
+    """A replica starts from a copy of the shared initial model, with its own stream seeded by (seed, index)."""
+    model = copy.deepcopy(initial_model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mu = cfg.train.mu if algorithm.uses_unlabeled() else 0
+    stream = data.make_stream(batch_size=cfg.train.batch_size, mu=mu, num_strong=algorithm.num_strong_views(),
+                              seed=cfg.seed, replica=index, episode=0, device=device)
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    return Replica(index=index, model=model, teacher=EMATeacher(model, cfg.algorithm.ema),
+                   optimizer=build_optimizer(model, cfg.train), algorithm=algorithm, stream=stream, scaler=scaler)
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at)."""
+    cfg = validate(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    device = configure_torch(cfg)
+    seed_everything(cfg.seed)
+
+    data = build_data(cfg.dataset)
+    algorithm_cls = get_algorithm(cfg.algorithm.name)
+    labeled_counts = data.counts["labeled"]
+    initial_model = create_model(cfg.model.name, data.num_classes, data.in_channels, cfg.model.bn_momentum)
+    # Algorithm state is per replica: each replica gets its own instance.
+    algorithms = [algorithm_cls(cfg.algorithm, data.num_classes, labeled_counts, cfg.train.iterations, device)
+                  for _ in range(cfg.imwa.k)]
+    for name, head in algorithms[0].build_heads(initial_model.feature_dim, data.num_classes).items():
+        initial_model.add_head(name, head)
+    initial_model.to(device)
+    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in range(cfg.imwa.k)]
+
+    trainer = Trainer(cfg.train, device)
+    splits = {"test": (data.test_images, data.test_targets)}
+    if data.val_images is not None:
+        splits["val"] = (data.val_images, data.val_targets)
+    evaluator = Evaluator(splits, data.num_classes, labeled_counts, data.mean, data.std,
+                          algorithm_cls.eval_head, cfg.train.eval_batch_size, device, cfg.train.channels_last,
+                          trainer.autocast)
+    logger = RunLogger(run_dir, data.class_names)
+    orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts)
+    if cfg.resume:
+        orchestrator.resume()
+    log.info("run dir %s | %s on %s | k=%d episodes=%d | %d steps per replica", run_dir, cfg.algorithm.name,
+             cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations)
+    try:
+        results = orchestrator.run()
+    except BaseException as error:
+        logger.status("failed", error=f"{type(error).__name__}: {error}")
+        logger.close()
+        raise
+    if results is not None:
+        logger.results(results)
+        logger.hparams(_hparams(cfg), {"final_top1": results["final"]["top1"],
+                                       "final_balanced_acc": results["final"]["balanced_acc"]})
+        logger.status("complete")
+        log.info("final test top1 %.4f, balanced %.4f (%.1f s, %.0f images/s)", results["final"]["top1"],
+                 results["final"]["balanced_acc"], results["wall_time_s"], results["images_per_s"])
+    logger.close()
+    return results
+
+
+def _hparams(cfg: Config) -> dict[str, Any]:
+    return {"algorithm": cfg.algorithm.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
+            "seed": cfg.seed, "imwa.k": cfg.imwa.k, "imwa.episodes": cfg.imwa.episodes,
+            "imwa.merge": cfg.imwa.merge, "train.iterations": cfg.train.iterations, "train.lr": cfg.train.lr,
+            "train.mu": cfg.train.mu, "dataset.imbalance": cfg.dataset.imbalance,
+            "dataset.unlabeled": cfg.dataset.unlabeled}

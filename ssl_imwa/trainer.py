@@ -1,0 +1,119 @@
+"""One replica's training: optimiser, lr schedule, mixed precision, EMA update, one step at a time."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+
+from algorithms import Algorithm
+from ssl_imwa.config import TrainConfig
+from ssl_imwa.ema import EMATeacher
+
+IMAGE_KEYS = ("x", "u_weak")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for global step `step` (0-based) of `cfg.iterations`."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * math.cos(7.0 * math.pi * step / (16.0 * cfg.iterations))
+    return cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; optionally no weight decay on biases and BN parameters (ndim <= 1)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        (no_decay if cfg.wd_exclude_bias_bn and parameter.ndim <= 1 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager[Any]]:
+    """A context factory for the forward pass: bf16/fp16 autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Replica:
+    """Everything one replica owns; kept resident across IMWA episodes."""
+
+    index: int
+    model: nn.Module
+    teacher: EMATeacher
+    optimizer: torch.optim.SGD
+    algorithm: Algorithm
+    stream: Any  # datasets.TrainStream
+    scaler: torch.amp.GradScaler | None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "stream": self.stream.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.stream.load_state_dict(state["stream"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class Trainer:
+    """Runs optimisation steps of a replica at given global steps; knows nothing of episodes."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.autocast = autocast_factory(cfg.precision, device)
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if not self.cfg.channels_last:
+            return batch
+        to_cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+        prepared = dict(batch)
+        for key in IMAGE_KEYS:
+            if key in prepared and prepared[key].dim() == 4:
+                prepared[key] = to_cl(prepared[key])
+        if "u_strong" in prepared:
+            prepared["u_strong"] = [to_cl(view) for view in prepared["u_strong"]]
+        return prepared
+
+    def step(self, replica: Replica, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step at global step `step`; returns the algorithm's (detached) outputs."""
+        for group in replica.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, step)
+        batch = self._prepare(next(replica.stream))
+        with self.autocast():
+            outputs = replica.algorithm.losses(batch, replica.model, replica.teacher.module, step)
+        loss = outputs["loss"]
+        replica.optimizer.zero_grad(set_to_none=True)
+        if replica.scaler is not None:
+            replica.scaler.scale(loss).backward()
+            replica.scaler.step(replica.optimizer)
+            replica.scaler.update()
+        else:
+            loss.backward()
+            replica.optimizer.step()
+        replica.teacher.update(replica.model, step)
+        return {key: value.detach() for key, value in outputs.items()}
+
+    def images_per_step(self, replica: Replica) -> int:
+        """Images forwarded per step (labeled + every unlabeled view), for images/s figures."""
+        unlabeled = self.cfg.mu * self.cfg.batch_size if replica.algorithm.uses_unlabeled() else 0
+        return self.cfg.batch_size + unlabeled * (1 + replica.algorithm.num_strong_views())

@@ -1,0 +1,58 @@
+"""Test helpers: compose the real config (same files and schema as main.py) and train in a temp dir."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from ssl_imwa.config import register_configs
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+register_configs()
+
+
+def compose_config(overrides: list[str], run_dir: Path | str = ".") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"run_dir={run_dir}", "train.progress=false"])
+
+
+def train_run(tmp_path: Path, overrides: list[str], name: str = "run") -> Path:
+    """Train with `overrides` into tmp_path/name and return the run directory."""
+    from ssl_imwa.run import run
+
+    run_dir = tmp_path / name
+    run(compose_config(overrides, run_dir))
+    return run_dir
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_tensors(run_dir: Path, name: str = "latest.pt") -> dict[str, torch.Tensor]:
+    """Every replica's student, teacher and optimiser tensors, flattened, for bitwise comparisons."""
+    payload = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+    flat: dict[str, torch.Tensor] = {}
+    for index, replica in enumerate(payload["replicas"]):
+        for part in ("model", "teacher"):
+            for key, value in replica[part].items():
+                flat[f"{index}.{part}.{key}"] = value
+        for param, entry in replica["optimizer"]["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    flat[f"{index}.optimizer.{param}.{key}"] = value
+    return flat
+
+
+def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.equal(left[key], right[key]), f"{key} differs"
