@@ -1,0 +1,120 @@
+"""Steady-state speed of a full FixMatch training step, and of the data pipeline on its own.
+
+    python bench/train_step.py --model wrn28_2 --batch 64 --mu 2 --precision bf16 --channels-last
+
+The step is forward (one concatenated batch), losses, backward, SGD, EMA update — the trainer's
+real `Trainer.step` on a resident synthetic batch, so only compute is measured. The data part
+times `datasets.TrainStream` (sampling, weak + strong augmentation, normalisation) on random
+uint8 images. Compare the two images/s figures to see which one limits a run.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from algorithms.fixmatch import FixMatch, FixMatchConfig
+from bench._common import header, machine_load, peak_rss_mb
+from datasets import TrainStream
+from ssl_imwa.config import TrainConfig
+from ssl_imwa.ema import EMATeacher
+from ssl_imwa.models import create_model
+from ssl_imwa.trainer import Replica, Trainer, build_optimizer
+
+
+class _RepeatBatch:
+    """A stream that returns one fixed batch: isolates compute from the data pipeline."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def __next__(self) -> dict:
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def bench_step(args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(0)
+    cfg = TrainConfig(iterations=10_000, batch_size=args.batch, mu=args.mu, precision=args.precision,
+                      channels_last=args.channels_last)
+    device = torch.device(args.device)
+    model = create_model(args.model, 10, 3, 0.001).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    algorithm = FixMatch(FixMatchConfig(), 10, [500, 50, 5, 500, 50, 5, 500, 50, 5, 5], cfg.iterations, device)
+    unlabeled = args.mu * args.batch
+    shape = (3, args.size, args.size)
+    batch = {"x": torch.randn(args.batch, *shape, device=device), "y": torch.randint(0, 10, (args.batch,)),
+             "u_weak": torch.randn(unlabeled, *shape, device=device),
+             "u_strong": [torch.randn(unlabeled, *shape, device=device)],
+             "u_target": torch.randint(0, 10, (unlabeled,))}
+    replica = Replica(0, model, EMATeacher(model, algorithm.cfg.ema), build_optimizer(model, cfg), algorithm,
+                      _RepeatBatch(batch), None)
+    trainer = Trainer(cfg, device)
+    images = trainer.images_per_step(replica)
+    for step in range(args.warmup):
+        trainer.step(replica, step)
+    started = time.perf_counter()
+    for step in range(args.steps):
+        trainer.step(replica, args.warmup + step)
+    seconds = time.perf_counter() - started
+    return {"images_per_step": images, "ms_per_step": 1000 * seconds / args.steps,
+            "images_per_s": images * args.steps / seconds}
+
+
+def bench_data(args: argparse.Namespace) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    pool = 4096
+    images = torch.randint(0, 256, (pool, 3, args.size, args.size), dtype=torch.uint8, generator=generator)
+    targets = torch.randint(0, 10, (pool,), generator=generator)
+    stream = TrainStream(
+        labeled_images=images, labeled_targets=targets, unlabeled_images=images,
+        unlabeled_targets=torch.full((pool,), -1), unlabeled_is_labeled=torch.zeros(pool, dtype=torch.bool),
+        batch_size=args.batch, mu=args.mu, num_strong=1, mean=[0.5] * 3, std=[0.25] * 3,
+        pad=args.size // 8, hflip=True, cutout=args.size // 2, seed=0, replica=0, episode=0,
+        device=torch.device(args.device))
+    per_batch = args.batch + args.mu * args.batch * 2
+    for _ in range(3):
+        next(stream)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        next(stream)
+    seconds = time.perf_counter() - started
+    return {"images_per_batch": per_batch, "ms_per_batch": 1000 * seconds / args.steps,
+            "images_per_s": per_batch * args.steps / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="wrn28_2")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--mu", type=int, default=2)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-data", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(header("FixMatch training step and data pipeline", args.threads))
+    print(f"# model {args.model} | B={args.batch} mu={args.mu} | {args.size}px | precision {args.precision} | "
+          f"channels_last {args.channels_last} | {args.steps} timed steps after {args.warmup} warm-up")
+    step = bench_step(args)
+    print(f"train step : {step['images_per_s']:8.1f} images/s  ({step['ms_per_step']:.1f} ms for "
+          f"{step['images_per_step']} images)")
+    if not args.skip_data:
+        data = bench_data(args)
+        print(f"data stream: {data['images_per_s']:8.1f} images/s  ({data['ms_per_batch']:.1f} ms for "
+              f"{data['images_per_batch']} images: labeled weak + unlabeled weak + strong)")
+    load, verdict = machine_load()
+    print(f"peak memory (RSS): {peak_rss_mb():.0f} MB | load after run {load:.2f} ({verdict})")
+
+
+if __name__ == "__main__":
+    main()

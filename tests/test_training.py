@@ -1,0 +1,95 @@
+"""End-to-end behaviour of a training run: learning, determinism, exact resume, clear errors."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from tests.utils import assert_bitwise_equal, checkpoint_tensors, compose_config, read_metrics, read_results, train_run
+
+TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=10", "train.batch_size=16", "train.mu=2",
+        "train.log_every=5", "train.num_threads=1"]
+
+
+def _without_times(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key != "time_s"} for record in records]
+
+
+def test_quickstart_learns(tmp_path: Path) -> None:
+    run_dir = train_run(tmp_path, ["experiment=quickstart", "train.iterations=300", "train.num_threads=2"])
+    results = read_results(run_dir)
+    # 10 classes: chance is 0.1
+    assert results["final"]["balanced_acc"] > 0.5, results["final"]
+    assert results["best"] is None, "no validation split: best must not be chosen (never on test)"
+    assert len(results["final"]["per_class"]) == 10
+    assert (run_dir / "tensorboard" / "replica0").is_dir()
+    assert results["split_counts"]["labeled"] == [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
+
+
+def test_same_seed_same_numbers_and_other_seed_differs(tmp_path: Path) -> None:
+    first = checkpoint_tensors(train_run(tmp_path, TINY, "a"))
+    second = checkpoint_tensors(train_run(tmp_path, TINY, "b"))
+    assert_bitwise_equal(first, second)
+    other = checkpoint_tensors(train_run(tmp_path, [*TINY, "seed=1"], "c"))
+    assert any(not torch.equal(first[key], other[key]) for key in first)
+
+
+def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path: Path) -> None:
+    full = train_run(tmp_path, TINY, "full")
+    stopped = train_run(tmp_path, [*TINY, "train.stop_at=13", "train.checkpoint_every=0"], "split")
+    assert not (stopped / "results.json").exists()
+    train_run(tmp_path, [*TINY, "resume=true"], "split")
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
+    assert _without_times(read_metrics(full)) == _without_times(read_metrics(stopped))
+    assert read_results(full)["final"] == read_results(stopped)["final"]
+
+
+def test_best_is_selected_on_validation(tmp_path: Path) -> None:
+    run_dir = train_run(tmp_path, [*TINY, "dataset.val_per_class=10", "dataset.m_max=60"])
+    results = read_results(run_dir)
+    vals = [r for r in read_metrics(run_dir) if r["split"] == "val" and r["source"] == "replica"]
+    best_val = max(vals, key=lambda r: r["top1"])
+    assert results["best"]["selected_on"] == "val"
+    assert results["best"]["step"] == best_val["step"]
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    run_dir = train_run(tmp_path, [*TINY, "train.stop_at=10"])
+    (run_dir / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="latest.pt is corrupt"):
+        train_run(tmp_path, [*TINY, "resume=true"])
+
+
+def test_mismatched_checkpoint_names_the_key(tmp_path: Path) -> None:
+    train_run(tmp_path, [*TINY, "train.stop_at=10"])
+    with pytest.raises(RuntimeError, match=r"train.lr: checkpoint has 0.03, config has 0.1"):
+        train_run(tmp_path, [*TINY, "resume=true", "train.lr=0.1"])
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_run(tmp_path, [*TINY, "resume=true"])
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    from ssl_imwa.config import validate
+
+    with pytest.raises(ConfigKeyError, match="foo"):
+        validate(compose_config([*TINY, "+algorithm.foo=1"]))
+    with pytest.raises(ConfigCompositionException, match="train.lr=fast"):
+        compose_config([*TINY, "train.lr=fast"])
+    with pytest.raises(ValueError, match="train.schedule='linear'"):
+        validate(compose_config([*TINY, "train.schedule=linear"]))
+    with pytest.raises(KeyError, match="unknown algorithm 'nope'; registered: .*fixmatch"):
+        validate(compose_config([*TINY, "algorithm.name=nope"]))
+    with pytest.raises(ValueError, match="not divisible by imwa.episodes=3"):
+        validate(compose_config([*TINY, "imwa.episodes=3"]))
+
+
+def test_failed_plugin_import_is_an_error() -> None:
+    from ssl_imwa.config import validate
+
+    with pytest.raises(ImportError, match="no_such_plugin_module"):
+        validate(compose_config([*TINY, "plugins=[no_such_plugin_module]"]))
