@@ -6,6 +6,11 @@ from typing import Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+def _qualified(obj: object) -> str:
+    """Identity across module reloads: re-registering a reloaded class replaces it."""
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
 class Registry(Generic[T]):
     """Maps names to objects registered with a decorator, with clear lookup errors."""
 
@@ -15,7 +20,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
-            if name in self._entries and self._entries[name] is not obj:
+            if name in self._entries and _qualified(self._entries[name]) != _qualified(obj):
                 raise KeyError(f"{self.kind} '{name}' is already registered by {self._entries[name]!r}")
             self._entries[name] = obj
             return obj
