@@ -1,0 +1,368 @@
+"""From a `DatasetConfig` to resident uint8 tensors, a logged long-tailed split and a stream factory.
+
+Datasets are looked up in a small registry: adding one is a function returning
+`DatasetParts` plus `@register_dataset("name")`.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datasets.config import PROTOCOLS, UNLABELED_SETTINGS, DatasetConfig
+from datasets.counts import long_tailed_counts, unlabeled_counts
+from datasets.readers import (
+    ImageArray,
+    read_cifar,
+    read_digits,
+    read_image_folder,
+    read_stl10,
+)
+from datasets.splits import Split, make_split
+from datasets.stream import TrainStream
+from datasets.transforms import DEFAULT_STATISTICS, Statistics
+
+logger = logging.getLogger("datasets")
+
+CONVERSION_PIXELS = 1 << 24  # uint8 values converted at a time, so memory-mapped splits are never copied whole
+
+
+@dataclass
+class DatasetParts:
+    """What a dataset reader returns: train and test arrays, and a separate unlabeled split if it has one."""
+
+    train: ImageArray
+    test: ImageArray
+    unlabeled: ImageArray | None = None
+
+
+@dataclass
+class DatasetEntry:
+    """A registered dataset: its reader and what build_data must know before reading it."""
+
+    reader: Callable[[DatasetConfig], DatasetParts]
+    statistics: Statistics | None  # None: computed from the training images at load
+    separate_unlabeled: bool  # True: unlabeled data is its own split with unknown labels
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(
+    name: str, statistics: Statistics | None = None, separate_unlabeled: bool = False
+) -> Callable[[Callable[[DatasetConfig], DatasetParts]], Callable[[DatasetConfig], DatasetParts]]:
+    """Register `reader(cfg) -> DatasetParts` under `name` (the value of `dataset.name`).
+
+    `statistics` is the (mean, std) used when the config gives none; without it they are
+    computed from the training images. `separate_unlabeled` datasets (like STL-10) bring their
+    own unlabeled split and accept only `dataset.unlabeled='unknown'`.
+    """
+
+    def decorator(reader: Callable[[DatasetConfig], DatasetParts]) -> Callable[[DatasetConfig], DatasetParts]:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        DATASETS[name] = DatasetEntry(reader, statistics, separate_unlabeled)
+        return reader
+
+    return decorator
+
+
+@register_dataset("cifar10", statistics=DEFAULT_STATISTICS["cifar10"])
+def _cifar10(cfg: DatasetConfig) -> DatasetParts:
+    return DatasetParts(
+        train=read_cifar(cfg.root, 10, train=True, download=cfg.download),
+        test=read_cifar(cfg.root, 10, train=False, download=False),
+    )
+
+
+@register_dataset("cifar100", statistics=DEFAULT_STATISTICS["cifar100"])
+def _cifar100(cfg: DatasetConfig) -> DatasetParts:
+    return DatasetParts(
+        train=read_cifar(cfg.root, 100, train=True, download=cfg.download),
+        test=read_cifar(cfg.root, 100, train=False, download=False),
+    )
+
+
+@register_dataset("stl10", statistics=DEFAULT_STATISTICS["stl10"], separate_unlabeled=True)
+def _stl10(cfg: DatasetConfig) -> DatasetParts:
+    return DatasetParts(
+        train=read_stl10(cfg.root, "train", download=cfg.download),
+        test=read_stl10(cfg.root, "test", download=False),
+        unlabeled=read_stl10(cfg.root, "unlabeled", download=False),
+    )
+
+
+@register_dataset("imagefolder")
+def _image_folder(cfg: DatasetConfig) -> DatasetParts:
+    return DatasetParts(train=read_image_folder(cfg.root, "train"), test=read_image_folder(cfg.root, "test"))
+
+
+@register_dataset("digits", statistics=DEFAULT_STATISTICS["digits"])
+def _digits(cfg: DatasetConfig) -> DatasetParts:
+    return DatasetParts(train=read_digits(train=True), test=read_digits(train=False))
+
+
+@dataclass
+class SSLData:
+    """Every part of a long-tailed SSL dataset as uint8 NCHW / int64 tensors, plus its description."""
+
+    labeled_images: torch.Tensor
+    labeled_targets: torch.Tensor
+    unlabeled_images: torch.Tensor
+    unlabeled_targets: torch.Tensor  # true labels for diagnostics, -1 where unknown
+    unlabeled_is_labeled: torch.Tensor  # bool: the unlabeled image is also in the labeled set (nested)
+    val_images: torch.Tensor | None
+    val_targets: torch.Tensor | None
+    test_images: torch.Tensor
+    test_targets: torch.Tensor
+    num_classes: int
+    class_names: list[str]
+    in_channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    split: Split
+    counts: dict[str, list[int]]  # labeled / unlabeled / validation per class; unlabeled is [] when unknown
+    pad: int  # weak-augmentation reflect padding in pixels
+    hflip: bool
+    cutout: int  # cutout side in pixels
+
+    def make_stream(
+        self,
+        batch_size: int,
+        mu: int,
+        num_strong: int,
+        seed: int,
+        replica: int = 0,
+        episode: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> TrainStream:
+        """A training stream over this data, seeded by (seed, replica, episode)."""
+        return TrainStream(
+            labeled_images=self.labeled_images,
+            labeled_targets=self.labeled_targets,
+            unlabeled_images=self.unlabeled_images,
+            unlabeled_targets=self.unlabeled_targets,
+            unlabeled_is_labeled=self.unlabeled_is_labeled,
+            batch_size=batch_size,
+            mu=mu,
+            num_strong=num_strong,
+            mean=self.mean,
+            std=self.std,
+            pad=self.pad,
+            hflip=self.hflip,
+            cutout=self.cutout,
+            seed=seed,
+            replica=replica,
+            episode=episode,
+            device=device,
+        )
+
+
+def _validate(cfg: DatasetConfig) -> DatasetEntry:
+    """Reject bad values before any file is read, naming the offending key."""
+    if cfg.name not in DATASETS:
+        raise ValueError(f"dataset.name={cfg.name!r}: expected one of {', '.join(sorted(DATASETS))}")
+    entry = DATASETS[cfg.name]
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"dataset.protocol={cfg.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if cfg.unlabeled not in UNLABELED_SETTINGS:
+        raise ValueError(f"dataset.unlabeled={cfg.unlabeled!r}: expected one of {', '.join(UNLABELED_SETTINGS)}")
+    if entry.separate_unlabeled and cfg.unlabeled != "unknown":
+        raise ValueError(
+            f"dataset.unlabeled={cfg.unlabeled!r}: {cfg.name} has a separate unlabeled split whose labels are "
+            "unknown, so the only valid setting is 'unknown'"
+        )
+    if not entry.separate_unlabeled and cfg.unlabeled == "unknown":
+        separate = sorted(name for name, candidate in DATASETS.items() if candidate.separate_unlabeled)
+        raise ValueError(
+            f"dataset.unlabeled='unknown' needs a separate unlabeled split, which {cfg.name} lacks "
+            f"(datasets that have one: {', '.join(separate)}); use consistent, uniform, reversed or custom"
+        )
+    if cfg.unlabeled == "custom" and cfg.imbalance_u is None:
+        raise ValueError("dataset.imbalance_u must be set when dataset.unlabeled='custom'")
+    if cfg.imbalance_u is not None and cfg.imbalance_u < 1:
+        raise ValueError(f"dataset.imbalance_u={cfg.imbalance_u}: expected >= 1")
+    if cfg.imbalance < 1:
+        raise ValueError(f"dataset.imbalance={cfg.imbalance}: expected >= 1")
+    if cfg.n_max < 1:
+        raise ValueError(f"dataset.n_max={cfg.n_max}: expected >= 1")
+    if cfg.m_max < 0:
+        raise ValueError(f"dataset.m_max={cfg.m_max}: expected >= 0")
+    if cfg.val_per_class < 0:
+        raise ValueError(f"dataset.val_per_class={cfg.val_per_class}: expected >= 0")
+    if cfg.image_size is not None and cfg.image_size < 3:
+        raise ValueError(f"dataset.image_size={cfg.image_size}: expected None or >= 3")
+    if not 0 <= cfg.crop_pad_fraction < 1:
+        raise ValueError(f"dataset.crop_pad_fraction={cfg.crop_pad_fraction}: expected in [0, 1)")
+    if not 0 <= cfg.cutout_fraction <= 1:
+        raise ValueError(f"dataset.cutout_fraction={cfg.cutout_fraction}: expected in [0, 1]")
+    if (cfg.mean is None) != (cfg.std is None):
+        raise ValueError("dataset.mean and dataset.std must be given together")
+    if cfg.std is not None and any(value <= 0 for value in cfg.std):
+        raise ValueError(f"dataset.std={list(cfg.std)}: expected positive values")
+    return entry
+
+
+def _to_tensor(images: np.ndarray, image_size: int | None) -> torch.Tensor:
+    """uint8 NHWC (possibly memory-mapped) -> uint8 NCHW tensor, resized with antialiasing, chunk by chunk.
+
+    torch resizes uint8 directly (bilinear with antialiasing, matching PIL's resize), so no
+    float copy of the data is ever made; chunks bound the memory read from a memory map at once.
+    """
+    count, height, width, channels = images.shape
+    side_h, side_w = (height, width) if image_size is None else (image_size, image_size)
+    output = torch.empty((count, channels, side_h, side_w), dtype=torch.uint8)
+    chunk_size = max(1, CONVERSION_PIXELS // (height * width * channels))
+    for start in range(0, count, chunk_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk_size])).permute(0, 3, 1, 2)
+        if (side_h, side_w) != (height, width):
+            chunk = F.interpolate(chunk, size=(side_h, side_w), mode="bilinear", antialias=True)
+        output[start : start + len(chunk)] = chunk
+    return output
+
+
+def _channel_statistics(images: np.ndarray) -> Statistics:
+    """Exact per-channel mean and std of uint8 NHWC images in [0, 1], from 256-bin histograms."""
+    channels = images.shape[-1]
+    histograms = np.zeros((channels, 256), dtype=np.int64)
+    chunk_size = max(1, CONVERSION_PIXELS // int(np.prod(images.shape[1:])))
+    for start in range(0, len(images), chunk_size):
+        chunk = np.asarray(images[start : start + chunk_size]).reshape(-1, channels)
+        for channel in range(channels):
+            histograms[channel] += np.bincount(chunk[:, channel], minlength=256)
+    levels = np.arange(256) / 255.0
+    pixels = histograms.sum(1)
+    mean = histograms @ levels / pixels
+    std = np.sqrt(np.maximum(histograms @ levels**2 / pixels - mean**2, 0.0))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _check_targets(parts: ImageArray, num_classes: int, what: str) -> None:
+    if len(parts.targets) != len(parts.images):
+        raise ValueError(f"{what}: {len(parts.images)} images but {len(parts.targets)} targets")
+    known = parts.targets[parts.targets >= 0]
+    if len(known) and known.max() >= num_classes:
+        raise ValueError(f"{what}: target {known.max()} out of range for {num_classes} classes")
+
+
+def build_data(cfg: DatasetConfig) -> SSLData:
+    """Read the dataset, split it (SPEC 2.3), convert every part to tensors once and log the counts."""
+    entry = _validate(cfg)
+    parts = entry.reader(cfg)
+    class_names = list(parts.train.classes)
+    num_classes = len(class_names)
+    _check_targets(parts.train, num_classes, f"{cfg.name} train split")
+    _check_targets(parts.test, num_classes, f"{cfg.name} test split")
+    train_targets = np.asarray(parts.train.targets, dtype=np.int64)
+    in_channels = parts.train.images.shape[-1]
+    height, width = parts.train.images.shape[1:3]
+    if cfg.image_size is None and height != width:
+        raise ValueError(f"{cfg.name} images are {height}x{width}; set dataset.image_size to train on square images")
+    image_size = cfg.image_size if cfg.image_size is not None else height
+    mean, std = _statistics(cfg, entry, parts.train.images)
+
+    labeled_counts = long_tailed_counts(cfg.n_max, num_classes, cfg.imbalance)
+    if cfg.unlabeled == "unknown":
+        unlabeled_from_train = [0] * num_classes
+    else:
+        unlabeled_from_train = unlabeled_counts(cfg.unlabeled, cfg.m_max, num_classes, cfg.imbalance, cfg.imbalance_u)
+    split = make_split(
+        train_targets,
+        num_classes,
+        cfg.protocol,
+        labeled_counts,
+        unlabeled_from_train,
+        cfg.val_per_class,
+        cfg.split_seed,
+        class_names=class_names,
+    )
+    counts = split.counts()
+
+    def images_of(indices: np.ndarray) -> torch.Tensor:
+        return _to_tensor(parts.train.images[indices], cfg.image_size)
+
+    def targets_of(indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(train_targets[indices])
+
+    if parts.unlabeled is not None:
+        unlabeled_images = _to_tensor(parts.unlabeled.images, cfg.image_size)
+        unlabeled_targets = torch.from_numpy(np.asarray(parts.unlabeled.targets, dtype=np.int64).copy())
+        unlabeled_is_labeled = torch.zeros(len(unlabeled_images), dtype=torch.bool)
+        counts["unlabeled"] = []  # per-class counts of an unlabeled split with unknown labels do not exist
+    else:
+        unlabeled_images = images_of(split.unlabeled)
+        unlabeled_targets = targets_of(split.unlabeled)
+        unlabeled_is_labeled = torch.from_numpy(split.unlabeled_is_labeled.copy())
+
+    has_validation = len(split.validation) > 0
+    data = SSLData(
+        labeled_images=images_of(split.labeled),
+        labeled_targets=targets_of(split.labeled),
+        unlabeled_images=unlabeled_images,
+        unlabeled_targets=unlabeled_targets,
+        unlabeled_is_labeled=unlabeled_is_labeled,
+        val_images=images_of(split.validation) if has_validation else None,
+        val_targets=targets_of(split.validation) if has_validation else None,
+        test_images=_to_tensor(parts.test.images, cfg.image_size),
+        test_targets=torch.from_numpy(np.asarray(parts.test.targets, dtype=np.int64).copy()),
+        num_classes=num_classes,
+        class_names=class_names,
+        in_channels=in_channels,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        split=split,
+        counts=counts,
+        pad=int(cfg.crop_pad_fraction * image_size),  # truncated, as int(32 * 0.125) in kekmodel
+        hflip=cfg.hflip,
+        cutout=int(cfg.cutout_fraction * image_size),
+    )
+    _log_summary(cfg, data)
+    return data
+
+
+def _statistics(cfg: DatasetConfig, entry: DatasetEntry, train_images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Normalisation from the config, else the dataset's registered values, else computed from its train images."""
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = list(cfg.mean), list(cfg.std)
+    elif entry.statistics is not None:
+        mean, std = list(entry.statistics[0]), list(entry.statistics[1])
+    else:
+        computed_mean, computed_std = _channel_statistics(train_images)
+        mean, std = [round(value, 4) for value in computed_mean], [round(value, 4) for value in computed_std]
+        logger.info(
+            "%s: no standard statistics, computed from the training images: mean %s std %s", cfg.name, mean, std
+        )
+    channels = train_images.shape[-1]
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"dataset.mean/std have {len(mean)}/{len(std)} values, but {cfg.name} has {channels} channels")
+    return mean, std
+
+
+def _log_summary(cfg: DatasetConfig, data: SSLData) -> None:
+    unlabeled = "unknown labels" if cfg.unlabeled == "unknown" else f"{cfg.unlabeled}, M1={cfg.m_max}"
+    logger.info(
+        "%s (%s protocol, split_seed %d): %d classes, %dx%dx%d; labeled N1=%d gamma=%g; unlabeled %s",
+        cfg.name,
+        cfg.protocol,
+        cfg.split_seed,
+        data.num_classes,
+        data.in_channels,
+        data.image_size,
+        data.image_size,
+        cfg.n_max,
+        cfg.imbalance,
+        unlabeled,
+    )
+    logger.info("labeled per class (%d): %s", len(data.labeled_targets), data.counts["labeled"])
+    if data.counts["unlabeled"]:
+        logger.info("unlabeled per class (%d): %s", len(data.unlabeled_targets), data.counts["unlabeled"])
+    else:
+        logger.info("unlabeled: %d images, per-class counts unknown", len(data.unlabeled_targets))
+    if data.val_targets is not None:
+        logger.info("validation per class (%d): %s", len(data.val_targets), data.counts["validation"])
+    logger.info("test: %d images", len(data.test_targets))

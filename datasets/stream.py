@@ -1,0 +1,195 @@
+"""Endless training batches from resident uint8 tensors, reproducible and resumable.
+
+Images stay on the target device as uint8; each batch is sampled, augmented and
+normalised there. All randomness lives in three CPU generators (labeled order, unlabeled
+order, augmentation) seeded from (seed, replica, episode), so saving their states is
+enough to continue a run bit-identically.
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasets.transforms import normalize, strong_augment, weak_augment
+
+
+def _derive_seeds(seed: int, replica: int, episode: int) -> list[int]:
+    """Three independent 63-bit seeds for (labeled sampler, unlabeled sampler, augmentation)."""
+    children = np.random.SeedSequence([seed, replica, episode]).spawn(3)
+    return [int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for child in children]
+
+
+class InfiniteSampler:
+    """Endless sequence of indices in [0, n): one fresh permutation per epoch, no index repeated within an epoch."""
+
+    def __init__(self, n: int, generator_seed: int) -> None:
+        if n <= 0:
+            raise ValueError(f"cannot sample from an empty set (n={n})")
+        self.n = n
+        self.generator = torch.Generator().manual_seed(generator_seed)
+        self.epoch = 0
+        self.permutation = torch.randperm(n, generator=self.generator)
+        self.position = 0
+
+    def next_indices(self, k: int) -> torch.LongTensor:
+        """The next k indices, crossing into new epochs (and reshuffling) as often as needed."""
+        pieces = []
+        while k > 0:
+            if self.position == self.n:
+                self.permutation = torch.randperm(self.n, generator=self.generator)
+                self.position = 0
+                self.epoch += 1
+            take = min(k, self.n - self.position)
+            pieces.append(self.permutation[self.position : self.position + take])
+            self.position += take
+            k -= take
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "epoch": self.epoch,
+            "permutation": self.permutation.clone(),
+            "position": self.position,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"sampler state is for {state['n']} items, this sampler has {self.n}")
+        self.epoch = state["epoch"]
+        self.permutation = state["permutation"].clone()
+        self.position = state["position"]
+        self.generator.set_state(state["generator"])
+
+
+class TrainStream:
+    """Labeled weak views plus unlabeled weak and `num_strong` strong views per step.
+
+    The stream does not know why a caller wants a number of strong views; it only makes them.
+    With mu == 0 the unlabeled entries are empty tensors, so supervised-only code can share
+    the same batch layout.
+    """
+
+    def __init__(
+        self,
+        labeled_images: torch.Tensor,
+        labeled_targets: torch.Tensor,
+        unlabeled_images: torch.Tensor,
+        unlabeled_targets: torch.Tensor,
+        unlabeled_is_labeled: torch.Tensor,
+        batch_size: int,
+        mu: int,
+        num_strong: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pad: int,
+        hflip: bool,
+        cutout: int,
+        seed: int,
+        replica: int,
+        episode: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if mu < 0 or num_strong < 0:
+            raise ValueError(f"mu and num_strong must be >= 0, got mu={mu}, num_strong={num_strong}")
+        if mu > 0 and len(unlabeled_images) == 0:
+            raise ValueError(f"mu={mu} asks for unlabeled batches, but the unlabeled set is empty")
+        if not (len(unlabeled_images) == len(unlabeled_targets) == len(unlabeled_is_labeled)):
+            raise ValueError("unlabeled images, targets and is_labeled flags must have the same length")
+        self.device = torch.device(device)
+        self.labeled_images = labeled_images.to(self.device)
+        self.labeled_targets = labeled_targets.to(self.device)
+        self.unlabeled_images = unlabeled_images.to(self.device)
+        self.unlabeled_targets = unlabeled_targets.to(self.device)
+        self.unlabeled_is_labeled = unlabeled_is_labeled.to(self.device)
+        self.batch_size = batch_size
+        self.mu = mu
+        self.num_strong = num_strong
+        self.mean = list(mean)
+        self.std = list(std)
+        self.pad = pad
+        self.hflip = hflip
+        self.cutout = cutout
+        self.seed = seed
+        self.reseed(replica, episode)
+
+    def reseed(self, replica: int, episode: int) -> None:
+        """Restart sampling and augmentation for (seed, replica, episode); the tensors stay resident."""
+        self.replica = replica
+        self.episode = episode
+        labeled_seed, unlabeled_seed, augment_seed = _derive_seeds(self.seed, replica, episode)
+        self.labeled_sampler = InfiniteSampler(len(self.labeled_images), labeled_seed)
+        self.unlabeled_sampler: InfiniteSampler | None = (
+            InfiniteSampler(len(self.unlabeled_images), unlabeled_seed) if self.mu > 0 else None
+        )
+        self.augment_generator = torch.Generator().manual_seed(augment_seed)
+
+    def _weak(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(weak_augment(images, self.augment_generator, self.pad, self.hflip), self.mean, self.std)
+
+    def _strong(self, images: torch.Tensor) -> torch.Tensor:
+        augmented = strong_augment(images, self.augment_generator, self.pad, self.hflip, self.cutout)
+        return normalize(augmented, self.mean, self.std)
+
+    def next(self) -> dict[str, Any]:
+        """One step's batch: x, y, u_weak, u_strong (list), u_index, u_is_labeled, u_target."""
+        labeled_index = self.labeled_sampler.next_indices(self.batch_size).to(self.device)
+        labeled = self.labeled_images[labeled_index]
+        batch: dict[str, Any] = {"x": self._weak(labeled), "y": self.labeled_targets[labeled_index]}
+        if self.unlabeled_sampler is None:
+            unlabeled_index = torch.zeros(0, dtype=torch.long, device=self.device)
+        else:
+            unlabeled_index = self.unlabeled_sampler.next_indices(self.mu * self.batch_size).to(self.device)
+        unlabeled = self.unlabeled_images[unlabeled_index]
+        batch["u_weak"] = self._weak(unlabeled)
+        batch["u_strong"] = [self._strong(unlabeled) for _ in range(self.num_strong)]
+        batch["u_index"] = unlabeled_index
+        batch["u_is_labeled"] = self.unlabeled_is_labeled[unlabeled_index]
+        batch["u_target"] = self.unlabeled_targets[unlabeled_index]
+        return batch
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return self.next()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "replica": self.replica,
+            "episode": self.episode,
+            "labeled_sampler": self.labeled_sampler.state_dict(),
+            "unlabeled_sampler": None if self.unlabeled_sampler is None else self.unlabeled_sampler.state_dict(),
+            "augment_generator": self.augment_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the saved stream stopped (same data and batch shape expected)."""
+        if (state["unlabeled_sampler"] is None) != (self.unlabeled_sampler is None):
+            raise ValueError("stream state and this stream disagree on whether unlabeled batches are drawn (mu == 0)")
+        self.seed = state["seed"]
+        self.reseed(state["replica"], state["episode"])
+        self.labeled_sampler.load_state_dict(state["labeled_sampler"])
+        if self.unlabeled_sampler is not None:
+            self.unlabeled_sampler.load_state_dict(state["unlabeled_sampler"])
+        self.augment_generator.set_state(state["augment_generator"])
+
+
+def eval_batches(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised, unaugmented batches in order, for evaluation."""
+    for start in range(0, len(images), batch_size):
+        stop = start + batch_size
+        yield normalize(images[start:stop].to(device), mean, std), targets[start:stop].to(device)

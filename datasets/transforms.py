@@ -1,0 +1,297 @@
+"""Batched augmentation on uint8 image tensors [N, C, H, W] (SPEC 2.5).
+
+Every random number comes from an explicit CPU `torch.Generator`, drawn up front in a fixed
+order and then moved to the images' device: a stream is reproducible, resumable from the
+generator state, and draws the same parameters whichever device does the pixel work.
+Each operation works on uint8 in and uint8 out, like the PIL pipeline it replaces, and
+follows kekmodel/FixMatch-pytorch's `RandAugmentMC(n=2, m=10)` + `CutoutAbs` semantics.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+Statistics = tuple[tuple[float, ...], tuple[float, ...]]
+
+DEFAULT_STATISTICS: dict[str, Statistics] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # The values of kekmodel/FixMatch-pytorch and USB (112.4 109.1 98.6 / 68.4 66.6 68.5, over 255).
+    "stl10": ((0.4408, 0.4278, 0.3867), (0.2682, 0.2612, 0.2686)),
+    # Computed once from the fixed digits training partition (pixels scaled to 0..255).
+    "digits": ((0.3048,), (0.3757,)),
+}
+
+# kekmodel's fixmatch_augment_pool, in its order.
+RANDAUGMENT_OPS = (
+    "auto_contrast",
+    "brightness",
+    "color",
+    "contrast",
+    "equalize",
+    "identity",
+    "posterize",
+    "rotate",
+    "sharpness",
+    "shear_x",
+    "shear_y",
+    "solarize",
+    "translate_x",
+    "translate_y",
+)
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+OPS_PER_IMAGE = 2
+OP_PROBABILITY = 0.5
+MAGNITUDE_LEVELS = 10  # magnitudes are integers in [1, MAGNITUDE_LEVELS)
+GEOMETRIC_FILL = 128
+CUTOUT_FILL = 127
+# PIL's ITU-R 601-2 luma transform in 16-bit fixed point, as Image.convert("L") computes it.
+LUMA_WEIGHTS = (19595, 38470, 7471)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32 (x / 255 - mean) / std, folded into one multiply-add."""
+    std_tensor = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    mean_tensor = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.float().mul_(1.0 / (255.0 * std_tensor)).sub_(mean_tensor / std_tensor)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Map indices in [-(size-1), 2(size-1)] into [0, size) like 'reflect' padding (edge not repeated)."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def weak_augment(images: torch.Tensor, generator: torch.Generator, pad: int, hflip: bool) -> torch.Tensor:
+    """Random horizontal flip, then a random crop from the `pad`-px reflect-padded image.
+
+    Flip and crop compose into one source-pixel index per output pixel, so the batch is
+    handled by a single gather instead of materialising the padded images.
+    """
+    count, channels, height, width = images.shape
+    if pad < 0 or pad >= min(height, width):
+        raise ValueError(f"crop padding {pad} must be in [0, {min(height, width)}) for {height}x{width} images")
+    flip = torch.rand(count, generator=generator) < 0.5 if hflip else torch.zeros(count, dtype=torch.bool)
+    offset_y = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
+    offset_x = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
+    rows = _reflect(offset_y[:, None] + torch.arange(height) - pad, height)
+    cols = _reflect(offset_x[:, None] + torch.arange(width) - pad, width)
+    cols = torch.where(flip[:, None], width - 1 - cols, cols)
+    source = (rows[:, :, None] * width + cols[:, None, :]).view(count, 1, height * width)
+    source = source.to(images.device).expand(count, channels, height * width)
+    return images.reshape(count, channels, height * width).gather(2, source).view(count, channels, height, width)
+
+
+def _blend(degenerate: torch.Tensor, images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend: degenerate + factor * (image - degenerate), clipped and truncated."""
+    images = images.float()
+    mixed = degenerate + factor.view(-1, 1, 1, 1) * (images - degenerate)
+    return mixed.clamp_(0, 255).to(torch.uint8)
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """Grayscale [N, 1, H, W] as uint8; single-channel images are their own luma."""
+    if images.shape[1] == 1:
+        return images
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
+    return (((images.int() * weights).sum(1, keepdim=True) + (1 << 15)) >> 16).to(torch.uint8)
+
+
+def _brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(torch.zeros((), device=images.device), images, factor)
+
+
+def _color(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    if images.shape[1] == 1:
+        return images
+    return _blend(_luma(images).float(), images, factor)
+
+
+def _contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = _luma(images).float().mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(torch.floor(mean + 0.5), images, factor)
+
+
+def _sharpness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with PIL's SMOOTH filter (3x3 ones, centre 5, scale 13); border pixels stay as they are.
+
+    Sums of uint8 pixels are exact in float32, and PIL's round(sum / 13) equals
+    floor((sum + 6) / 13) because sum / 13 never ends in .5.
+    """
+    _, _, height, width = images.shape
+    pixels = images.float()
+    total = 4 * pixels[:, :, 1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            total += pixels[:, :, dy : height - 2 + dy, dx : width - 2 + dx]
+    degenerate = pixels.clone()
+    degenerate[:, :, 1:-1, 1:-1] = total.add_(6).div_(13).floor_()
+    return _blend(degenerate, images, factor)
+
+
+def _auto_contrast(images: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel's [min, max] to [0, 255]; constant channels are left alone."""
+    low = images.amin(dim=(2, 3), keepdim=True).float()
+    high = images.amax(dim=(2, 3), keepdim=True).float()
+    stretchable = high > low
+    scale = torch.where(stretchable, 255.0 / (high - low).clamp_min(1.0), torch.ones_like(low))
+    offset = torch.where(stretchable, low, torch.zeros_like(low))
+    return ((images.float() - offset) * scale).clamp_(0, 255).to(torch.uint8)
+
+
+def _equalize(images: torch.Tensor) -> torch.Tensor:
+    """Current Pillow's ImageOps.equalize per channel (step = non-top pixels // 255, as torchvision),
+    vectorised over the histograms of all channels at once."""
+    count, channels, height, width = images.shape
+    pixels = images.reshape(count * channels, height * width).long()
+    histogram = torch.zeros(count * channels, 256, dtype=torch.long, device=images.device)
+    histogram.scatter_add_(1, pixels, torch.ones_like(pixels))
+    last_used = 255 - (histogram > 0).flip(1).long().argmax(1, keepdim=True)
+    step = torch.floor((height * width - histogram.gather(1, last_used)).double() / 255)
+    below = (torch.cumsum(histogram, 1) - histogram).double()
+    lut = torch.floor((below + torch.floor(step / 2)) / step.clamp_min(1)).clamp_(0, 255).long()
+    identity = torch.arange(256, device=images.device).expand_as(lut)
+    lut = torch.where(step > 0, lut, identity)
+    return lut.gather(1, pixels).to(torch.uint8).view(count, channels, height, width)
+
+
+def _posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    mask = ((0xFF << (8 - bits)) & 0xFF).to(torch.uint8).view(-1, 1, 1, 1)
+    return images & mask
+
+
+def _solarize(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Invert pixels at or above the threshold; for uint8, 255 - x == x ^ 255 (cheaper than where)."""
+    invert = (images >= threshold.view(-1, 1, 1, 1)).to(torch.uint8).mul_(255)
+    return images ^ invert
+
+
+def _geometric(images: torch.Tensor, pixel_matrices: torch.Tensor) -> torch.Tensor:
+    """Per-sample affine maps in PIL's convention, nearest neighbour, fill 128, as one index gather.
+
+    Like PIL's Image.transform, `pixel_matrices` [n, 2, 3] map each output pixel centre
+    (x + 0.5, y + 0.5) to a source point whose floor is the source pixel; source points outside
+    the image take the fill value. Gathering uint8 indices reproduces PIL exactly and avoids the
+    float round trip of grid_sample.
+    """
+    count, channels, height, width = images.shape
+    centre_y, centre_x = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64) + 0.5, torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij"
+    )
+    points = torch.stack([centre_x.flatten(), centre_y.flatten(), torch.ones(height * width, dtype=torch.float64)])
+    source = (pixel_matrices @ points).floor_().long()  # [n, 2, H*W]: source x and y
+    source_x, source_y = source[:, 0], source[:, 1]
+    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+    flat = (source_y.clamp(0, height - 1) * width + source_x.clamp(0, width - 1)).to(images.device)
+    warped = images.reshape(count, channels, height * width).gather(2, flat[:, None].expand(count, channels, -1))
+    outside = (~inside).to(device=images.device, dtype=torch.uint8)[:, None]
+    warped = warped * (1 - outside) + GEOMETRIC_FILL * outside
+    return warped.view(count, channels, height, width)
+
+
+def _geometric_matrices(
+    op_index: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
+    """Per-sample PIL affine matrices for kekmodel's Rotate, ShearX/Y and TranslateX/Y.
+
+    Arithmetic follows kekmodel's order in float64, so the integer truncations
+    (degrees, translation pixels) land exactly where its Python floats land.
+    """
+    count = len(op_index)
+    matrices = torch.zeros(count, 2, 3, dtype=torch.float64)
+    matrices[:, 0, 0] = 1.0
+    matrices[:, 1, 1] = 1.0
+    signed = (sign * magnitude).double()
+    fraction = signed * 0.3 / MAGNITUDE_LEVELS
+
+    def rows_of(op: str) -> torch.Tensor:
+        return op_index == RANDAUGMENT_OPS.index(op)
+
+    matrices[rows_of("shear_x"), 0, 1] = fraction[rows_of("shear_x")]
+    matrices[rows_of("shear_y"), 1, 0] = fraction[rows_of("shear_y")]
+    matrices[rows_of("translate_x"), 0, 2] = (fraction * width).trunc()[rows_of("translate_x")]
+    matrices[rows_of("translate_y"), 1, 2] = (fraction * height).trunc()[rows_of("translate_y")]
+    # PIL's Image.rotate(degrees): counter-clockwise about the centre (width / 2, height / 2).
+    rotate = rows_of("rotate")
+    degrees = sign[rotate] * (magnitude[rotate] * 30 // MAGNITUDE_LEVELS)
+    angle = -torch.deg2rad(degrees.double())
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    centre_x, centre_y = width / 2.0, height / 2.0
+    matrices[rotate] = torch.stack(
+        [
+            torch.stack([cos, sin, centre_x - cos * centre_x - sin * centre_y], 1),
+            torch.stack([-sin, cos, centre_y + sin * centre_x - cos * centre_y], 1),
+        ],
+        1,
+    )
+    return matrices
+
+
+def _apply_pixel_op(op: str, images: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Colour and histogram ops with kekmodel's magnitude mapping, vectorised over the group."""
+    if op == "auto_contrast":
+        return _auto_contrast(images)
+    if op == "equalize":
+        return _equalize(images)
+    if op == "posterize":
+        return _posterize(images, magnitude * 4 // MAGNITUDE_LEVELS + 4)
+    if op == "solarize":
+        return _solarize(images, 256 - magnitude * 256 // MAGNITUDE_LEVELS)
+    factor = magnitude.double() * 0.9 / MAGNITUDE_LEVELS + 0.05
+    enhance = {"brightness": _brightness, "color": _color, "contrast": _contrast, "sharpness": _sharpness}[op]
+    return enhance(images, factor.float())
+
+
+def _cutout(images: torch.Tensor, generator: torch.Generator, size: int) -> torch.Tensor:
+    """kekmodel's CutoutAbs: centre uniform in the image, top-left clipped to 0, square of `size` px, gray 127.
+
+    PIL's rectangle includes its far corner, so kekmodel paints size + 1 px; this paints `size`.
+    """
+    count, _, height, width = images.shape
+    centre = torch.rand(count, 2, generator=generator, dtype=torch.float64)
+    top = (centre[:, 0] * height - size / 2.0).clamp_min(0).long()
+    left = (centre[:, 1] * width - size / 2.0).clamp_min(0).long()
+    bottom = (top + size).clamp_max(height)
+    right = (left + size).clamp_max(width)
+    rows = torch.arange(height)
+    cols = torch.arange(width)
+    inside_rows = (rows[None] >= top[:, None]) & (rows[None] < bottom[:, None])
+    inside_cols = (cols[None] >= left[:, None]) & (cols[None] < right[:, None])
+    cut = (inside_rows[:, :, None] & inside_cols[:, None, :]).to(device=images.device, dtype=torch.uint8)[:, None]
+    return images * (1 - cut) + CUTOUT_FILL * cut  # arithmetic blend: masked_fill on uint8 is far slower on CPU
+
+
+def strong_augment(
+    images: torch.Tensor, generator: torch.Generator, pad: int, hflip: bool, cutout: int
+) -> torch.Tensor:
+    """Weak augmentation, RandAugment over the FixMatch pool, then Cutout.
+
+    Per image: OPS_PER_IMAGE ops drawn uniformly with replacement, each applied with
+    probability 0.5 at an integer magnitude uniform in [1, 10). Images are grouped by the op
+    they drew, so each op runs once per round on its whole group with per-sample magnitudes.
+    """
+    images = weak_augment(images, generator, pad, hflip)
+    count, _, height, width = images.shape
+    op_index = torch.randint(0, len(RANDAUGMENT_OPS), (count, OPS_PER_IMAGE), generator=generator)
+    magnitude = torch.randint(1, MAGNITUDE_LEVELS, (count, OPS_PER_IMAGE), generator=generator)
+    applied = torch.rand(count, OPS_PER_IMAGE, generator=generator) < OP_PROBABILITY
+    sign = torch.where(torch.rand(count, OPS_PER_IMAGE, generator=generator) < 0.5, -1, 1)
+    is_geometric = torch.tensor([op in GEOMETRIC_OPS for op in RANDAUGMENT_OPS])
+    for round_index in range(OPS_PER_IMAGE):
+        chosen, level = op_index[:, round_index], magnitude[:, round_index]
+        active = applied[:, round_index] & (chosen != RANDAUGMENT_OPS.index("identity"))
+        for op_number, op in enumerate(RANDAUGMENT_OPS):
+            if op in GEOMETRIC_OPS:
+                continue
+            rows = torch.nonzero(active & (chosen == op_number)).flatten()
+            if len(rows):
+                on_device = rows.to(images.device)
+                images[on_device] = _apply_pixel_op(op, images[on_device], level[rows].to(images.device))
+        rows = torch.nonzero(active & is_geometric[chosen]).flatten()
+        if len(rows):
+            matrices = _geometric_matrices(chosen[rows], level[rows], sign[rows, round_index], height, width)
+            on_device = rows.to(images.device)
+            images[on_device] = _geometric(images[on_device], matrices)
+    if cutout > 0:
+        images = _cutout(images, generator, cutout)
+    return images
