@@ -6,7 +6,7 @@ orchestrator owns replicas and merges. An algorithm never sees any of those.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch import nn
 from ssl_imwa.ema import EMAConfig
 
 Batch = dict[str, Any]
-StepCount = Union[int, float]
+StepCount = int | float
 
 
 @dataclass

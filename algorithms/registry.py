@@ -2,27 +2,28 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ssl_imwa.registry import Registry
 
 if TYPE_CHECKING:
     from algorithms.base import Algorithm
 
-_ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm")
+_ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
 
 
-def register_algorithm(name: str) -> Callable[[type["Algorithm"]], type["Algorithm"]]:
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
     """Class decorator: `@register_algorithm("fixmatch")` makes `algorithm=fixmatch` find the class."""
 
-    def decorator(cls: type["Algorithm"]) -> type["Algorithm"]:
+    def decorator(cls: type[Algorithm]) -> type[Algorithm]:
         cls.name = name
         return _ALGORITHMS.register(name)(cls)
 
     return decorator
 
 
-def get_algorithm(name: str) -> type["Algorithm"]:
+def get_algorithm(name: str) -> type[Algorithm]:
     return _ALGORITHMS.get(name)
 
 

@@ -14,7 +14,7 @@ UNLABELED_SETTINGS = ("consistent", "uniform", "reversed", "unknown", "custom")
 class DatasetConfig:
     """Which dataset, how it is made long-tailed, and how it is augmented (SPEC section 2)."""
 
-    name: str = "cifar10" # cifar10 | cifar100 | stl10 | imagefolder | digits
+    name: str = "cifar10"  # cifar10 | cifar100 | stl10 | imagefolder | digits
     root: str = "./data"  # where files live (imagefolder: the folder holding train/ and test/)
     download: bool = False  # torchvision download only when True
     protocol: str = "disjoint"  # disjoint | nested (SPEC 2.3)

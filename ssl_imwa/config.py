@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -50,6 +50,7 @@ class IMWAConfig:
     episodes: int = 1    # E; k=1, episodes=1 is a plain run
     merge: str = "uniform"
     momentum: str = "average"   # optimiser momentum at a merge: average | keep | reset
+    timeout_s: float = 600.0    # W > 1: a process that does not reach a merge within this fails the run
 
 
 @dataclass

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ class Evaluator:
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                  labeled_counts: list[int], mean: list[float], std: list[float], head: str, batch_size: int,
                  device: torch.device, channels_last: bool,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         self.splits = splits
         self.num_classes = num_classes
         self.groups = class_groups(labeled_counts)

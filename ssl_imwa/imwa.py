@@ -2,13 +2,17 @@
 
 K=1, E=1 is a plain run; E=1 is vanilla MWA. Replicas keep their own data streams across
 episodes, so replica k's data in episode e is fixed by (seed, k, e) and K=1 with any E is
-bitwise the plain run (merging one replica is the identity).
+bitwise the plain run (merging one replica is the identity). With W processes, this process
+holds replicas k with k mod W == rank; process 0 evaluates the merged model and writes the
+run's files.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +22,17 @@ from tqdm.auto import tqdm
 
 from ssl_imwa.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from ssl_imwa.config import Config
+from ssl_imwa.distributed import Communicator
 from ssl_imwa.evaluation import Evaluator
 from ssl_imwa.logging import RunLogger
-from ssl_imwa.merge import MergeResult, uniform_merge
+from ssl_imwa.merge import MergeResult
 from ssl_imwa.metrics import median_of_last
 from ssl_imwa.trainer import Replica, Trainer, lr_at
 
 log = logging.getLogger("ssl_imwa")
 SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
+# (this process's replica states, their indices, the episode's start state) -> merged state
+Merger = Callable[[list[dict[str, Any]], list[int], dict[str, Any]], MergeResult]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -43,25 +50,36 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class Orchestrator:
     """Owns replicas, episodes, merges, evaluation bookkeeping and run-level checkpoints."""
 
     def __init__(self, cfg: Config, replicas: list[Replica], trainer: Trainer, evaluator: Evaluator,
-                 logger: RunLogger, fingerprint: dict[str, Any], split_counts: dict[str, list[int]]) -> None:
+                 logger: RunLogger, fingerprint: dict[str, Any], split_counts: dict[str, list[int]],
+                 merger: Merger, comm: Communicator) -> None:
         self.cfg = cfg
         self.replicas = replicas
+        self.k = cfg.imwa.k
         self.trainer = trainer
         self.evaluator = evaluator
         self.logger = logger
         self.fingerprint = fingerprint
         self.split_counts = split_counts
+        self.merger = merger
+        self.comm = comm
         self.checkpoint_dir = Path(cfg.run_dir) / "checkpoints"
         self.steps_per_episode = cfg.train.iterations // cfg.imwa.episodes
         self.episode = 0
-        self.replica_steps = [0 for _ in replicas]
+        self.replica_steps = {replica.index: 0 for replica in replicas}
+        # Evaluations of this process's replicas not yet handed to process 0 (W > 1 only).
+        self.pending: list[dict[str, Any]] = []
         self.state: dict[str, Any] = {
-            "evaluations": [], "merges": [], "train_seconds": 0.0, "images": 0, "metrics_lines": 0,
-            "best": None,
+            "evaluations": [], "merges": [], "train_seconds": 0.0, "images": 0, "metrics_lines": 0, "best": None,
         }
         self._clock = time.perf_counter()
 
@@ -72,62 +90,85 @@ class Orchestrator:
         self._clock = now
         return self.state["train_seconds"]
 
-    def _record(self, source: str, replica: int | None, split: str, step: int, metrics: dict[str, Any]) -> None:
-        self.logger.evaluation(source, replica, self.episode + 1, split, step, metrics, self._elapsed())
+    def _keep(self, record: dict[str, Any]) -> None:
+        """Process 0 appends to metrics.jsonl and the run's history; others queue it for the next merge."""
+        if not self.comm.is_main:
+            self.pending.append(record)
+            return
+        self.logger.append_metrics(record)
         self.state["metrics_lines"] += 1
-        self.state["evaluations"].append({
-            "source": source, "replica": replica, "episode": self.episode + 1, "split": split, "step": step,
-            **{key: metrics[key] for key in SUMMARY_KEYS}, "per_class": metrics["per_class"],
-        })
+        self.state["evaluations"].append(record)
+
+    def _collect_pending(self) -> None:
+        for chunk in self.comm.all_gather_object(self.pending, "evaluation gather")[1:]:
+            if self.comm.is_main:
+                for record in chunk:
+                    self._keep(record)
+        self.pending = []
 
     def _representative(self, source: str, replica: int | None) -> bool:
         """The evaluations that describe the run's output model: replica 0 when K=1, merges otherwise."""
-        return source == "merged" if len(self.replicas) > 1 else (source == "replica" and replica == 0)
+        return source == "merged" if self.k > 1 else (source == "replica" and replica == 0)
 
     def _evaluate(self, module: torch.nn.Module, source: str, replica: int | None, step: int) -> dict[str, Any]:
-        test = self.evaluator.evaluate(module, "test")
-        self._record(source, replica, "test", step, test)
-        if "val" in self.evaluator.splits:
-            val = self.evaluator.evaluate(module, "val")
-            self._record(source, replica, "val", step, val)
+        results = {}
+        for split in ("test", "val") if "val" in self.evaluator.splits else ("test",):
+            metrics = self.evaluator.evaluate(module, split)
+            record = {"step": step, "source": source, "replica": replica, "episode": self.episode + 1,
+                      "split": split, **{key: metrics[key] for key in (*SUMMARY_KEYS, "per_class")},
+                      "time_s": self._elapsed()}
+            self.logger.evaluation_scalars(record, metrics["confusion"])
+            self._keep(record)
+            results[split] = metrics
+        if "val" in results and self._representative(source, replica):
             best = self.state["best"]
-            if self._representative(source, replica) and (best is None or val["top1"] > best["val_top1"]):
-                self.state["best"] = {"step": step, "val_top1": val["top1"],
-                                      **{key: test[key] for key in SUMMARY_KEYS}, "per_class": test["per_class"]}
+            if best is None or results["val"]["top1"] > best["val_top1"]:
+                test = results["test"]
+                self.state["best"] = {"step": step, "val_top1": results["val"]["top1"],
+                                      **{key: test[key] for key in (*SUMMARY_KEYS, "per_class")}}
                 self._save("best.pt")
-        self.logger.status("running")
-        return test
+        if self.comm.is_main:
+            self.logger.status("running")
+        return results["test"]
 
-    def _payload(self) -> dict[str, Any]:
-        self._elapsed()
-        return {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "progress": {"episode": self.episode, "replica_steps": list(self.replica_steps)},
-            "replicas": [replica.state_dict() for replica in self.replicas],
-            "run_state": {**self.state, "rng": _rng_state()},
-        }
+    def _checkpoint_name(self, name: str) -> str:
+        """One file per process when replicas are spread over processes."""
+        if self.comm.world_size == 1:
+            return name
+        stem, suffix = name.rsplit(".", 1)
+        return f"{stem}.rank{self.comm.rank}.{suffix}"
 
     def _save(self, name: str) -> None:
-        save_atomic(self._payload(), self.checkpoint_dir / name)
+        self._elapsed()
+        payload = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "progress": {"episode": self.episode, "replica_steps": dict(self.replica_steps)},
+            "replicas": [replica.state_dict() for replica in self.replicas],
+            "run_state": {**self.state, "pending": self.pending, "rng": _rng_state()},
+        }
+        save_atomic(payload, self.checkpoint_dir / self._checkpoint_name(name))
 
     def resume(self) -> None:
-        """Restore every replica, the episode cursor and the run's history from latest.pt."""
-        payload = load_checkpoint(self.checkpoint_dir / "latest.pt", self.fingerprint)
-        if len(payload["replicas"]) != len(self.replicas):
-            raise RuntimeError(f"checkpoint holds {len(payload['replicas'])} replicas, config asks imwa.k="
-                               f"{len(self.replicas)}")
+        """Restore every replica, the episode cursor and the run's history from the latest checkpoint."""
+        path = self.checkpoint_dir / self._checkpoint_name("latest.pt")
+        payload = load_checkpoint(path, self.fingerprint)
+        saved = sorted(payload["progress"]["replica_steps"])
+        if saved != sorted(self.replica_steps):
+            raise RuntimeError(f"checkpoint {path} holds replicas {saved}, this process holds "
+                               f"{sorted(self.replica_steps)} (imwa.k or the number of processes changed)")
         for replica, state in zip(self.replicas, payload["replicas"]):
             replica.load_state_dict(state)
         self.episode = payload["progress"]["episode"]
-        self.replica_steps = list(payload["progress"]["replica_steps"])
+        self.replica_steps = dict(payload["progress"]["replica_steps"])
         run_state = dict(payload["run_state"])
         _set_rng_state(run_state.pop("rng"))
+        self.pending = run_state.pop("pending")
         self.state = run_state
-        self._truncate_metrics(self.state["metrics_lines"])
+        if self.comm.is_main:
+            self._truncate_metrics(self.state["metrics_lines"])
         self._clock = time.perf_counter()
-        log.info("resumed from %s: episode %d, replica steps %s", self.checkpoint_dir / "latest.pt",
-                 self.episode + 1, self.replica_steps)
+        log.info("resumed from %s: episode %d, replica steps %s", path, self.episode + 1, self.replica_steps)
 
     def _truncate_metrics(self, lines: int) -> None:
         """Drop evaluations logged after the checkpoint, so a resumed run does not log them twice."""
@@ -141,7 +182,6 @@ class Orchestrator:
         """Train `replica` up to `episode_end`; False when train.stop_at interrupted the run."""
         train = self.cfg.train
         images_per_step = self.trainer.images_per_step(replica)
-        source = f"replica{replica.index}"
         while self.replica_steps[replica.index] < episode_end:
             step = self.replica_steps[replica.index]
             outputs = self.trainer.step(replica, step)
@@ -153,7 +193,7 @@ class Orchestrator:
                 if not np.isfinite(scalars["loss"]):
                     raise FloatingPointError(f"replica {replica.index}: loss is {scalars['loss']} at step {done}")
                 scalars["lr"] = lr_at(train, step)
-                self.logger.scalars(source, scalars, done)
+                self.logger.scalars(f"replica{replica.index}", scalars, done)
                 progress.set_postfix(loss=f"{scalars['loss']:.3f}", refresh=False)
             evaluated = done % train.eval_every == 0 or done == episode_end
             if evaluated:
@@ -167,73 +207,80 @@ class Orchestrator:
                 return False
         return True
 
-    def _merge(self) -> MergeResult:
-        states = [replica.state_dict() for replica in self.replicas]
-        result = uniform_merge(states, self.cfg.imwa.momentum, self.replicas[0].algorithm.merge_states)
+    def _merge(self, start: dict[str, Any]) -> MergeResult:
+        indices = [replica.index for replica in self.replicas]
+        result = self.merger([replica.state_dict() for replica in self.replicas], indices, start)
         for replica in self.replicas:
             replica.model.load_state_dict(result.model)
             replica.teacher.load_state_dict(result.teacher)
+            # Optimizer.load_state_dict (and an algorithm's) may keep the given tensors rather than copy
+            # them: without a copy, time-sliced replicas would share, and mutate, one momentum buffer.
             if result.optimizer is not None:
-                replica.optimizer.load_state_dict(result.optimizer)
-            replica.algorithm.load_state_dict(result.algorithm)
+                replica.optimizer.load_state_dict(copy.deepcopy(result.optimizer))
+            replica.algorithm.load_state_dict(copy.deepcopy(result.algorithm))
         return result
 
     def run(self) -> dict[str, Any] | None:
-        """Train all episodes; returns results, or None if stopped early by train.stop_at."""
-        k, episodes = len(self.replicas), self.cfg.imwa.episodes
-        total = k * self.cfg.train.iterations
-        self.logger.status("running")
-        with tqdm(total=total, initial=sum(self.replica_steps), disable=not self.cfg.train.progress,
-                  dynamic_ncols=True) as progress:
+        """Train all episodes; returns results on process 0 (None elsewhere or when stopped by train.stop_at)."""
+        episodes = self.cfg.imwa.episodes
+        if self.comm.is_main:
+            self.logger.status("running")
+        with tqdm(total=len(self.replicas) * self.cfg.train.iterations, initial=sum(self.replica_steps.values()),
+                  disable=not (self.cfg.train.progress and self.comm.is_main), dynamic_ncols=True) as progress:
             while self.episode < episodes:
                 episode_end = (self.episode + 1) * self.steps_per_episode
+                # The episode's common start point (TWA may use it as a candidate).
+                start = {"model": self.replicas[0].model.state_dict(), "teacher": self.replicas[0].teacher.state_dict()}
+                start = {part: {key: value.clone() for key, value in tensors.items()} for part, tensors in start.items()}
                 for replica in self.replicas:
                     progress.set_description(f"episode {self.episode + 1}/{episodes} replica {replica.index}")
                     if not self._train_replica(replica, episode_end, progress):
-                        self.logger.status("stopped")
+                        if self.comm.is_main:
+                            self.logger.status("stopped")
                         return None
-                merge = self._merge() if k > 1 else None
-                test = self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end)
-                report = merge.report if merge else {"strategy": "identity (k=1)", "seconds": 0.0}
-                self.state["merges"].append({"episode": self.episode + 1, "step": episode_end, **report,
-                                             **{key: test[key] for key in SUMMARY_KEYS}})
-                log.info("episode %d/%d merged (%s): top1 %.4f balanced %.4f", self.episode + 1, episodes,
-                         report["strategy"], test["top1"], test["balanced_acc"])
-                self.episode += 1
-                self._save(f"merge_{self.episode:03d}.pt")
-                self._save("latest.pt")
-        return self.results()
+                self._end_episode(episode_end, start)
+        return self.results() if self.comm.is_main else None
+
+    def _end_episode(self, episode_end: int, start: dict[str, Any]) -> None:
+        self._collect_pending()
+        merge = self._merge(start) if self.k > 1 else None
+        report = merge.report if merge else {"strategy": "identity (k=1)", "seconds": 0.0}
+        if self.comm.is_main:
+            test = self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end)
+            self.logger.scalars("merged", {key: value for key, value in report.items()
+                                           if isinstance(value, (int, float)) and not isinstance(value, bool)},
+                                episode_end, prefix="merge")
+            self.state["merges"].append({"episode": self.episode + 1, "step": episode_end, **report,
+                                         **{key: test[key] for key in SUMMARY_KEYS}})
+            log.info("episode %d/%d merged (%s, %.2f s): top1 %.4f balanced %.4f", self.episode + 1,
+                     self.cfg.imwa.episodes, report["strategy"], report["seconds"], test["top1"],
+                     test["balanced_acc"])
+        self.episode += 1
+        self._save(f"merge_{self.episode:03d}.pt")
+        self._save("latest.pt")
 
     def results(self) -> dict[str, Any]:
         evaluations = self.state["evaluations"]
-        representative = [entry for entry in evaluations if entry["split"] == "test"
-                          and self._representative(entry["source"], entry["replica"])]
-        merged = [entry for entry in evaluations if entry["split"] == "test" and entry["source"] == "merged"]
-        final = merged[-1]
+        tests = [entry for entry in evaluations if entry["split"] == "test"]
+        representative = [entry for entry in tests if self._representative(entry["source"], entry["replica"])]
+        final = [entry for entry in tests if entry["source"] == "merged"][-1]
         replicas_final = []
-        for replica in self.replicas:
-            own = [e for e in evaluations if e["split"] == "test" and e["source"] == "replica"
-                   and e["replica"] == replica.index]
-            replicas_final.append({"replica": replica.index, "final": own[-1] if own else None})
+        for index in range(self.k):
+            own = [entry for entry in tests if entry["source"] == "replica" and entry["replica"] == index]
+            replicas_final.append({"replica": index, "final": own[-1] if own else None})
         seconds = self.state["train_seconds"]
         return {
             "status": "complete",
             "final": {key: final[key] for key in (*SUMMARY_KEYS, "per_class", "step")},
             "best": ({**self.state["best"], "selected_on": "val"} if self.state["best"] else None),
-            "median_last20": {key: median_of_last([e[key] for e in representative]) for key in
-                              ("top1", "balanced_acc")},
+            "median_last20": {key: median_of_last([entry[key] for entry in representative])
+                              for key in ("top1", "balanced_acc")},
             "split_counts": self.split_counts,
             "wall_time_s": seconds,
+            # images this process trained on; with W processes the run's throughput is about W times this
             "images_per_s": self.state["images"] / seconds if seconds else float("nan"),
-            "imwa": {"k": len(self.replicas), "episodes": self.cfg.imwa.episodes,
-                     "merge": self.cfg.imwa.merge, "momentum": self.cfg.imwa.momentum,
+            "imwa": {"k": self.k, "episodes": self.cfg.imwa.episodes, "merge": self.cfg.imwa.merge,
+                     "momentum": self.cfg.imwa.momentum, "processes": self.comm.world_size,
                      "per_episode": self.state["merges"]},
             "replicas": replicas_final,
         }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-

@@ -84,25 +84,26 @@ class RunLogger:
             if not math.isnan(value):
                 writer.add_scalar(f"{prefix}/{key}", value, step)
 
-    def evaluation(self, source: str, replica: int | None, episode: int | None, split: str, step: int,
-                   metrics: dict[str, Any], elapsed: float) -> None:
-        """Append one line to metrics.jsonl and mirror it to TensorBoard."""
-        record = {"step": step, "source": source, "replica": replica, "episode": episode, "split": split,
-                  **{key: value for key, value in metrics.items() if key != "confusion"}, "time_s": elapsed}
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One evaluation as one line of metrics.jsonl (only process 0 writes the file)."""
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(_json_ready(record)) + "\n")
+
+    def evaluation_scalars(self, record: dict[str, Any], confusion: list[list[int]]) -> None:
+        """Mirror one evaluation record to the TensorBoard stream of its source."""
         if not self.enabled_tensorboard:
             return
-        name = source if source == "merged" else f"replica{replica}"
+        name = "merged" if record["source"] == "merged" else f"replica{record['replica']}"
         writer = self.writer(name)
+        split, step = record["split"], record["step"]
         for key in ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail"):
-            if not math.isnan(metrics[key]):
-                writer.add_scalar(f"{split}/{key}", metrics[key], step)
-        for index, value in enumerate(metrics["per_class"]):
+            if not math.isnan(record[key]):
+                writer.add_scalar(f"{split}/{key}", record[key], step)
+        for index, value in enumerate(record["per_class"]):
             if not math.isnan(value):
                 writer.add_scalar(f"{split}_per_class/{index:03d}_{self.class_names[index]}", value, step)
         if split == "test":
-            writer.add_image(f"{split}/confusion", confusion_image(metrics["confusion"], self.class_names), step,
+            writer.add_image(f"{split}/confusion", confusion_image(confusion, self.class_names), step,
                              dataformats="HWC")
 
     def hparams(self, hparams: dict[str, Any], final_metrics: dict[str, float]) -> None:

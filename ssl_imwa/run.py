@@ -13,17 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 from algorithms import Algorithm, get_algorithm
 from datasets import SSLData, build_data
 from ssl_imwa.config import Config, validate
+from ssl_imwa.distributed import Communicator, init_communicator
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.evaluation import Evaluator
-from ssl_imwa.imwa import Orchestrator, seed_everything
+from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
 from ssl_imwa.logging import RunLogger
+from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
 from ssl_imwa.trainer import Replica, Trainer, build_optimizer
 
 log = logging.getLogger("ssl_imwa")
 
 # Keys that may change between a run and its resumption without changing the experiment.
-RESUME_FREE_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads")
+RESUME_FREE_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads",
+                    "train.checkpoint_every", "train.log_every", "imwa.timeout_s")
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
@@ -68,12 +71,21 @@ def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, 
                    optimizer=build_optimizer(model, cfg.train), algorithm=algorithm, stream=stream, scaler=scaler)
 
 
+def build_merger(cfg: Config, algorithm: Algorithm, k: int, comm: Communicator) -> Merger:
+    """The merge strategy named by imwa.merge, bound to this run's settings."""
+    def uniform(states: list[dict[str, Any]], indices: list[int], start: dict[str, Any]) -> MergeResult:
+        return uniform_merge(states, cfg.imwa.momentum, algorithm.merge_states, k, comm, indices)
+
+    return uniform
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at)."""
     cfg = validate(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     device = configure_torch(cfg)
     seed_everything(cfg.seed)
 
@@ -82,12 +94,14 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     labeled_counts = data.counts["labeled"]
     initial_model = create_model(cfg.model.name, data.num_classes, data.in_channels, cfg.model.bn_momentum)
     # Algorithm state is per replica: each replica gets its own instance.
-    algorithms = [algorithm_cls(cfg.algorithm, data.num_classes, labeled_counts, cfg.train.iterations, device)
-                  for _ in range(cfg.imwa.k)]
+    algorithms = {k: algorithm_cls(cfg.algorithm, data.num_classes, labeled_counts, cfg.train.iterations, device)
+                  for k in range(cfg.imwa.k)}
     for name, head in algorithms[0].build_heads(initial_model.feature_dim, data.num_classes).items():
         initial_model.add_head(name, head)
     initial_model.to(device)
-    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in range(cfg.imwa.k)]
+    comm = init_communicator(device, cfg.imwa.timeout_s)
+    local = comm.local_replicas(cfg.imwa.k)
+    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
 
     trainer = Trainer(cfg.train, device)
     splits = {"test": (data.test_images, data.test_targets)}
@@ -97,7 +111,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                           algorithm_cls.eval_head, cfg.train.eval_batch_size, device, cfg.train.channels_last,
                           trainer.autocast)
     logger = RunLogger(run_dir, data.class_names)
-    orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts)
+    merger = build_merger(cfg, algorithms[0], cfg.imwa.k, comm)
+    orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,
+                                comm)
     if cfg.resume:
         orchestrator.resume()
     log.info("run dir %s | %s on %s | k=%d episodes=%d | %d steps per replica", run_dir, cfg.algorithm.name,
@@ -105,9 +121,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     try:
         results = orchestrator.run()
     except BaseException as error:
-        logger.status("failed", error=f"{type(error).__name__}: {error}")
+        if comm.is_main:
+            logger.status("failed", error=f"{type(error).__name__}: {error}")
         logger.close()
+        comm.close()
         raise
+    comm.close()
     if results is not None:
         logger.results(results)
         logger.hparams(_hparams(cfg), {"final_top1": results["final"]["top1"],

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager[Any]]:
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """A context factory for the forward pass: bf16/fp16 autocast, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext
@@ -85,7 +86,7 @@ class Trainer:
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         if not self.cfg.channels_last:
             return batch
-        to_cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+        to_cl = lambda t: t.contiguous(memory_format=torch.channels_last)
         prepared = dict(batch)
         for key in IMAGE_KEYS:
             if key in prepared and prepared[key].dim() == 4:

@@ -6,7 +6,14 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from tests.utils import assert_bitwise_equal, checkpoint_tensors, compose_config, read_metrics, read_results, train_run
+from tests.utils import (
+    assert_bitwise_equal,
+    checkpoint_tensors,
+    compose_config,
+    read_metrics,
+    read_results,
+    train_run,
+)
 
 TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=10", "train.batch_size=16", "train.mu=2",
         "train.log_every=5", "train.num_threads=1"]

@@ -54,5 +54,5 @@ def checkpoint_tensors(run_dir: Path, name: str = "latest.pt") -> dict[str, torc
 
 def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
     assert left.keys() == right.keys()
-    for key in left:
-        assert torch.equal(left[key], right[key]), f"{key} differs"
+    for key, value in left.items():
+        assert torch.equal(value, right[key]), f"{key} differs"

@@ -1,0 +1,197 @@
+"""ACR on FixMatch (Wei & Gan, CVPR 2023), SPEC section 5.2.
+
+A standard head learns the labeled (long-tailed) distribution and a balanced head the uniform
+one; the standard head's pseudo-labels are logit-adjusted by a strength tau that follows an
+estimate of the unlabeled class distribution (about 0 if it matches the labeled prior, about 1 if
+uniform, about 2 if reversed), so pseudo-labels stay sound when the two distributions differ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    StepCount,
+    forward_concat,
+    resolve_steps,
+)
+from algorithms.fixmatch import masked_consistency, pseudo_label_accuracy
+from algorithms.registry import register_algorithm
+from ssl_imwa.ema import EMAConfig
+
+BALANCED_HEAD = "logits_balanced"
+
+
+@dataclass
+class ACRConfig(AlgorithmConfig):
+    name: str = "acr"
+    threshold: float = 0.95          # confidence for pseudo-labels and for the distribution estimate
+    tau_max: float = 2.0             # adaptive tau = tau_max * w (official: tau1, also its initial tau)
+    tau12: float = 2.0               # adjustment of the balanced branch's pseudo-labels
+    tau2: float = 2.0                # adjustment of the balanced head's labeled loss
+    estimate_momentum: float = 0.99  # u_hat <- m * u_hat + (1 - m) * c_hat (official --ema-u 0.99)
+    epoch_length: StepCount = 500    # steps per ACR epoch: tau is recomputed at each epoch start
+    estimate_start_epoch: int = 6    # estimation runs in epochs >= this (official: epoch > 5, 0-based)
+    # Reproduce the official code where it departs from the paper (see docs/algorithms.md):
+    # one-unit-per-class histogram, log(pi^tau + 1e-12) in float64, tau starting at tau_max,
+    # distance sums divided by epoch_length even when fewer steps added to them.
+    follow_official_code: bool = False
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
+
+
+def anchor_distances(estimate: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL, 0.5 KL(u||a) + 0.5 KL(a||u), from the estimate u to the anchors
+    (consistent pi_l, uniform, reversed pi_l), as a float64 tensor [3]."""
+    estimate = estimate.double()
+    prior = prior.double()
+    anchors = torch.stack([prior, torch.full_like(prior, 1.0 / prior.numel()), prior.flip(0)])
+    forward = torch.xlogy(estimate, estimate).sum() - (estimate * anchors.log()).sum(1)
+    backward = (anchors * (anchors.log() - estimate.log())).sum(1)
+    return 0.5 * forward + 0.5 * backward
+
+
+def tau_from_distances(distances: torch.Tensor, tau_max: float) -> float:
+    """tau = tau_max * exp(d_con) / sum_a exp(d_a) (NaN if a distance is not finite)."""
+    return tau_max * float(torch.softmax(distances.double(), dim=0)[0])
+
+
+def confident_class_histogram(balanced_logits: torch.Tensor, is_labeled: torch.Tensor, threshold: float,
+                              num_classes: int, one_unit_per_class: bool) -> torch.Tensor:
+    """Class histogram of argmax f_b(u_w) over confident samples that are not also labeled images.
+
+    one_unit_per_class reproduces the official indexed write `hist[targets] += selected`: with
+    repeated indices one write wins (on CPU the last sample of the class), so a class counts 0 or 1.
+    """
+    max_prob, labels = torch.softmax(balanced_logits.detach().float(), dim=1).max(dim=1)
+    selected = (max_prob.ge(threshold) & ~is_labeled).double()
+    if one_unit_per_class:
+        histogram = torch.zeros(num_classes, dtype=torch.float64, device=balanced_logits.device)
+        return histogram.index_put_((labels,), selected)
+    return (F.one_hot(labels, num_classes).double() * selected[:, None]).sum(0)
+
+
+def adjusted_pseudo_labels(logits: torch.Tensor, adjustment: torch.Tensor, confidence_logits: torch.Tensor,
+                           threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target argmax softmax(logits - adjustment); mask: that max >= threshold OR max softmax(confidence_logits) >= threshold."""
+    max_adjusted, labels = torch.softmax(logits.detach() - adjustment, dim=1).max(dim=1)
+    max_plain = torch.softmax(confidence_logits.detach(), dim=1).max(dim=1).values
+    return labels, (max_adjusted.ge(threshold) | max_plain.ge(threshold)).float()
+
+
+@register_algorithm("acr")
+class ACR(Algorithm):
+    """State: u_hat, this epoch's distance sums and step count, and tau. At an IMWA merge the
+    default mean applies to all four (SPEC 6); a merge at an epoch boundary thus derives the next
+    tau from the replicas' averaged distances, a mid-epoch merge averages the replicas' taus."""
+
+    Config = ACRConfig
+    cfg: ACRConfig
+    eval_head = BALANCED_HEAD
+
+    def __init__(self, cfg: ACRConfig, num_classes: int, labeled_counts: list[int], total_steps: int,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(cfg, num_classes, labeled_counts, total_steps, device)
+        self.epoch_length = resolve_steps(cfg.epoch_length, total_steps, "algorithm.epoch_length")
+        if self.epoch_length < 1:
+            raise ValueError("algorithm.epoch_length must be at least one step")
+        if cfg.estimate_start_epoch < 0:
+            raise ValueError(f"algorithm.estimate_start_epoch={cfg.estimate_start_epoch!r}: expected an epoch index >= 0")
+        # u_hat: the estimated unlabeled class distribution, uniform until estimation starts.
+        self.estimate = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=self.device)
+        # This epoch's summed anchor distances and the number of steps that added to them.
+        self.distance_sum = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.distance_steps = 0.0
+        if cfg.follow_official_code:
+            self.tau = cfg.tau_max
+        else:
+            self.tau = tau_from_distances(anchor_distances(self.estimate, self.labeled_prior), cfg.tau_max)
+
+    def num_strong_views(self) -> int:
+        return 2
+
+    def build_heads(self, feature_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        head = nn.Linear(feature_dim, num_classes)
+        nn.init.zeros_(head.bias)
+        return {BALANCED_HEAD: head}
+
+    def adjustment(self, tau: float) -> torch.Tensor:
+        """tau * log pi_l (paper, float32), or log(pi_l^tau + 1e-12) in float64 (official: promotes the logits)."""
+        if self.cfg.follow_official_code:
+            return torch.log(self.labeled_prior ** tau + 1e-12)
+        return (tau * self.labeled_prior.log()).float()
+
+    def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        epoch, offset = divmod(step, self.epoch_length)
+        estimating = epoch >= self.cfg.estimate_start_epoch
+        if offset == 0:
+            self._start_epoch(estimating)
+
+        labeled, weak, strong1, strong2 = forward_concat(
+            model, [batch["x"], batch["u_weak"], batch["u_strong"][0], batch["u_strong"][1]])
+        loss_x = (F.cross_entropy(labeled["logits"], batch["y"])
+                  + F.cross_entropy(labeled[BALANCED_HEAD] + self.adjustment(self.cfg.tau2), batch["y"]))
+
+        threshold = self.cfg.threshold
+        labels, mask = adjusted_pseudo_labels(weak["logits"], self.adjustment(self.tau), weak["logits"], threshold)
+        labels_b, mask_b = adjusted_pseudo_labels(weak["logits"], self.adjustment(self.cfg.tau12),
+                                                  weak[BALANCED_HEAD], threshold)
+        # Both strong views against the one weak-view target: a mean over 2U terms.
+        loss_u = masked_consistency(torch.cat([strong1["logits"], strong2["logits"]]),
+                                    labels.repeat(2), mask.repeat(2))
+        loss_u_balanced = masked_consistency(torch.cat([strong1[BALANCED_HEAD], strong2[BALANCED_HEAD]]),
+                                             labels_b.repeat(2), mask_b.repeat(2))
+
+        if estimating:
+            self._update_estimate(weak[BALANCED_HEAD], batch["u_is_labeled"])
+        return {
+            "loss": loss_x + loss_u + loss_u_balanced,
+            "loss_x": loss_x.detach(),
+            "loss_u": loss_u.detach(),
+            "loss_u_balanced": loss_u_balanced.detach(),
+            "mask_rate": mask.mean(),
+            "tau": torch.tensor(self.tau),
+            "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
+        }
+
+    def _start_epoch(self, estimating: bool) -> None:
+        """tau from the previous epoch's mean anchor distances; a non-finite result keeps the old tau."""
+        # The official code divides by the epoch length even when fewer steps (or none) added distances.
+        divisor = self.epoch_length if self.cfg.follow_official_code else self.distance_steps
+        if estimating and divisor > 0:
+            tau = tau_from_distances(self.distance_sum / divisor, self.cfg.tau_max)
+            if math.isfinite(tau):
+                self.tau = tau
+        self.distance_sum = torch.zeros_like(self.distance_sum)
+        self.distance_steps = 0.0
+
+    def _update_estimate(self, balanced_logits: torch.Tensor, is_labeled: torch.Tensor) -> None:
+        histogram = confident_class_histogram(balanced_logits, is_labeled, self.cfg.threshold, self.num_classes,
+                                              one_unit_per_class=self.cfg.follow_official_code)
+        if histogram.sum() <= 0:
+            return
+        momentum = self.cfg.estimate_momentum
+        self.estimate = momentum * self.estimate + (1.0 - momentum) * histogram / histogram.sum()
+        self.distance_sum = self.distance_sum + anchor_distances(self.estimate, self.labeled_prior)
+        self.distance_steps += 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimate": self.estimate, "distance_sum": self.distance_sum,
+                "distance_steps": self.distance_steps, "tau": self.tau}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        missing = set(self.state_dict()) - set(state)
+        if missing:
+            raise KeyError(f"{self.name}: algorithm state lacks keys {sorted(missing)}")
+        self.estimate = state["estimate"].to(device=self.device, dtype=torch.float64).clone()
+        self.distance_sum = state["distance_sum"].to(device=self.device, dtype=torch.float64).clone()
+        self.distance_steps = float(state["distance_steps"])
+        self.tau = float(state["tau"])

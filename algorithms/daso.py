@@ -1,0 +1,239 @@
+"""DASO on FixMatch (Oh et al., CVPR 2022), SPEC section 5.1.
+
+Linear pseudo-labels are biased toward head classes; DASO blends them with semantic
+pseudo-labels (similarity to class prototypes, which are balanced by construction), and
+blends more for classes that the current pseudo-labels over-predict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    StepCount,
+    forward_concat,
+    mean_of_states,
+    resolve_steps,
+)
+from algorithms.fixmatch import (
+    confident_pseudo_labels,
+    masked_consistency,
+    pseudo_label_accuracy,
+)
+from algorithms.registry import register_algorithm
+from ssl_imwa.ema import EMAConfig
+
+
+@dataclass
+class DASOConfig(AlgorithmConfig):
+    name: str = "daso"
+    threshold: float = 0.95           # FixMatch confidence threshold, applied to the blended pseudo-label
+    lambda_u: float = 1.0             # weight of the consistency loss
+    lambda_align: float = 1.0         # weight of the semantic alignment loss (0 turns it off)
+    queue_size: int = 256             # L: labeled features kept per class
+    proto_temperature: float = 0.05   # T_proto of the cosine-similarity softmax
+    # T_dist: 1.5 when gamma_l == gamma_u on CIFAR-10, else 0.3 (official configs: CIFAR-100 and STL-10 use 0.3).
+    dist_temperature: float = 1.5
+    dist_aware: bool = True           # False: blend with the fixed weight interp_alpha (official ablation)
+    interp_alpha: float = 0.5
+    warmup_steps: StepCount = 5000    # plain FixMatch before this global step
+    dist_update_period: StepCount = 100   # m_hat is replaced by the last period's histogram this often
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=True, buffers="ema"))
+
+
+class FeatureQueue:
+    """Per-class ring buffers of labeled features; their means are the class prototypes.
+
+    A fixed size per class keeps the prototypes balanced however skewed the labeled set is.
+    Valid entries of class k are slots [0, fill[k]); `pointer[k]` is the slot written next, so
+    the newest entry sits just before it.
+    """
+
+    def __init__(self, num_classes: int, size: int, device: torch.device) -> None:
+        if size < 1:
+            raise ValueError(f"algorithm.queue_size={size}: expected a positive size")
+        self.size = size
+        # The feature dimension is learnt from the first push (shape [C, L, 0] until then).
+        self.features = torch.zeros(num_classes, size, 0, device=device)
+        self.fill = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.pointer = torch.zeros(num_classes, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Append in batch order; when more than L of a class arrive at once, the last L are kept."""
+        features = features.detach().float()
+        if self.features.shape[2] != features.shape[1]:
+            if bool(self.fill.any()):
+                raise ValueError(f"DASO queue holds {self.features.shape[2]}-d features, got {features.shape[1]}-d")
+            self.features = torch.zeros(*self.features.shape[:2], features.shape[1], device=self.features.device)
+        num_classes = self.features.shape[0]
+        one_hot = F.one_hot(labels, num_classes)
+        rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1       # position among same-class samples
+        arrivals = one_hot.sum(0)
+        keep = rank >= arrivals[labels] - self.size
+        slots = (self.pointer[labels] + rank) % self.size
+        self.features[labels[keep], slots[keep]] = features[keep]
+        self.pointer = (self.pointer + arrivals) % self.size
+        self.fill = torch.clamp(self.fill + arrivals, max=self.size)
+
+    def prototypes(self) -> torch.Tensor:
+        """[C, D] queue means; a class never pushed has a zero prototype (cosine 0 to everything)."""
+        valid = torch.arange(self.size, device=self.fill.device) < self.fill[:, None]
+        total = (self.features * valid[..., None]).sum(1)
+        return total / self.fill.clamp(min=1)[:, None]
+
+    def most_recent(self, cls: int, count: int) -> torch.Tensor:
+        """The newest min(count, fill) entries of class `cls`, oldest first."""
+        count = min(count, int(self.fill[cls]))
+        slots = (self.pointer[cls] - count + torch.arange(count, device=self.fill.device)) % self.size
+        return self.features[cls, slots]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"queue_features": self.features, "queue_fill": self.fill, "queue_pointer": self.pointer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        features = state["queue_features"]
+        if tuple(features.shape[:2]) != tuple(self.features.shape[:2]):
+            raise ValueError(f"DASO queue state has shape {tuple(features.shape)}, expected "
+                             f"[{self.features.shape[0]}, {self.size}, D] (num_classes, algorithm.queue_size, D)")
+        device = self.features.device
+        self.features = features.to(device=device, dtype=torch.float32).clone()
+        self.fill = state["queue_fill"].to(device=device, dtype=torch.long).clone()
+        self.pointer = state["queue_pointer"].to(device=device, dtype=torch.long).clone()
+
+
+def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """cos(z, c_k) / T_proto for every class k, in float32 even under autocast (1/T_proto = 20 amplifies rounding)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return F.normalize(features.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t() / temperature
+
+
+def distribution_weights(pl_dist: torch.Tensor, temperature: float) -> torch.Tensor:
+    """v_k = m_k^(1/T) / max_j m_j^(1/T): classes the pseudo-labels over-predict get the most semantic blending."""
+    sharpened = pl_dist.double() ** (1.0 / temperature)
+    return sharpened / sharpened.max()
+
+
+def blend_pseudo_labels(linear_probs: torch.Tensor, semantic_probs: torch.Tensor, class_weights: torch.Tensor
+                        ) -> torch.Tensor:
+    """p' = (1 - v_k') p_hat + v_k' q with k' = argmax p_hat (the linear pseudo-label)."""
+    weight = class_weights.to(linear_probs.dtype)[linear_probs.argmax(dim=1)].unsqueeze(1)
+    return (1.0 - weight) * linear_probs + weight * semantic_probs
+
+
+def semantic_alignment_loss(weak_semantic_probs: torch.Tensor, strong_prototype_logits: torch.Tensor
+                            ) -> torch.Tensor:
+    """Mean over all unlabeled samples of CE(q_weak, softmax(cos(z_strong, c) / T_proto))."""
+    return -(weak_semantic_probs * F.log_softmax(strong_prototype_logits, dim=1)).sum(dim=1).mean()
+
+
+@register_algorithm("daso")
+class DASO(Algorithm):
+    """State: the per-class feature queues, m_hat and the pseudo-label counts since its last refresh.
+
+    Schedules (warm-up, refresh period) run on the trainer's global step, so no step counter is kept.
+    """
+
+    Config = DASOConfig
+    cfg: DASOConfig
+
+    def __init__(self, cfg: DASOConfig, num_classes: int, labeled_counts: list[int], total_steps: int,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__(cfg, num_classes, labeled_counts, total_steps, device)
+        self.warmup_steps = resolve_steps(cfg.warmup_steps, total_steps, "algorithm.warmup_steps")
+        self.dist_update_period = resolve_steps(cfg.dist_update_period, total_steps, "algorithm.dist_update_period")
+        if self.dist_update_period < 1:
+            raise ValueError("algorithm.dist_update_period must be at least one step")
+        self.queue = FeatureQueue(num_classes, cfg.queue_size, self.device)
+        # m_hat, uniform until the first refresh (the official code starts from zeros, i.e. 0/0).
+        self.pl_dist = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=self.device)
+        # Final pseudo-labels counted since the last refresh.
+        self.pl_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+
+    def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        # The EMA teacher (eval mode, separate module) embeds the labeled batch, so the student's
+        # BN statistics see only the one concatenated forward below. Pushed before prototypes are read.
+        with torch.no_grad():
+            self.queue.push(teacher(batch["x"])["features"], batch["y"])
+        labeled, weak, strong = forward_concat(model, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
+        loss_x = F.cross_entropy(labeled["logits"], batch["y"])
+
+        if step < self.warmup_steps:
+            labels, mask, _ = confident_pseudo_labels(weak["logits"], self.cfg.threshold)
+            loss_align = torch.zeros((), device=loss_x.device)
+        else:
+            prototypes = self.queue.prototypes()
+            # z_w from this very forward (same batch), detached: q is a target.
+            semantic_probs = torch.softmax(
+                prototype_logits(weak["features"].detach(), prototypes, self.cfg.proto_temperature), dim=1)
+            linear_probs = torch.softmax(weak["logits"].detach(), dim=1)
+            if self.cfg.dist_aware:
+                class_weights = distribution_weights(self.pl_dist, self.cfg.dist_temperature)
+            else:
+                class_weights = torch.full_like(self.pl_dist, self.cfg.interp_alpha)
+            blended = blend_pseudo_labels(linear_probs, semantic_probs, class_weights)
+            max_prob, labels = blended.max(dim=1)
+            mask = max_prob.ge(self.cfg.threshold).float()
+            loss_align = semantic_alignment_loss(
+                semantic_probs, prototype_logits(strong["features"], prototypes, self.cfg.proto_temperature))
+
+        loss_u = masked_consistency(strong["logits"], labels, mask)
+        self._count_pseudo_labels(labels, step)
+        return {
+            "loss": loss_x + self.cfg.lambda_u * loss_u + self.cfg.lambda_align * loss_align,
+            "loss_x": loss_x.detach(),
+            "loss_u": loss_u.detach(),
+            "loss_align": loss_align.detach(),
+            "mask_rate": mask.mean(),
+            "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
+        }
+
+    def _count_pseudo_labels(self, labels: torch.Tensor, step: int) -> None:
+        """Histogram of final pseudo-labels (all samples, no threshold); m_hat is replaced every period."""
+        self.pl_counts += torch.bincount(labels, minlength=self.num_classes).to(self.pl_counts)
+        if (step + 1) % self.dist_update_period == 0:
+            self.pl_dist = self.pl_counts / self.pl_counts.sum()
+            self.pl_counts = torch.zeros_like(self.pl_counts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.queue.state_dict(), "pl_dist": self.pl_dist, "pl_counts": self.pl_counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        missing = set(self.state_dict()) - set(state)
+        if missing:
+            raise KeyError(f"{self.name}: algorithm state lacks keys {sorted(missing)}")
+        self.queue.load_state_dict(state)
+        self.pl_dist = state["pl_dist"].to(device=self.device, dtype=torch.float64).clone()
+        self.pl_counts = state["pl_counts"].to(device=self.device, dtype=torch.float64).clone()
+
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Histograms averaged; each class queue rebuilt from the K replicas' newest L/K features.
+
+        Entries are ordered oldest first, replicas interleaved by recency, so the merged ring
+        overwrites the oldest features first.
+        """
+        merged = mean_of_states([{"pl_dist": s["pl_dist"], "pl_counts": s["pl_counts"]} for s in states])
+        queues = []
+        for state in states:
+            queue = FeatureQueue(self.num_classes, self.cfg.queue_size, self.device)
+            queue.load_state_dict(state)
+            queues.append(queue)
+        merged_queue = FeatureQueue(self.num_classes, self.cfg.queue_size, self.device)
+        size, replicas = self.cfg.queue_size, len(states)
+        shares = [size // replicas + (k < size % replicas) for k in range(replicas)]   # L/K each
+        for cls in range(self.num_classes):
+            recent = [queue.most_recent(cls, share) for queue, share in zip(queues, shares)]
+            depth = max(len(entries) for entries in recent)
+            ordered = [entries[len(entries) - age - 1]
+                       for age in reversed(range(depth)) for entries in recent if age < len(entries)]
+            if ordered:
+                merged_queue.push(torch.stack(ordered), torch.full((len(ordered),), cls, device=self.device))
+        return {**merged_queue.state_dict(), **merged}

@@ -1,0 +1,121 @@
+"""The IMWA orchestrator: K=1 is the plain run, exact resume mid-episode, W=1 equals W=2, fail fast."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.utils import (
+    assert_bitwise_equal,
+    checkpoint_tensors,
+    read_metrics,
+    read_results,
+    train_run,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
+        "train.log_every=5", "train.num_threads=1"]
+IMWA = [*TINY, "imwa.k=2", "imwa.episodes=2"]
+
+
+def _replica_part(tensors: dict[str, torch.Tensor], replica: int, part: str) -> dict[str, torch.Tensor]:
+    prefix = f"{replica}.{part}."
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
+    plain = checkpoint_tensors(train_run(tmp_path, TINY, "plain"))
+    episodic = checkpoint_tensors(train_run(tmp_path, [*TINY, "imwa.episodes=4"], "episodic"))
+    assert_bitwise_equal(plain, episodic)
+
+
+def test_replicas_differ_within_episodes_and_agree_after_merges(tmp_path: Path) -> None:
+    run_dir = train_run(tmp_path, IMWA)
+    tensors = checkpoint_tensors(run_dir)
+    for part in ("model", "teacher"):
+        assert_bitwise_equal(_replica_part(tensors, 0, part), _replica_part(tensors, 1, part))
+    results = read_results(run_dir)
+    assert [entry["episode"] for entry in results["imwa"]["per_episode"]] == [1, 2]
+    assert results["imwa"]["k"] == 2 and results["imwa"]["per_episode"][0]["strategy"] == "uniform"
+    first_episode = {r["replica"]: r["per_class"] for r in read_metrics(run_dir)
+                     if r["source"] == "replica" and r["step"] == 10}
+    assert first_episode[0] != first_episode[1], "replicas must see different data"
+    assert [r["step"] for r in read_metrics(run_dir) if r["source"] == "merged"] == [10, 20]
+    assert all(entry["final"] is not None for entry in results["replicas"])
+
+
+def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path) -> None:
+    full = train_run(tmp_path, IMWA, "full")
+    # Step 13 of replica 0 is inside episode 2, while replica 1 is still at the episode start.
+    stopped = train_run(tmp_path, [*IMWA, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
+    train_run(tmp_path, [*IMWA, "resume=true"], "stopped")
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert strip(read_metrics(full)) == strip(read_metrics(stopped))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(rank: int, world: int, port: int, overrides: list[str], run_dir: Path,
+            extra_path: Path | None = None) -> subprocess.Popen:
+    """Start one process of a W-process run, as torchrun would (same environment variables)."""
+    python_path = os.pathsep.join(str(path) for path in (extra_path, ROOT) if path is not None)
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": python_path}
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={run_dir}",
+                             "train.progress=false"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path) -> None:
+    single = checkpoint_tensors(train_run(tmp_path, IMWA, "single"))
+    run_dir = tmp_path / "two"
+    port = _free_port()
+    processes = [_launch(rank, 2, port, IMWA, run_dir) for rank in range(2)]
+    for process in processes:
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, output
+    for rank in range(2):
+        spread = checkpoint_tensors(run_dir, f"latest.rank{rank}.pt")
+        for part in ("model", "teacher"):
+            assert_bitwise_equal(_replica_part(spread, 0, part), _replica_part(single, 0, part))
+    assert read_results(run_dir)["imwa"]["processes"] == 2
+    merged_two = [r for r in read_metrics(run_dir) if r["source"] == "merged"]
+    merged_one = [r for r in read_metrics(tmp_path / "single") if r["source"] == "merged"]
+    assert [r["per_class"] for r in merged_two] == [r["per_class"] for r in merged_one]
+
+
+DYING_PLUGIN = '''
+import os
+from algorithms.fixmatch import FixMatch
+from algorithms.registry import register_algorithm
+
+@register_algorithm("dies_on_rank1")
+class DiesOnRank1(FixMatch):
+    def losses(self, batch, model, teacher, step):
+        if os.environ.get("RANK") == "1" and step == 3:
+            os._exit(3)
+        return super().losses(batch, model, teacher, step)
+'''
+
+
+def test_a_dead_replica_process_fails_the_others_fast(tmp_path: Path) -> None:
+    (tmp_path / "dying_plugin.py").write_text(DYING_PLUGIN)
+    overrides = [*IMWA, "plugins=[dying_plugin]", "algorithm.name=dies_on_rank1", "imwa.timeout_s=30"]
+    port = _free_port()
+    processes = [_launch(rank, 2, port, overrides, tmp_path / "run", extra_path=tmp_path) for rank in range(2)]
+    started = time.monotonic()
+    output, _ = processes[0].communicate(timeout=120)
+    processes[1].communicate(timeout=60)
+    assert processes[1].returncode == 3
+    assert processes[0].returncode != 0
+    assert "another replica process died" in output, output[-2000:]
+    assert time.monotonic() - started < 90
