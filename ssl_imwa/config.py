@@ -9,8 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from datasets.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
+from ssl_imwa.twa import TWAConfig
 
-MERGE_STRATEGIES = ("uniform",)
+MERGE_STRATEGIES = ("uniform", "twa")
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -51,6 +52,7 @@ class IMWAConfig:
     merge: str = "uniform"
     momentum: str = "average"   # optimiser momentum at a merge: average | keep | reset
     timeout_s: float = 600.0    # W > 1: a process that does not reach a merge within this fails the run
+    twa: TWAConfig = field(default_factory=TWAConfig)  # used when merge == 'twa' (docs/twa.md)
 
 
 @dataclass
@@ -107,6 +109,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     _positive("imwa.episodes", typed.imwa.episodes)
     _choice("imwa.merge", typed.imwa.merge, MERGE_STRATEGIES)
     _choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
+    twa = typed.imwa.twa
+    _choice("imwa.twa.parameterisation", twa.parameterisation, ("simplex", "affine"))
+    _choice("imwa.twa.granularity", twa.granularity, ("model", "layer"))
+    _choice("imwa.twa.data", twa.data, ("twa-v", "twa-t"))
+    _choice("imwa.twa.bn", twa.bn, ("average", "recompute"))
+    if typed.imwa.merge == "twa" and typed.dataset.val_per_class == 0 and (twa.data == "twa-v" or twa.accept):
+        raise ValueError("imwa.merge=twa with imwa.twa.data=twa-v or imwa.twa.accept=true needs a labeled "
+                         "held-out split: set dataset.val_per_class > 0 (those labels are reported as consumed)")
     if train.iterations % typed.imwa.episodes:
         raise ValueError(
             f"train.iterations={train.iterations} is not divisible by imwa.episodes={typed.imwa.episodes}: "

@@ -31,8 +31,8 @@ from ssl_imwa.trainer import Replica, Trainer, lr_at
 
 log = logging.getLogger("ssl_imwa")
 SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
-# (this process's replica states, their indices, the episode's start state) -> merged state
-Merger = Callable[[list[dict[str, Any]], list[int], dict[str, Any]], MergeResult]
+# (this process's replica states, their indices, the episode's start state, episode) -> merged state
+Merger = Callable[[list[dict[str, Any]], list[int], dict[str, Any], int], MergeResult]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -209,7 +209,7 @@ class Orchestrator:
 
     def _merge(self, start: dict[str, Any]) -> MergeResult:
         indices = [replica.index for replica in self.replicas]
-        result = self.merger([replica.state_dict() for replica in self.replicas], indices, start)
+        result = self.merger([replica.state_dict() for replica in self.replicas], indices, start, self.episode)
         for replica in self.replicas:
             replica.model.load_state_dict(result.model)
             replica.teacher.load_state_dict(result.teacher)

@@ -1,7 +1,8 @@
 """A small name -> factory registry shared by models and algorithms."""
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

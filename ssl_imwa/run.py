@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from algorithms import Algorithm, get_algorithm
 from datasets import SSLData, build_data
+from datasets.transforms import normalize
 from ssl_imwa.config import Config, validate
 from ssl_imwa.distributed import Communicator, init_communicator
 from ssl_imwa.ema import EMATeacher
@@ -21,6 +22,7 @@ from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
 from ssl_imwa.trainer import Replica, Trainer, build_optimizer
+from ssl_imwa.twa import TWAConfig, build_candidates, stratified_halves, twa_merge
 
 log = logging.getLogger("ssl_imwa")
 
@@ -71,12 +73,52 @@ def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, 
                    optimizer=build_optimizer(model, cfg.train), algorithm=algorithm, stream=stream, scaler=scaler)
 
 
-def build_merger(cfg: Config, algorithm: Algorithm, k: int, comm: Communicator) -> Merger:
-    """The merge strategy named by imwa.merge, bound to this run's settings."""
-    def uniform(states: list[dict[str, Any]], indices: list[int], start: dict[str, Any]) -> MergeResult:
+def build_merger(cfg: Config, algorithm: Algorithm, comm: Communicator, data: SSLData,
+                 template: torch.nn.Module, device: torch.device) -> Merger:
+    """The merge strategy named by imwa.merge, bound to this run's settings and data."""
+    k = cfg.imwa.k
+
+    def uniform(states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int
+                ) -> MergeResult:
         return uniform_merge(states, cfg.imwa.momentum, algorithm.merge_states, k, comm, indices)
 
-    return uniform
+    if cfg.imwa.merge == "uniform":
+        return uniform
+    twa_cfg: TWAConfig = cfg.imwa.twa
+    prepare = lambda images: normalize(images, data.mean, data.std).to(device)
+    fit: tuple[torch.Tensor, torch.Tensor] | None = None
+    accept: tuple[torch.Tensor, torch.Tensor] | None = None
+    if data.val_images is not None:
+        val = (prepare(data.val_images), data.val_targets.to(device))
+        if twa_cfg.data == "twa-v":  # fit on one class-stratified half, accept on the other
+            first, second = stratified_halves(data.val_targets, cfg.seed)
+            fit, accept = (val[0][first], val[1][first]), (val[0][second], val[1][second])
+        else:
+            accept = val
+    if twa_cfg.data == "twa-t":  # the training objective's labeled images: no extra labels to fit
+        fit = (prepare(data.labeled_images), data.labeled_targets.to(device))
+    bn_images = None
+    if twa_cfg.bn == "recompute":
+        count = min(len(data.unlabeled_images), twa_cfg.bn_batches * twa_cfg.batch_size)
+        bn_images = prepare(data.unlabeled_images[torch.randperm(len(data.unlabeled_images),
+                                                                 generator=torch.Generator().manual_seed(cfg.seed))[:count]])
+
+    def twa(states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int) -> MergeResult:
+        uniform_part = uniform(states, indices, start, episode)
+        everything = [item for chunk in comm.all_gather_object(list(zip(indices, states)), "TWA state gather")
+                      for item in chunk]
+        ordered = [state for _, state in sorted(everything, key=lambda item: item[0])]
+        result = None
+        if comm.is_main:
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + episode)
+            result = twa_merge(build_candidates(ordered, start, twa_cfg), k, template, algorithm.eval_head, fit,
+                               accept, twa_cfg, bn_images, generator)
+            result = (result.student, result.teacher, result.report())
+        student, teacher, report = comm.broadcast_object(result, "TWA result broadcast")
+        return MergeResult(model=student, teacher=teacher, optimizer=uniform_part.optimizer,
+                           algorithm=uniform_part.algorithm, report={**report, "strategy": "twa"})
+
+    return twa
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -111,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                           algorithm_cls.eval_head, cfg.train.eval_batch_size, device, cfg.train.channels_last,
                           trainer.autocast)
     logger = RunLogger(run_dir, data.class_names)
-    merger = build_merger(cfg, algorithms[0], cfg.imwa.k, comm)
+    merger = build_merger(cfg, algorithms[0], comm, data, copy.deepcopy(initial_model), device)
     orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,
                                 comm)
     if cfg.resume:

@@ -119,3 +119,26 @@ def test_a_dead_replica_process_fails_the_others_fast(tmp_path: Path) -> None:
     assert processes[0].returncode != 0
     assert "another replica process died" in output, output[-2000:]
     assert time.monotonic() - started < 90
+
+
+def test_twa_merge_runs_in_the_orchestrator_and_reports_itself(tmp_path: Path) -> None:
+    run_dir = train_run(tmp_path, [*IMWA, "imwa.merge=twa", "dataset.val_per_class=10", "dataset.m_max=60",
+                                   "imwa.twa.steps=10", "imwa.twa.batch_size=32"])
+    episodes = read_results(run_dir)["imwa"]["per_episode"]
+    assert [entry["strategy"] for entry in episodes] == ["twa", "twa"]
+    for entry in episodes:
+        assert len(entry["coefficients"]) == 2 and abs(sum(entry["coefficients"]) - 1) < 1e-5
+        assert entry["labels_consumed"] == 100  # the whole 10-per-class validation split
+        assert isinstance(entry["accepted"], bool)
+    tensors = checkpoint_tensors(run_dir)
+    assert_bitwise_equal(_replica_part(tensors, 0, "model"), _replica_part(tensors, 1, "model"))
+
+
+def test_twa_without_a_held_out_split_is_a_clear_error() -> None:
+    import pytest
+
+    from ssl_imwa.config import validate
+    from tests.utils import compose_config
+
+    with pytest.raises(ValueError, match="dataset.val_per_class > 0"):
+        validate(compose_config([*IMWA, "imwa.merge=twa"]))

@@ -1,7 +1,7 @@
 """`create_model(name, num_classes, ...)`: backbone from the registry plus a linear head."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
