@@ -20,7 +20,6 @@ from algorithms.base import (
     AlgorithmConfig,
     Batch,
     StepCount,
-    forward_concat,
     resolve_steps,
 )
 from algorithms.fixmatch import masked_consistency, pseudo_label_accuracy
@@ -134,8 +133,7 @@ class ACR(Algorithm):
         if offset == 0:
             self._start_epoch(estimating)
 
-        labeled, weak, strong1, strong2 = forward_concat(
-            model, [batch["x"], batch["u_weak"], batch["u_strong"][0], batch["u_strong"][1]])
+        labeled, weak, (strong1, strong2) = self.forward_views(model, batch)
         loss_x = (F.cross_entropy(labeled["logits"], batch["y"])
                   + F.cross_entropy(labeled[BALANCED_HEAD] + self.adjustment(self.cfg.tau2), batch["y"]))
 

@@ -14,13 +14,22 @@ from torch import nn
 from ssl_imwa.ema import EMAConfig
 
 Batch = dict[str, Any]
+Outputs = dict[str, torch.Tensor]
 StepCount = int | float
+
+
+WEAK_PASSES = ("joint", "no_grad")
 
 
 @dataclass
 class AlgorithmConfig:
     name: str = "???"
     ema: EMAConfig = field(default_factory=EMAConfig)
+    # joint: labeled, weak and strong views in one forward, so BN batch statistics cover the whole
+    # step (FixMatch and the official codes). no_grad: the weak view in its own forward without
+    # autograd (about 1.3-1.5x faster steps; BN then normalises the weak batch by its own
+    # statistics and its running stats are updated twice per step). docs/performance.md.
+    weak_pass: str = "joint"
 
 
 def resolve_steps(value: StepCount, total_steps: int, key: str) -> int:
@@ -93,6 +102,19 @@ class Algorithm:
         # pi_l: the labeled class prior (float64 so log-adjustments are exact).
         self.labeled_prior = (counts / counts.sum()).to(self.device)
         self.total_steps = total_steps
+
+    def forward_views(self, model: nn.Module, batch: Batch) -> tuple[Outputs, Outputs, list[Outputs]]:
+        """Model outputs for the labeled batch, the weak view and each strong view, per `cfg.weak_pass`."""
+        strong = batch["u_strong"][:self.num_strong_views()]
+        if self.cfg.weak_pass not in WEAK_PASSES:
+            raise ValueError(f"algorithm.weak_pass='{self.cfg.weak_pass}': expected one of {', '.join(WEAK_PASSES)}")
+        if self.cfg.weak_pass == "joint":
+            labeled, weak, *strong_outputs = forward_concat(model, [batch["x"], batch["u_weak"], *strong])
+            return labeled, weak, strong_outputs
+        with torch.no_grad():
+            (weak,) = forward_concat(model, [batch["u_weak"]])
+        labeled, *strong_outputs = forward_concat(model, [batch["x"], *strong])
+        return labeled, weak, strong_outputs
 
     def num_strong_views(self) -> int:
         """Strong views per unlabeled image that the data stream must provide."""

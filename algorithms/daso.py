@@ -18,7 +18,6 @@ from algorithms.base import (
     AlgorithmConfig,
     Batch,
     StepCount,
-    forward_concat,
     mean_of_states,
     resolve_steps,
 )
@@ -162,7 +161,7 @@ class DASO(Algorithm):
         # BN statistics see only the one concatenated forward below. Pushed before prototypes are read.
         with torch.no_grad():
             self.queue.push(teacher(batch["x"])["features"], batch["y"])
-        labeled, weak, strong = forward_concat(model, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
+        labeled, weak, (strong,) = self.forward_views(model, batch)
         loss_x = F.cross_entropy(labeled["logits"], batch["y"])
 
         if step < self.warmup_steps:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import Algorithm, AlgorithmConfig, Batch, forward_concat
+from algorithms.base import Algorithm, AlgorithmConfig, Batch
 from algorithms.registry import register_algorithm
 
 
@@ -46,7 +46,7 @@ class FixMatch(Algorithm):
     cfg: FixMatchConfig
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        labeled, weak, strong = forward_concat(model, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
+        labeled, weak, (strong,) = self.forward_views(model, batch)
         loss_x = F.cross_entropy(labeled["logits"], batch["y"])
         labels, mask, _ = confident_pseudo_labels(weak["logits"], self.cfg.threshold, self.cfg.temperature)
         loss_u = masked_consistency(strong["logits"], labels, mask)

@@ -10,16 +10,21 @@ uint8 images. Compare the two images/s figures to see which one limits a run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python bench/train_step.py`
+
 from algorithms.fixmatch import FixMatch, FixMatchConfig
-from bench._common import header, machine_load, peak_rss_mb
+from bench._common import header, peak_rss_mb
 from datasets import TrainStream
 from ssl_imwa.config import TrainConfig
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.models import create_model
+from ssl_imwa.run import tune_glibc_malloc
 from ssl_imwa.trainer import Replica, Trainer, build_optimizer
 
 
@@ -44,7 +49,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
     model = create_model(args.model, 10, 3, 0.001).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    algorithm = FixMatch(FixMatchConfig(), 10, [500, 50, 5, 500, 50, 5, 500, 50, 5, 5], cfg.iterations, device)
+    if args.compile:
+        model.compile()
+    algorithm = FixMatch(FixMatchConfig(weak_pass=args.weak_pass), 10, [500, 50, 5, 500, 50, 5, 500, 50, 5, 5], cfg.iterations, device)
     unlabeled = args.mu * args.batch
     shape = (3, args.size, args.size)
     batch = {"x": torch.randn(args.batch, *shape, device=device), "y": torch.randint(0, 10, (args.batch,)),
@@ -55,8 +62,11 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
                       _RepeatBatch(batch), None)
     trainer = Trainer(cfg, device)
     images = trainer.images_per_step(replica)
+    compile_started = time.perf_counter()
     for step in range(args.warmup):
         trainer.step(replica, step)
+    print(f"warm-up ({args.warmup} steps{', includes compilation' if args.compile else ''}): "
+          f"{time.perf_counter() - compile_started:.1f} s")
     started = time.perf_counter()
     for step in range(args.steps):
         trainer.step(replica, args.warmup + step)
@@ -99,12 +109,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--weak-pass", choices=("joint", "no_grad"), default="joint")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student (inductor)")
     parser.add_argument("--skip-data", action="store_true")
     args = parser.parse_args()
+    tune_glibc_malloc()  # as every training run does
     torch.set_num_threads(args.threads)
     print(header("FixMatch training step and data pipeline", args.threads))
     print(f"# model {args.model} | B={args.batch} mu={args.mu} | {args.size}px | precision {args.precision} | "
-          f"channels_last {args.channels_last} | {args.steps} timed steps after {args.warmup} warm-up")
+          f"channels_last {args.channels_last} | compile {args.compile} | weak pass {args.weak_pass} | {args.steps} timed steps after {args.warmup} warm-up")
     step = bench_step(args)
     print(f"train step : {step['images_per_s']:8.1f} images/s  ({step['ms_per_step']:.1f} ms for "
           f"{step['images_per_step']} images)")
@@ -112,8 +125,7 @@ def main() -> None:
         data = bench_data(args)
         print(f"data stream: {data['images_per_s']:8.1f} images/s  ({data['ms_per_batch']:.1f} ms for "
               f"{data['images_per_batch']} images: labeled weak + unlabeled weak + strong)")
-    load, verdict = machine_load()
-    print(f"peak memory (RSS): {peak_rss_mb():.0f} MB | load after run {load:.2f} ({verdict})")
+    print(f"peak memory (RSS): {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -46,7 +47,25 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key not in RESUME_FREE_KEYS}
 
 
+def tune_glibc_malloc() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS after every step.
+
+    CPU PyTorch allocates each step's activations with malloc; glibc serves blocks above its mmap
+    threshold with fresh mmaps, so every step pays page faults on tens of MB. Raising the
+    threshold (to its 32 MB maximum) and the trim threshold makes steps 10-60% faster on this
+    machine (docs/performance.md). No effect, and no error, off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(libc.mallopt(option, value) == 1 for option, value in (
+        (m_mmap_threshold, 32 * 1024 * 1024), (m_trim_threshold, 16 * 1024 ** 3), (m_top_pad, 256 * 1024 ** 2)))
+
+
 def configure_torch(cfg: Config) -> torch.device:
+    tune_glibc_malloc()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = torch.device(cfg.device)
