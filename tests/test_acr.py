@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from algorithms.acr import (
@@ -20,7 +19,13 @@ from algorithms.acr import (
     tau_from_distances,
 )
 from ssl_imwa.models import create_model
-from tests.utils import assert_bitwise_equal, checkpoint_tensors, train_run
+from tests.utils import (
+    assert_bitwise_equal,
+    checkpoint_algorithm_state,
+    checkpoint_tensors,
+    logged_train_scalars,
+    train_run,
+)
 
 CIFAR10_GAMMA100 = [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
 
@@ -209,19 +214,6 @@ def test_merge_averages_estimate_accumulators_and_tau() -> None:
     assert merged["distance_steps"] == 3.0 and merged["tau"] == 1.0
     algorithm.load_state_dict(merged)
     assert algorithm.tau == 1.0 and algorithm.distance_steps == 3.0
-
-
-def logged_train_scalars(event_dir: Path) -> dict[str, list[float]]:
-    """The algorithm's logged training scalars, by name, in step order (from the TensorBoard stream)."""
-    events = EventAccumulator(str(event_dir))
-    events.Reload()
-    return {tag.removeprefix("train/"): [event.value for event in events.Scalars(tag)]
-            for tag in events.Tags()["scalars"] if tag.startswith("train/")}
-
-
-def checkpoint_algorithm_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    payload = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
-    return {key: torch.as_tensor(value) for key, value in payload["replicas"][0]["algorithm"].items()}
 
 
 RUN = ["algorithm=acr", "experiment=quickstart", "train.iterations=30", "train.batch_size=8", "train.mu=2",

@@ -61,7 +61,7 @@ def test_pseudo_labels_carry_no_gradient() -> None:
 def test_no_grad_weak_pass_gives_the_same_loss_without_bn() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    wrapped = lambda x: {"features": x, "logits": model(x)}  # noqa: E731
+    wrapped = lambda x: {"features": x, "logits": model(x)}
     batch = {"x": torch.randn(2, 1, 2, 2), "y": torch.tensor([0, 2]), "u_weak": torch.randn(5, 1, 2, 2) * 5,
              "u_strong": [torch.randn(5, 1, 2, 2)], "u_target": torch.full((5,), -1)}
     joint = FixMatch(FixMatchConfig(threshold=0.5), 3, [1, 1, 1], 10).losses(batch, wrapped, wrapped, 0)

@@ -14,7 +14,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "adding_an_algorithm.md"
 
 @pytest.fixture()
 def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    code = re.search(r"```python\n(# my_algorithms/teacher_pseudo_label.py\n.*?)```", DOC.read_text(), re.S).group(1)
+    code = re.search(r"```python\n(# my_algorithms/teacher_pseudo_label.py\n.*?)```", DOC.read_text(), re.DOTALL).group(1)
     package = tmp_path / "my_algorithms"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -45,7 +45,7 @@ def test_example_loss_matches_hand_computation(plugin_module: str) -> None:
     batch = {"x": torch.zeros(1, 1), "y": torch.tensor([0]), "u_weak": torch.zeros(2, 1),
              "u_strong": [torch.zeros(2, 1)]}
     out = algorithm.losses(batch, student, teacher, 0)
-    ce = lambda logits, t: -logits[t] + math.log(sum(math.exp(v) for v in logits))  # noqa: E731
+    ce = lambda logits, t: -logits[t] + math.log(sum(math.exp(v) for v in logits))
     assert math.isclose(out["loss_x"].item(), ce([1.0, 0.0], 0), rel_tol=1e-6)
     assert math.isclose(out["loss_u"].item(), ce([0.0, 0.0], 0) / 2, rel_tol=1e-6)
     assert math.isclose(out["mask_rate"].item(), 0.5)

@@ -56,3 +56,18 @@ def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.T
     assert left.keys() == right.keys()
     for key, value in left.items():
         assert torch.equal(value, right[key]), f"{key} differs"
+
+
+def checkpoint_algorithm_state(run_dir: Path, replica: int = 0) -> dict[str, torch.Tensor]:
+    payload = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    return {key: torch.as_tensor(value) for key, value in payload["replicas"][replica]["algorithm"].items()}
+
+
+def logged_train_scalars(event_dir: Path) -> dict[str, list[float]]:
+    """A replica's logged training scalars, by name, in step order (from its TensorBoard stream)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(event_dir))
+    events.Reload()
+    return {tag.removeprefix("train/"): [event.value for event in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"] if tag.startswith("train/")}
