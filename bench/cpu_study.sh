@@ -2,12 +2,13 @@
 # The CPU-scale real-data studies of docs/results.md, one run at a time (two runs on two cores
 # slow each other several-fold). Needs the CIFAR-10 JPEGs extracted to $DATA (default /tmp/cifar10):
 #   mkdir -p /tmp/cifar10 && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10
-# Usage: bench/cpu_study.sh OUT_DIR [section ...]   sections: imwa algorithms precision imwa_seed2 twa
+# Usage: bench/cpu_study.sh OUT_DIR [section ...]
+#   sections: imwa0 imwa1 imwa2 (issue 4, per seed), algorithms0 algorithms1 (issue 3), precision
 # A run whose results.json exists is skipped, so the script can be restarted.
 set -uo pipefail
 OUT=${1:?usage: bench/cpu_study.sh OUT_DIR [section ...]}
 shift
-SECTIONS=${*:-imwa algorithms precision twa imwa_seed2}
+SECTIONS=${*:-imwa0 algorithms0 imwa1 algorithms1 imwa2 precision}
 DATA=${DATA:-/tmp/cifar10}
 cd "$(dirname "$0")/.."
 COMMON=(experiment=cpu_cifar10_lt "dataset.root=$DATA" train.precision=bf16 train.channels_last=true
@@ -21,22 +22,28 @@ run() {
     && echo "$(date '+%F %T') done  $name" || echo "$(date '+%F %T') FAILED $name (see $OUT/$name.log)"
 }
 
-imwa_arms() {  # issue 4: supervised, FixMatch K=1, MWA K=2 E=1, IMWA K=2 E=4, compute-matched K=1 3200 steps
+imwa_arms() {  # issue 4: supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, IMWA with TWA, FixMatch K=1 3200 steps
   local s=$1
   run "imwa/supervised_s$s" algorithm=supervised seed="$s"
   run "imwa/fixmatch_k1_s$s" algorithm=fixmatch seed="$s"
-  run "imwa/fixmatch_mwa_k2e1_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=1 seed="$s"
   run "imwa/fixmatch_imwa_k2e4_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=4 seed="$s"
+  run "imwa/fixmatch_mwa_k2e1_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=1 seed="$s"
   run "imwa/fixmatch_k1_t3200_s$s" algorithm=fixmatch train.iterations=3200 seed="$s"
+  # TWA-v needs labeled held-out images: 20 per class, taken before the split (reported as consumed)
+  run "imwa/fixmatch_imwa_twa_k2e4_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=4 imwa.merge=twa \
+    dataset.val_per_class=20 imwa.twa.steps=50 seed="$s"
 }
 
 algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabeled data
-  local s=$1 u
+  # (supervised and FixMatch on consistent data are the imwa/ runs of the same seed: same config)
+  local s=$1 u tdist
   for u in consistent reversed; do
-    run "algorithms/supervised_${u}_s$s" algorithm=supervised dataset.unlabeled=$u seed="$s"
-    run "algorithms/fixmatch_${u}_s$s" algorithm=fixmatch dataset.unlabeled=$u seed="$s"
+    if [ "$u" = reversed ]; then
+      run "algorithms/supervised_${u}_s$s" algorithm=supervised dataset.unlabeled=$u seed="$s"
+      run "algorithms/fixmatch_${u}_s$s" algorithm=fixmatch dataset.unlabeled=$u seed="$s"
+    fi
     # DASO: T_dist 1.5 when gamma_l == gamma_u, else 0.3 (SPEC 5.1); schedules as fractions of the run
-    local tdist=1.5; [ "$u" = reversed ] && tdist=0.3
+    tdist=1.5; [ "$u" = reversed ] && tdist=0.3
     run "algorithms/daso_${u}_s$s" algorithm=daso_short dataset.unlabeled=$u algorithm.dist_temperature=$tdist seed="$s"
     # ACR: its own mu (1) and two strong views; same disjoint split and EMA warm-up as the others
     run "algorithms/acr_${u}_s$s" algorithm=acr_short dataset.unlabeled=$u train.mu=1 dataset.protocol=disjoint seed="$s"
@@ -46,10 +53,8 @@ algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabe
 mkdir -p "$OUT/imwa" "$OUT/algorithms" "$OUT/precision"
 for section in $SECTIONS; do
   case $section in
-    imwa) imwa_arms 0; imwa_arms 1 ;;
-    imwa_seed2) imwa_arms 2; run "imwa/fixmatch_imwa_twa_k2e4_s2" algorithm=fixmatch imwa.k=2 imwa.episodes=4 imwa.merge=twa dataset.val_per_class=20 seed=2 ;;
-    twa) for s in 0 1; do run "imwa/fixmatch_imwa_twa_k2e4_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=4 imwa.merge=twa dataset.val_per_class=20 seed="$s"; done ;;
-    algorithms) algorithm_arms 0; algorithm_arms 1 ;;
+    imwa0|imwa1|imwa2) imwa_arms "${section#imwa}" ;;
+    algorithms0|algorithms1) algorithm_arms "${section#algorithms}" ;;
     precision)  # bf16 + channels_last against fp32 on the same short run
       run precision/fixmatch_fp32 algorithm=fixmatch train.iterations=400 train.precision=fp32 train.channels_last=false
       run precision/fixmatch_bf16_cl algorithm=fixmatch train.iterations=400 ;;

@@ -100,3 +100,17 @@ def test_failed_plugin_import_is_an_error() -> None:
 
     with pytest.raises(ImportError, match="no_such_plugin_module"):
         validate(compose_config([*TINY, "plugins=[no_such_plugin_module]"]))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_channels_last_train(tmp_path: Path, precision: str) -> None:
+    fp32 = checkpoint_tensors(train_run(tmp_path, [*TINY, "train.iterations=6", "train.eval_every=6"], "fp32"))
+    mixed_dir = train_run(tmp_path, [*TINY, "train.iterations=6", "train.eval_every=6",
+                                     f"train.precision={precision}", "train.channels_last=true"], precision)
+    mixed = checkpoint_tensors(mixed_dir)
+    assert all(torch.isfinite(value).all() for value in mixed.values() if value.is_floating_point())
+    # autocast really ran: the low-precision run's weights differ from the fp32 run's
+    assert any(not torch.equal(fp32[key], mixed[key]) for key in fp32 if fp32[key].is_floating_point())
+    if precision == "fp16":
+        payload = torch.load(mixed_dir / "checkpoints" / "latest.pt", weights_only=False)
+        assert payload["replicas"][0]["scaler"]["scale"] > 0  # the grad scaler's state is checkpointed
