@@ -383,7 +383,7 @@ def is_bookkeeping_key(key: str) -> bool:
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Group runs by the config values that differ among them, ignoring seed and bookkeeping."""
     keys = sorted({key for run in runs for key in run.config if not is_bookkeeping_key(key)})
-    varying = [key for key in keys if len({_value_id(run, key) for run in runs}) > 1]
+    varying = _distinguishing_keys(runs, [key for key in keys if len({_value_id(run, key) for run in runs}) > 1])
     buckets: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         buckets.setdefault(tuple(_value_id(run, key) for key in varying), []).append(run)
@@ -396,6 +396,27 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         key=lambda group: [_sort_key(group.runs[0].config.get(key, _UNSET)) for key in varying]
     )
     return groups
+
+
+def _distinguishing_keys(runs: Sequence[Run], varying: list[str]) -> list[str]:
+    """The varying keys that split the runs further, in order of preference.
+
+    A key whose values follow from keys already kept (e.g. `algorithm.threshold` when
+    `algorithm.name` differs, or a key that one algorithm's config lacks) does not change the
+    groups, only lengthens their labels, so it is dropped.
+    """
+    kept: list[str] = []
+    blocks = len({() for _ in runs})
+    def preference(key: str) -> tuple[int, bool, str]:
+        """Shallow keys first, then keys every run has (algorithm.name before algorithm.lambda_u)."""
+        return key.count("."), any(key not in run.config for run in runs), key
+
+    for key in sorted(varying, key=preference):
+        refined = len({tuple(_value_id(run, k) for k in (*kept, key)) for run in runs})
+        if refined > blocks:
+            kept.append(key)
+            blocks = refined
+    return sorted(kept)
 
 
 _UNSET = object()  # a key some configs lack; differs from an explicit null

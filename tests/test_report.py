@@ -22,8 +22,9 @@ from ssl_imwa import report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HEAD_TO_TAIL = [0.9, 0.7, 0.5, 0.3]
 # imwa.episodes follows imwa.k in these configs, so both keys differ and both name the group.
-K1 = "imwa.episodes=1, imwa.k=1"
-K2 = "imwa.episodes=4, imwa.k=2"
+# imwa.k changes together with imwa.episodes here, so it adds nothing to the groups: dropped from labels
+K1 = "imwa.episodes=1"
+K2 = "imwa.episodes=4"
 
 
 def _config(k: int, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -223,7 +224,7 @@ def test_csv_parses_with_expected_values(default_report: tuple[Path, str]) -> No
     out, _ = default_report
     rows = _csv_rows(out)
     k1, k2 = rows[K1], rows[K2]
-    assert (k1["imwa.k"], k1["n"], k1["running"], k1["crashed"]) == ("1", "3", "1", "0")
+    assert (k1["imwa.episodes"], k1["n"], k1["running"], k1["crashed"]) == ("1", "3", "1", "0")
     assert float(k1["final_top1_mean"]) == pytest.approx(72.0)
     assert float(k1["final_top1_std"]) == pytest.approx(2.0)
     assert k1["best_top1_mean"] == ""
@@ -418,3 +419,16 @@ def test_import_does_not_pull_in_torch() -> None:
     code = "import sys, ssl_imwa.report; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=root).returncode == 0
+
+
+def test_keys_implied_by_other_keys_are_dropped_from_labels() -> None:
+    def run(name: str, threshold: float | None, k: int) -> report.Run:
+        config = {"algorithm.name": name, "imwa.k": k, "seed": 0}
+        if threshold is not None:
+            config["algorithm.threshold"] = threshold
+        return report.Run(path=Path(f"/{name}{k}"), config=config, state="complete")
+
+    runs = [run("fixmatch", 0.95, 1), run("fixmatch", 0.95, 2), run("supervised", None, 1)]
+    labels = [group.label for group in report.group_runs(runs)]
+    assert labels == ["algorithm.name=fixmatch, imwa.k=1", "algorithm.name=fixmatch, imwa.k=2",
+                      "algorithm.name=supervised, imwa.k=1"]
