@@ -150,6 +150,15 @@ def discover(patterns: Iterable[str]) -> tuple[list[Path], list[Skipped]]:
     return sorted(found.values()), skipped
 
 
+def _failure_note(run_dir: Path) -> str:
+    """The error a run recorded in status.json before it could write its config, if any."""
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return f" (it failed: {status['error']})" if isinstance(status, dict) and status.get("error") else ""
+
+
 def _find_run_dirs(root: Path, skipped: list[Skipped]) -> list[Path]:
     """Walk a sweep root; stop at run dirs so their .hydra/ and checkpoints/ are never entered."""
     run_dirs = []
@@ -158,7 +167,8 @@ def _find_run_dirs(root: Path, skipped: list[Skipped]) -> list[Path]:
             run_dirs.append(Path(dirpath))
             dirnames.clear()
         elif any(marker in filenames or marker in dirnames for marker in RUN_MARKERS):
-            skipped.append((Path(dirpath), "looks like a run directory but has no config.yaml"))
+            skipped.append((Path(dirpath), "looks like a run directory but has no config.yaml"
+                            + _failure_note(Path(dirpath))))
             dirnames.clear()
         else:
             dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))

@@ -142,9 +142,13 @@ def build_merger(cfg: Config, algorithm: Algorithm, comm: Communicator, data: SS
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at)."""
-    cfg = validate(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg = validate(cfg)
+    except Exception as error:  # recorded so a sweep's report can say why this job produced nothing
+        RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     device = configure_torch(cfg)

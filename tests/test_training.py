@@ -114,3 +114,12 @@ def test_mixed_precision_and_channels_last_train(tmp_path: Path, precision: str)
     if precision == "fp16":
         payload = torch.load(mixed_dir / "checkpoints" / "latest.pt", weights_only=False)
         assert payload["replicas"][0]["scaler"]["scale"] > 0  # the grad scaler's state is checkpointed
+
+
+def test_a_config_error_is_recorded_in_the_run_directory(tmp_path: Path) -> None:
+    import json
+
+    with pytest.raises(ValueError, match="train.lr=-1.0"):
+        train_run(tmp_path, [*TINY, "train.lr=-1"])
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "train.lr=-1.0" in status["error"]
