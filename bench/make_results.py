@@ -23,7 +23,7 @@ from bench.study_tables import main as study_tables
 SECTIONS = {
     "imwa": ("IMWA study (issue 4)", ["imwa"]),
     "algorithms": ("Algorithms on consistent and reversed unlabeled data (issue 3)",
-                   ["algorithms", "imwa/supervised_s*", "imwa/fixmatch_k1_s[0-9]"]),
+                   ["algorithms", "imwa/supervised_s[0-9]", "imwa/fixmatch_k1_s[0-9]"]),
     "precision": ("fp32 against bf16 + channels_last", ["precision"]),
 }
 
@@ -48,10 +48,11 @@ def main(study: str) -> None:
         parts.append(f"\n## {title}\n\nRegenerate: `python -m ssl_imwa.report "
                      + " ".join(f"{study}/{p}" for p in patterns) + f" --out docs/results/{name}`\n")
         if name in ("imwa", "algorithms"):
+            table_input = study_dir / name if name == "imwa" else study_dir
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):
-                study_tables(str(study_dir / name))
-            parts.append("\nSeed by seed (`python bench/study_tables.py " + f"{study}/{name}`), "
+                study_tables([name, str(table_input)])
+            parts.append(f"\nSeed by seed (`python bench/study_tables.py {name} {table_input}`), "
                          "final balanced accuracy of the EMA teacher on the 10,000 test images (%):\n\n"
                          + buffer.getvalue())
         parts.append("\nThe report command's table (`--metric balanced_acc`):\n\n" + report(study_dir, name, patterns))

@@ -1,35 +1,82 @@
-"""Seed-by-seed tables of the CPU study (docs/results.md): each arm's balanced accuracy per seed,
-and for every MWA/IMWA run each replica's own accuracy beside the merged model's.
+"""Seed-by-seed tables of the CPU study (docs/results.md).
 
-    python bench/study_tables.py /tmp/study/imwa
+    python bench/study_tables.py imwa /tmp/study/imwa
+    python bench/study_tables.py algorithms /tmp/study
+
+`imwa`: each arm's balanced accuracy per seed with mean ± sample std, each arm's difference from
+the plain FixMatch K=1 run of the same seed, every MWA/IMWA replica's own accuracy beside the
+merged model's, and the merged model after each episode. `algorithms`: every algorithm on
+consistent and reversed unlabeled data, per seed, and its difference from supervised training on
+the same labels (the consistent supervised and FixMatch runs are the imwa/ runs of that seed).
 """
 from __future__ import annotations
 
 import json
 import re
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+Runs = dict[str, dict[int, dict]]  # arm -> seed -> results.json
 
-def percent(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.2f}"
+IMWA_BASELINE = "fixmatch_k1"
+ALGORITHMS = ("supervised", "fixmatch", "daso", "acr")
+SETTINGS = ("consistent", "reversed")
+# the consistent-data baselines of the algorithm study are these imwa/ arms (same config)
+CONSISTENT_FROM_IMWA = {"supervised": "supervised_consistent", IMWA_BASELINE: "fixmatch_consistent"}
 
 
-def main(root: str) -> None:
-    runs: dict[str, dict[int, dict]] = defaultdict(dict)
-    for results_path in sorted(Path(root).glob("*/results.json")):
+def collect(root: Path) -> Runs:
+    """Finished runs under `root`, keyed by arm (directory name without `_s<seed>`) and seed."""
+    runs: Runs = defaultdict(dict)
+    for results_path in sorted(root.glob("*/results.json")):
         match = re.fullmatch(r"(.+)_s(\d+)", results_path.parent.name)
         if match:
             runs[match.group(1)][int(match.group(2))] = json.loads(results_path.read_text())
+    return runs
+
+
+def accuracy(results: dict) -> float:
+    """Final balanced accuracy of the evaluated model, in percent."""
+    return 100 * results["final"]["balanced_acc"]
+
+
+def spread(values: list[float]) -> str:
+    """Mean ± sample standard deviation (just the mean for one value, empty for none)."""
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.2f} (n=1)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def seed_columns(by_seed: dict[int, dict], seeds: list[int]) -> list[str]:
+    return [f"{accuracy(by_seed[s]):.2f}" if s in by_seed else "" for s in seeds]
+
+
+def paired_differences(arm: dict[int, dict], reference: dict[int, dict]) -> list[float]:
+    """Arm minus reference on every seed both have: the comparison the seed-by-seed design allows."""
+    return [accuracy(arm[s]) - accuracy(reference[s]) for s in sorted(arm.keys() & reference.keys())]
+
+
+def difference_cell(differences: list[float]) -> str:
+    if not differences:
+        return ""
+    wins = sum(d > 0 for d in differences)
+    return f"{' / '.join(f'{d:+.2f}' for d in differences)} (mean {statistics.mean(differences):+.2f}; higher on {wins}/{len(differences)})"
+
+
+def imwa_tables(runs: Runs) -> None:
     seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
-    print("| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
-    print("|---|" + "---|" * (len(seeds) + 1))
+    baseline = runs.get(IMWA_BASELINE, {})
+    print("| arm | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± std | minus {IMWA_BASELINE}, seed by seed |")
+    print("|---|" + "---|" * (len(seeds) + 2))
     for arm, by_seed in runs.items():
-        values = [by_seed[s]["final"]["balanced_acc"] if s in by_seed else None for s in seeds]
-        present = [v for v in values if v is not None]
-        mean = sum(present) / len(present) if present else None
-        print(f"| {arm} | " + " | ".join(percent(v) for v in values) + f" | {percent(mean)} |")
+        values = [accuracy(by_seed[s]) for s in sorted(by_seed)]
+        versus = "" if arm == IMWA_BASELINE else difference_cell(paired_differences(by_seed, baseline))
+        print(f"| {arm} | " + " | ".join(seed_columns(by_seed, seeds)) + f" | {spread(values)} | {versus} |")
+
     print("\nEach replica's own EMA teacher (last evaluation before the final merge) beside the merged model:\n")
     print("| run | replica 0 | replica 1 | merged | merged − best replica |")
     print("|---|---|---|---|---|")
@@ -37,16 +84,17 @@ def main(root: str) -> None:
         for seed, results in sorted(by_seed.items()):
             if results["imwa"]["k"] < 2:
                 continue
-            own = [entry["final"]["balanced_acc"] for entry in results["replicas"]]
-            merged = results["final"]["balanced_acc"]
-            print(f"| {arm} s{seed} | " + " | ".join(percent(v) for v in own) +
-                  f" | {percent(merged)} | {100 * (merged - max(own)):+.2f} |")
+            own = [100 * entry["final"]["balanced_acc"] for entry in results["replicas"]]
+            merged = accuracy(results)
+            print(f"| {arm} s{seed} | " + " | ".join(f"{v:.2f}" for v in own) +
+                  f" | {merged:.2f} | {merged - max(own):+.2f} |")
+
     print("\nMerged model after each episode (balanced accuracy):\n")
     for arm, by_seed in runs.items():
         for seed, results in sorted(by_seed.items()):
             episodes = results["imwa"]["per_episode"]
             if len(episodes) > 1:
-                line = ", ".join(f"e{e['episode']}: {percent(e['balanced_acc'])}" for e in episodes)
+                line = ", ".join(f"e{e['episode']}: {100 * e['balanced_acc']:.2f}" for e in episodes)
                 extra = ""
                 if episodes[0].get("strategy") == "twa":
                     accepted = sum(bool(e.get("accepted")) for e in episodes)
@@ -54,5 +102,39 @@ def main(root: str) -> None:
                 print(f"- {arm} s{seed}: {line}{extra}")
 
 
+def algorithm_tables(study: Path) -> None:
+    runs = dict(collect(study / "algorithms"))
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})  # the algorithm study's seeds
+    imwa_runs = collect(study / "imwa")
+    for imwa_arm, name in CONSISTENT_FROM_IMWA.items():
+        runs[name] = {seed: results for seed, results in imwa_runs.get(imwa_arm, {}).items() if seed in seeds}
+    header = ["algorithm"]
+    for setting in SETTINGS:
+        header += [f"{setting} s{s}" for s in seeds] + [f"{setting} mean ± std", f"{setting}: minus supervised"]
+    header.append("reversed minus consistent")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for algorithm in ALGORITHMS:
+        cells = [algorithm]
+        for setting in SETTINGS:
+            by_seed = runs.get(f"{algorithm}_{setting}", {})
+            supervised = runs.get(f"supervised_{setting}", {})
+            cells += seed_columns(by_seed, seeds)
+            cells.append(spread([accuracy(by_seed[s]) for s in sorted(by_seed)]))
+            cells.append("" if algorithm == "supervised" else difference_cell(paired_differences(by_seed, supervised)))
+        cells.append(difference_cell(paired_differences(runs.get(f"{algorithm}_reversed", {}),
+                                                         runs.get(f"{algorithm}_consistent", {}))))
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[0] not in ("imwa", "algorithms"):
+        sys.exit("usage: python bench/study_tables.py imwa STUDY/imwa | algorithms STUDY")
+    if argv[0] == "imwa":
+        imwa_tables(collect(Path(argv[1])))
+    else:
+        algorithm_tables(Path(argv[1]))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "/tmp/study/imwa")
+    main(sys.argv[1:])

@@ -6,6 +6,11 @@ The step is forward (one concatenated batch), losses, backward, SGD, EMA update 
 real `Trainer.step` on a resident synthetic batch, so only compute is measured. The data part
 times `datasets.TrainStream` (sampling, weak + strong augmentation, normalisation) on random
 uint8 images. Compare the two images/s figures to see which one limits a run.
+
+`--ceiling` adds the two upper bounds a step is judged against on this machine: the bare model's
+forward + backward on the same images (no losses, optimiser or EMA: what any implementation of
+the step must at least pay), and the dense matrix-multiply rate in the same precision. The step's
+FLOPs are counted with `torch.utils.flop_counter`, so its GFLOP/s can be set beside that rate.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python bench/train_step.py`
 
@@ -25,7 +31,7 @@ from ssl_imwa.config import TrainConfig
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.models import create_model
 from ssl_imwa.run import tune_glibc_malloc
-from ssl_imwa.trainer import Replica, Trainer, build_optimizer
+from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
 
 
 class _RepeatBatch:
@@ -67,12 +73,51 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
         trainer.step(replica, step)
     print(f"warm-up ({args.warmup} steps{', includes compilation' if args.compile else ''}): "
           f"{time.perf_counter() - compile_started:.1f} s")
+    with FlopCounterMode(display=False) as counter:  # one untimed step: what the step computes
+        trainer.step(replica, args.warmup)
     started = time.perf_counter()
     for step in range(args.steps):
-        trainer.step(replica, args.warmup + step)
+        trainer.step(replica, args.warmup + 1 + step)
     seconds = time.perf_counter() - started
     return {"images_per_step": images, "ms_per_step": 1000 * seconds / args.steps,
-            "images_per_s": images * args.steps / seconds}
+            "images_per_s": images * args.steps / seconds, "gflop_per_step": counter.get_total_flops() / 1e9}
+
+
+def _timed(fn, warmup: int, steps: int) -> float:
+    """Seconds per call of `fn` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    started = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - started) / steps
+
+
+def bench_ceiling(args: argparse.Namespace, images: int) -> dict[str, float]:
+    """The bare model's forward + backward on `images` images, and the GEMM rate."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = create_model(args.model, 10, 3, 0.001).to(device)
+    inputs = torch.randn(images, 3, args.size, args.size, device=device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (images,), device=device)
+    autocast = autocast_factory(args.precision, device)
+
+    def forward_backward() -> None:
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(inputs)["logits"], targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    seconds = _timed(forward_backward, args.warmup, args.steps)
+    side = 2048
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    a = torch.randn(side, side, device=device, dtype=dtype)
+    b = torch.randn(side, side, device=device, dtype=dtype)
+    gemm_seconds = _timed(lambda: a @ b, 3, 20)
+    return {"bare_images_per_s": images / seconds, "gemm_gflops": 2 * side ** 3 / gemm_seconds / 1e9}
 
 
 def bench_data(args: argparse.Namespace) -> dict[str, float]:
@@ -112,6 +157,9 @@ def main() -> None:
     parser.add_argument("--weak-pass", choices=("joint", "no_grad"), default="joint")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (inductor)")
     parser.add_argument("--skip-data", action="store_true")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the bare model's forward+backward and the GEMM rate (upper bounds)")
+    parser.add_argument("--target", type=float, default=350.0, help="images/s the step should reach")
     args = parser.parse_args()
     tune_glibc_malloc()  # as every training run does
     torch.set_num_threads(args.threads)
@@ -121,6 +169,16 @@ def main() -> None:
     step = bench_step(args)
     print(f"train step : {step['images_per_s']:8.1f} images/s  ({step['ms_per_step']:.1f} ms for "
           f"{step['images_per_step']} images)")
+    if args.ceiling:
+        bound = bench_ceiling(args, step["images_per_step"])
+        gflop = step["gflop_per_step"] / step["images_per_step"]  # per image, as the step computes it
+        print(f"bare model : {bound['bare_images_per_s']:8.1f} images/s  (forward + backward of every image, "
+              f"nothing else; the step reaches {step['images_per_s'] / bound['bare_images_per_s']:.0%} of it)")
+        print(f"FLOPs      : {step['gflop_per_step']:.1f} GFLOP per step ({gflop:.3f} per image) -> the step runs "
+              f"at {step['images_per_s'] * gflop:.0f} GFLOP/s")
+        print(f"GEMM rate  : {bound['gemm_gflops']:8.1f} GFLOP/s (2048x2048 matmul, {args.precision}); "
+              f"{args.target:.0f} images/s would need {args.target * gflop:.0f} GFLOP/s "
+              f"({args.target * gflop / bound['gemm_gflops']:.0%} of it)")
     if not args.skip_data:
         data = bench_data(args)
         print(f"data stream: {data['images_per_s']:8.1f} images/s  ({data['ms_per_batch']:.1f} ms for "
