@@ -22,7 +22,7 @@ from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
 from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
-from ssl_imwa.trainer import Replica, Trainer, build_optimizer
+from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
 from ssl_imwa.twa import TWAConfig, build_candidates, stratified_halves, twa_merge
 
 log = logging.getLogger("ssl_imwa")
@@ -76,6 +76,24 @@ def configure_torch(cfg: Config) -> torch.device:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     return device
+
+
+def build_initial_model(cfg: Config, data: SSLData, algorithm: Algorithm, device: torch.device) -> torch.nn.Module:
+    """The configured backbone with the standard head plus every head the algorithm adds."""
+    model = create_model(cfg.model.name, data.num_classes, data.in_channels, cfg.model.bn_momentum)
+    for name, head in algorithm.build_heads(model.feature_dim, data.num_classes).items():
+        model.add_head(name, head)
+    return model.to(device)
+
+
+def build_evaluator(cfg: Config, data: SSLData, head: str, device: torch.device) -> Evaluator:
+    """Evaluation of `head` on the test split and, when the protocol holds one out, the validation split."""
+    splits = {"test": (data.test_images, data.test_targets)}
+    if data.val_images is not None:
+        splits["val"] = (data.val_images, data.val_targets)
+    return Evaluator(splits, data.num_classes, data.counts["labeled"], data.mean, data.std, head,
+                     cfg.train.eval_batch_size, device, cfg.train.channels_last,
+                     autocast_factory(cfg.train.precision, device))
 
 
 def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, initial_model: torch.nn.Module,
@@ -157,24 +175,16 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     data = build_data(cfg.dataset)
     algorithm_cls = get_algorithm(cfg.algorithm.name)
     labeled_counts = data.counts["labeled"]
-    initial_model = create_model(cfg.model.name, data.num_classes, data.in_channels, cfg.model.bn_momentum)
     # Algorithm state is per replica: each replica gets its own instance.
     algorithms = {k: algorithm_cls(cfg.algorithm, data.num_classes, labeled_counts, cfg.train.iterations, device)
                   for k in range(cfg.imwa.k)}
-    for name, head in algorithms[0].build_heads(initial_model.feature_dim, data.num_classes).items():
-        initial_model.add_head(name, head)
-    initial_model.to(device)
+    initial_model = build_initial_model(cfg, data, algorithms[0], device)
     comm = init_communicator(device, cfg.imwa.timeout_s)
     local = comm.local_replicas(cfg.imwa.k)
     replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
 
     trainer = Trainer(cfg.train, device)
-    splits = {"test": (data.test_images, data.test_targets)}
-    if data.val_images is not None:
-        splits["val"] = (data.val_images, data.val_targets)
-    evaluator = Evaluator(splits, data.num_classes, labeled_counts, data.mean, data.std,
-                          algorithm_cls.eval_head, cfg.train.eval_batch_size, device, cfg.train.channels_last,
-                          trainer.autocast)
+    evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
     logger = RunLogger(run_dir, data.class_names)
     merger = build_merger(cfg, algorithms[0], comm, data, copy.deepcopy(initial_model), device)
     orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,

@@ -1,0 +1,114 @@
+"""Evaluate a saved checkpoint again, with any head, model or split: the diagnosis after a run.
+
+    python -m ssl_imwa.evaluate RUN_DIR [--checkpoint latest] [--head all] [--model teacher] [--split test]
+
+Rebuilds data, model and heads from the run directory's config.yaml, loads the checkpoint
+(validated against that config, as a resume is) and prints the metrics the run logs. With the
+run's own head, teacher and split it reproduces the run's last logged evaluation exactly;
+`--head all` adds the heads the run did not evaluate (ACR's standard head beside its balanced
+one), `--model student` the student instead of the EMA teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from algorithms import get_algorithm
+from datasets import build_data
+from ssl_imwa.checkpoint import load_checkpoint
+from ssl_imwa.config import register_configs, validate
+from ssl_imwa.run import (
+    build_evaluator,
+    build_initial_model,
+    configure_torch,
+    fingerprint,
+)
+
+SUMMARY = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    """`latest`, `best`, `merge_004` or a file name, under RUN_DIR/checkpoints; an error lists what exists."""
+    directory = run_dir / "checkpoints"
+    path = directory / (name if name.endswith(".pt") else f"{name}.pt")
+    if not path.is_file():
+        found = sorted(p.name for p in directory.glob("*.pt")) if directory.is_dir() else []
+        raise FileNotFoundError(f"checkpoint {path} does not exist; {directory} holds {found or 'no checkpoints'}")
+    return path
+
+
+def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequence[str] | None = None,
+                        model: str = "teacher", split: str = "test", replica: int = 0,
+                        device: str | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics of each requested head (default: the algorithm's evaluation head), by head name."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist: {run_dir} is not a run directory")
+    register_configs()
+    cfg = validate(OmegaConf.load(config_file))
+    if device is not None:
+        cfg.device = device
+    torch_device = configure_torch(cfg)
+    payload = load_checkpoint(checkpoint_path(run_dir, checkpoint), fingerprint(cfg))
+    if not 0 <= replica < len(payload["replicas"]):
+        raise ValueError(f"--replica {replica}: the checkpoint holds {len(payload['replicas'])} replica(s) on this "
+                         f"process (0..{len(payload['replicas']) - 1})")
+    if model not in ("teacher", "student"):
+        raise ValueError(f"--model must be 'teacher' or 'student', got {model!r}")
+    if split not in ("test", "val"):
+        raise ValueError(f"--split must be 'test' or 'val', got {split!r}")
+
+    data = build_data(cfg.dataset)
+    algorithm_cls = get_algorithm(cfg.algorithm.name)
+    algorithm = algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations,
+                              torch_device)
+    network = build_initial_model(cfg, data, algorithm, torch_device)
+    network.load_state_dict(payload["replicas"][replica]["teacher" if model == "teacher" else "model"])
+    available = list(network.heads)
+    chosen = [algorithm_cls.eval_head] if not heads else (available if list(heads) == ["all"] else list(heads))
+    unknown = [head for head in chosen if head not in available]
+    if unknown:
+        raise ValueError(f"--head {unknown}: this {cfg.algorithm.name} model has heads {available} (or 'all')")
+    if split == "val" and data.val_images is None:
+        raise ValueError(f"--split val: run {run_dir} has no validation split (dataset.val_per_class is 0)")
+    return {head: build_evaluator(cfg, data, head, torch_device).evaluate(network, split) for head in chosen}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", default="latest", help="latest, best, merge_NNN or a file in checkpoints/")
+    parser.add_argument("--head", action="append", dest="heads",
+                        help="head to evaluate (repeatable; 'all' for every head); default: the algorithm's")
+    parser.add_argument("--model", default="teacher", choices=("teacher", "student"))
+    parser.add_argument("--split", default="test", choices=("test", "val"))
+    parser.add_argument("--replica", type=int, default=0, help="replica index within the checkpoint")
+    parser.add_argument("--device", default=None, help="override the run's device (e.g. cpu)")
+    parser.add_argument("--json", action="store_true", help="print every metric (per-class, confusion) as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = evaluate_checkpoint(args.run_dir, args.checkpoint, args.heads, args.model, args.split, args.replica,
+                                  args.device)
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"# {args.run_dir} | checkpoint {args.checkpoint} | {args.model} | replica {args.replica} | "
+          f"{args.split} split (percent)")
+    print("| head | " + " | ".join(SUMMARY) + " |")
+    print("|---|" + "---|" * len(SUMMARY))
+    for head, metrics in results.items():
+        print(f"| {head} | " + " | ".join(f"{100 * metrics[key]:.2f}" for key in SUMMARY) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
