@@ -1,0 +1,102 @@
+"""`python -m ssl_imwa.report`: arguments and the whole report."""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ssl_imwa.report.groups import group_runs, summarise
+from ssl_imwa.report.plots import (
+    MAX_PER_CLASS_GROUPS,
+    plot_curves,
+    plot_episodes,
+    plot_per_class,
+)
+from ssl_imwa.report.runs import (
+    METRICS,
+    SkipRun,
+    discover,
+    load_run,
+)
+from ssl_imwa.report.tables import format_report, write_csv
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssl_imwa.report",
+        description="Compare runs: mean ± sample std over seeds per config group, plus plots.",
+    )
+    parser.add_argument(
+        "paths", nargs="+", metavar="RUN_DIR", help="run dirs, sweep roots or globs"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("report"),
+        metavar="DIR",
+        help="output dir (default: ./report)",
+    )
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="balanced_acc",
+        help="metric of curves.png and episodes.png",
+    )
+    parser.add_argument(
+        "--per-class-groups",
+        nargs="+",
+        metavar="SUBSTRING",
+        help=f"label substrings of per_class.png groups (default: all, max {MAX_PER_CLASS_GROUPS})",
+    )
+    parser.add_argument(
+        "--stale-minutes",
+        type=float,
+        metavar="MINUTES",
+        default=30.0,
+        help="a 'running' run not updated for this long counts as crashed (default: 30)",
+    )
+    parser.add_argument(
+        "--include-incomplete",
+        action="store_true",
+        help="average crashed and stopped runs too, using their last test evaluation as final",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the report; returns 1 only when no run could be read at all."""
+    args = parse_args(argv)
+    run_dirs, skipped = discover(args.paths)
+    now = time.time()
+    runs = []
+    for run_dir in run_dirs:
+        try:
+            run = load_run(run_dir, stale_seconds=args.stale_minutes * 60, now=now)
+        except SkipRun as err:
+            skipped.append((run_dir, str(err)))
+            continue
+        runs.append(run)
+        skipped.extend(run.problems)
+    if not runs:
+        print("no readable runs found")
+        for path, reason in skipped:
+            print(f"skipped: {path}: {reason}")
+        return 1
+    summaries = [summarise(group, args.include_incomplete) for group in group_runs(runs)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_notes = [
+        plot_curves(summaries, args.metric, args.out / "curves.png"),
+        plot_episodes(summaries, args.metric, args.out / "episodes.png"),
+        plot_per_class(summaries, args.per_class_groups, args.out / "per_class.png"),
+    ]
+    write_csv(summaries, args.out / "report.csv")
+    report = format_report(summaries, args.include_incomplete, plot_notes, skipped)
+    (args.out / "report.md").write_text(report)
+    print(report, end="")
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.csv'}")
+    return 0
+
+

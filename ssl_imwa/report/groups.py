@@ -1,0 +1,214 @@
+"""Grouping runs by the config values that differ, and their mean ± std over seeds."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ssl_imwa.report.runs import (
+    COMPLETE,
+    CRASH_MARK,
+    IGNORED_KEYS,
+    IGNORED_LEAF_SUFFIXES,
+    IGNORED_LEAVES,
+    IGNORED_TOP_LEVEL,
+    INCOMPLETE_STATES,
+    RUNNING,
+    Run,
+    as_float,
+    percent,
+)
+
+# (key, header, decimals) of the table/CSV value columns; accuracies are in percent.
+COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("final_top1", "final top1 (%)", 2),
+    ("best_top1", "best top1 (%)", 2),
+    ("median20_top1", "median last-20 top1 (%)", 2),
+    ("final_balanced_acc", "final bal. acc (%)", 2),
+    ("final_head", "head (%)", 2),
+    ("final_medium", "medium (%)", 2),
+    ("final_tail", "tail (%)", 2),
+    ("wall_time_h", "wall time (h)", 2),
+    ("images_per_s", "images/s", 0),
+)
+
+
+@dataclass
+class Group:
+    """Runs sharing every non-bookkeeping config value except the seed."""
+
+    label: str
+    settings: dict[str, str]  # varying key -> value as shown in the label
+    runs: list[Run]
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float  # sample std (ddof=1), 0 for a single value
+    n: int
+
+
+@dataclass
+class GroupSummary:
+    """A group's table row: which runs were averaged, their statistics and the status notes."""
+
+    group: Group
+    included: list[Run]
+    stats: dict[str, Stat | None]
+    notes: str
+
+    @property
+    def label(self) -> str:
+        return self.group.label
+
+    @property
+    def marked_label(self) -> str:
+        """Label with † when the group has incomplete runs, pointing at the list below the table."""
+        incomplete = any(run.state in INCOMPLETE_STATES for run in self.group.runs)
+        return f"{self.label} {CRASH_MARK}" if incomplete else self.label
+
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def is_bookkeeping_key(key: str) -> bool:
+    """Keys that vary between runs of the same experiment (seed, paths, device, logging...)."""
+    parts = key.split(".")
+    leaf = parts[-1]
+    return (
+        parts[0] in IGNORED_TOP_LEVEL
+        or key in IGNORED_KEYS
+        or leaf in IGNORED_LEAVES
+        or leaf.endswith(IGNORED_LEAF_SUFFIXES)
+    )
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Group runs by the config values that differ among them, ignoring seed and bookkeeping."""
+    keys = sorted({key for run in runs for key in run.config if not is_bookkeeping_key(key)})
+    varying = _distinguishing_keys(runs, [key for key in keys if len({_value_id(run, key) for run in runs}) > 1])
+    buckets: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        buckets.setdefault(tuple(_value_id(run, key) for key in varying), []).append(run)
+    groups = []
+    for members in buckets.values():
+        settings = {key: _format_value(members[0].config.get(key, _UNSET)) for key in varying}
+        label = ", ".join(f"{key}={value}" for key, value in settings.items()) or "all runs"
+        groups.append(Group(label=label, settings=settings, runs=members))
+    groups.sort(
+        key=lambda group: [_sort_key(group.runs[0].config.get(key, _UNSET)) for key in varying]
+    )
+    return groups
+
+
+def _distinguishing_keys(runs: Sequence[Run], varying: list[str]) -> list[str]:
+    """The varying keys that split the runs further, in order of preference.
+
+    A key whose values follow from keys already kept (e.g. `algorithm.threshold` when
+    `algorithm.name` differs, or a key that one algorithm's config lacks) does not change the
+    groups, only lengthens their labels, so it is dropped.
+    """
+    kept: list[str] = []
+    blocks = len({() for _ in runs})
+    def preference(key: str) -> tuple[int, bool, str]:
+        """Shallow keys first, then keys every run has (algorithm.name before algorithm.lambda_u)."""
+        return key.count("."), any(key not in run.config for run in runs), key
+
+    for key in sorted(varying, key=preference):
+        refined = len({tuple(_value_id(run, k) for k in (*kept, key)) for run in runs})
+        if refined > blocks:
+            kept.append(key)
+            blocks = refined
+    return sorted(kept)
+
+
+_UNSET = object()  # a key some configs lack; differs from an explicit null
+
+
+def _value_id(run: Run, key: str) -> str:
+    value = run.config.get(key, _UNSET)
+    return "<unset>" if value is _UNSET else json.dumps(value, sort_keys=True, default=str)
+
+
+def _format_value(value: Any) -> str:
+    """Hydra override spelling (true, null, [1,2]) so a label can be pasted back on the CLI."""
+    if value is _UNSET:
+        return "<unset>"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    """Numbers numerically (k=2 before k=10), then strings, then unset keys."""
+    if value is _UNSET:
+        return (2, 0.0, "")
+    if as_float(value) is not None:
+        return (0, float(value), "")
+    return (1, 0.0, _format_value(value))
+
+
+# --------------------------------------------------------------------------- summarising
+
+
+def run_values(run: Run) -> dict[str, float | None]:
+    """A run's table values in display units (percent, hours), keyed like COLUMNS."""
+    final = run.final or {}
+    wall_time_h = run.wall_time_s / 3600 if run.wall_time_s is not None else None
+    return {
+        "final_top1": percent(final.get("top1")),
+        "best_top1": percent((run.best or {}).get("top1")),
+        "median20_top1": percent((run.median_last20 or {}).get("top1")),
+        "final_balanced_acc": percent(final.get("balanced_acc")),
+        "final_head": percent(final.get("head")),
+        "final_medium": percent(final.get("medium")),
+        "final_tail": percent(final.get("tail")),
+        "wall_time_h": wall_time_h,
+        "images_per_s": run.images_per_s,
+    }
+
+
+def mean_std(values: Sequence[float]) -> Stat | None:
+    """Mean and sample std over seeds; None when there is nothing to average."""
+    if not values:
+        return None
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return Stat(mean=float(np.mean(values)), std=std, n=len(values))
+
+
+def summarise(group: Group, include_incomplete: bool = False) -> GroupSummary:
+    """Average a group over seeds; incomplete runs count only if asked and if they have evals."""
+    incomplete = [
+        run
+        for run in group.runs
+        if run.state in INCOMPLETE_STATES and include_incomplete and run.final is not None
+    ]
+    included = [run for run in group.runs if run.state == COMPLETE] + incomplete
+    values = [run_values(run) for run in included]
+    stats = {key: mean_std([v[key] for v in values if v[key] is not None]) for key, _, _ in COLUMNS}
+    return GroupSummary(
+        group=group, included=included, stats=stats, notes=_status_notes(group.runs, included)
+    )
+
+
+def _status_notes(runs: Sequence[Run], included: Sequence[Run]) -> str:
+    """E.g. '1 crashed included; 1 stopped, 1 running excluded' (complete runs go unmentioned)."""
+    included_ids = {id(run) for run in included}
+    notes = []
+    for verb, wanted in (("included", True), ("excluded", False)):
+        chosen = [run for run in runs if (id(run) in included_ids) == wanted]
+        counts = [
+            f"{count} {state}"
+            for state in (*INCOMPLETE_STATES, RUNNING)
+            if (count := sum(run.state == state for run in chosen))
+        ]
+        if counts:
+            notes.append(", ".join(counts) + f" {verb}")
+    return "; ".join(notes)
+
+
