@@ -23,7 +23,7 @@ from bench.study_tables import main as study_tables
 SECTIONS = {
     "imwa": ("IMWA study (issue 4)", ["imwa"]),
     "algorithms": ("Algorithms on consistent and reversed unlabeled data (issue 3)",
-                   ["algorithms", "imwa/supervised_s[0-9]", "imwa/fixmatch_k1_s[0-9]"]),
+                   ["algorithms", "imwa/supervised_s[01]", "imwa/fixmatch_k1_s[01]"]),
     "precision": ("fp32 against bf16 + channels_last", ["precision"]),
 }
 
