@@ -31,7 +31,13 @@ from ssl_imwa.config import TrainConfig
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.models import create_model
 from ssl_imwa.run import tune_glibc_malloc
-from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
+from ssl_imwa.trainer import (
+    PRECISION_DTYPES,
+    Replica,
+    Trainer,
+    autocast_factory,
+    build_optimizer,
+)
 
 
 class _RepeatBatch:
@@ -113,7 +119,7 @@ def bench_ceiling(args: argparse.Namespace, images: int) -> dict[str, float]:
 
     seconds = _timed(forward_backward, args.warmup, args.steps)
     side = 2048
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = PRECISION_DTYPES[args.precision]
     a = torch.randn(side, side, device=device, dtype=dtype)
     b = torch.randn(side, side, device=device, dtype=dtype)
     gemm_seconds = _timed(lambda: a @ b, 3, 20)

@@ -77,7 +77,7 @@ def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequen
         raise ValueError(f"--head {unknown}: this {cfg.algorithm.name} model has heads {available} (or 'all')")
     if split == "val" and data.val_images is None:
         raise ValueError(f"--split val: run {run_dir} has no validation split (dataset.val_per_class is 0)")
-    return {head: build_evaluator(cfg, data, head, torch_device).evaluate(network, split) for head in chosen}
+    return build_evaluator(cfg, data, algorithm_cls.eval_head, torch_device).evaluate_heads(network, split, chosen)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

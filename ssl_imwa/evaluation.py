@@ -29,16 +29,23 @@ class Evaluator:
         self.channels_last = channels_last
         self.autocast = autocast
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, Any]:
+        return self.evaluate_heads(model, split, [self.head])[self.head]
+
+    @torch.no_grad()
+    def evaluate_heads(self, model: nn.Module, split: str, heads: list[str]) -> dict[str, dict[str, Any]]:
+        """Metrics of several heads from one pass over the split."""
         images, targets = self.splits[split]
         was_training = model.training
         model.eval()
-        predictions = []
+        predictions: dict[str, list[torch.Tensor]] = {head: [] for head in heads}
         for batch, _ in eval_batches(images, targets, self.batch_size, self.mean, self.std, self.device):
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with self.autocast():
-                predictions.append(model(batch)[self.head].argmax(dim=1).cpu())
+                outputs = model(batch)
+            for head in heads:
+                predictions[head].append(outputs[head].argmax(dim=1).cpu())
         model.train(was_training)
-        return classification_metrics(torch.cat(predictions), targets.cpu(), self.num_classes, self.groups)
+        return {head: classification_metrics(torch.cat(predicted), targets.cpu(), self.num_classes, self.groups)
+                for head, predicted in predictions.items()}

@@ -35,11 +35,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """A context factory for the forward pass: bf16/fp16 autocast, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = PRECISION_DTYPES[precision]
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
