@@ -1,12 +1,26 @@
 """Entry point: `python main.py algorithm=acr dataset=cifar10_lt imwa.k=2 imwa.episodes=4`."""
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from ssl_imwa.config import register_configs
+from ssl_imwa.distributed import rank_from_environment
 
 register_configs()
+
+# torchrun: processes other than 0 write nothing of Hydra's (process 0's run directory reaches them
+# by broadcast, ssl_imwa.run.agree_on_run_dir) and do their own logging (ssl_imwa.run.log_secondary_process).
+SECONDARY_PROCESS_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=disabled")
+
+
+def _quiet_secondary_process(argv: list[str]) -> list[str]:
+    if rank_from_environment() == 0:
+        return argv
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in argv[1:]}
+    return argv + [override for override in SECONDARY_PROCESS_OVERRIDES if override.split("=", 1)[0] not in given]
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -19,4 +33,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = _quiet_secondary_process(sys.argv)
     main()

@@ -60,7 +60,9 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     resume: bool = False
-    deterministic: bool = True
+    # None: deterministic on CPU, fast on CUDA (cuDNN autotuning, non-deterministic kernels allowed);
+    # true/false ask for one or the other on any device (docs/performance.md).
+    deterministic: bool | None = None
     run_dir: str = "."
     plugins: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)

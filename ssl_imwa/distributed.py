@@ -1,8 +1,8 @@
-"""Replica placement over processes and the collectives a merge needs.
+"""Replica placement over processes, each process's device, and the collectives a merge needs.
 
-W processes hold K replicas (replica k on process k mod W). With W = 1 every collective is the
-identity and all replicas are time-sliced on one device. Launch W > 1 with
-`torchrun --nproc_per_node=W main.py ...`: gloo on CPU, NCCL on GPU.
+W processes hold K replicas (replica k on process k mod W, K a multiple of W). With W = 1 every
+collective is the identity and all replicas are time-sliced on one device. Launch W > 1 with
+`torchrun --nproc_per_node=W main.py ...`: gloo on CPU, NCCL on GPU, one GPU per process.
 """
 from __future__ import annotations
 
@@ -12,15 +12,52 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map_only
+
+
+def world_size_from_environment() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_environment() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def process_device(requested: str, world_size: int, local_rank: int, visible_gpus: int) -> torch.device:
+    """The device this process trains on.
+
+    One process: the requested device. W > 1 on GPUs: `device=cuda` and process LOCAL_RANK takes
+    GPU LOCAL_RANK mod (GPUs it can see), which is GPU 0 where a scheduler shows each task only
+    its own GPU. Naming one GPU (`cuda:N`) with W > 1 would put every process on it: refused.
+    """
+    device = torch.device(requested)
+    if device.type != "cuda":
+        return device
+    if visible_gpus < 1:
+        raise RuntimeError(f"device='{requested}' but CUDA is not available on this machine; use device=cpu")
+    if world_size == 1:
+        return device if device.index is not None else torch.device("cuda", 0)
+    if device.index is not None:
+        raise ValueError(f"device='{requested}' with {world_size} processes: every process would use that one "
+                         f"GPU. Use device=cuda: process LOCAL_RANK then takes GPU LOCAL_RANK mod the GPUs it sees "
+                         "(restrict them with CUDA_VISIBLE_DEVICES)")
+    return torch.device("cuda", local_rank % visible_gpus)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Every tensor inside dicts, lists and tuples moved to `device` (others left alone)."""
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device), obj)
 
 
 class Communicator:
     """The process group as the orchestrator sees it; a single process needs no group at all."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, timeout_s: float = 0.0) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, timeout_s: float = 0.0,
+                 device: torch.device | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.device = device or torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -28,9 +65,12 @@ class Communicator:
 
     def local_replicas(self, k: int) -> list[int]:
         """Replica indices this process holds: k mod W == rank."""
-        if k < self.world_size:
-            raise ValueError(f"imwa.k={k} is smaller than the number of processes ({self.world_size}): "
-                             "every process must hold at least one replica")
+        if k % self.world_size:
+            raise ValueError(f"imwa.k={k} is not a multiple of the number of processes ({self.world_size}): "
+                             "every process must hold the same number of replicas, or the others would wait a "
+                             "whole replica-episode at each merge and time out. Use imwa.k="
+                             f"{max(self.world_size, k - k % self.world_size)} or "
+                             f"{k + self.world_size - k % self.world_size}, or another --nproc_per_node")
         return [index for index in range(k) if index % self.world_size == self.rank]
 
     def _guard(self, what: str, call: Any, *args: Any) -> Any:
@@ -45,19 +85,21 @@ class Communicator:
         if self.world_size > 1:
             self._guard(what, dist.all_reduce, tensor, dist.ReduceOp.SUM)
 
+    # Objects travel pickled, and a pickled CUDA tensor is rebuilt on the sender's GPU: tensors
+    # go as CPU tensors and come back on this process's device.
     def all_gather_object(self, obj: Any, what: str) -> list[Any]:
         if self.world_size == 1:
             return [obj]
         gathered: list[Any] = [None] * self.world_size
-        self._guard(what, dist.all_gather_object, gathered, obj)
-        return gathered
+        self._guard(what, dist.all_gather_object, gathered, to_device(obj, torch.device("cpu")))
+        return [to_device(item, self.device) for item in gathered]
 
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
         if self.world_size == 1:
             return obj
-        box = [obj]
+        box = [to_device(obj, torch.device("cpu"))]
         self._guard(what, dist.broadcast_object_list, box, src)
-        return box[0]
+        return to_device(box[0], self.device)
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
@@ -65,18 +107,20 @@ class Communicator:
 
 
 def init_communicator(device: torch.device, timeout_s: float) -> Communicator:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK), if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK), if any.
+
+    `device` is this process's device from `process_device`; on a GPU it must already be the
+    current device (set before anything is allocated), and NCCL is bound to it.
+    """
+    world_size = world_size_from_environment()
     if world_size == 1:
-        return Communicator(timeout_s=timeout_s)
-    rank = int(os.environ["RANK"])
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return Communicator(timeout_s=timeout_s, device=device)
+    rank = rank_from_environment()
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
-    return Communicator(rank, world_size, timeout_s)
+        options: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **options)
+    return Communicator(rank, world_size, timeout_s, device)
 
 
 def average_across(local_states: list[dict[str, torch.Tensor]], total: int, comm: Communicator, what: str

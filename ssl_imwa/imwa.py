@@ -50,6 +50,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def host_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """A step's logged values as Python floats in one device-to-host transfer (float64: exact)."""
+    values = torch.stack([value.detach().reshape(()).double() for value in outputs.values()]).tolist()
+    return dict(zip(outputs, values))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -150,9 +156,59 @@ class Orchestrator:
         save_atomic(payload, self.checkpoint_dir / self._checkpoint_name(name))
 
     def resume(self) -> None:
-        """Restore every replica, the episode cursor and the run's history from the latest checkpoint."""
-        path = self.checkpoint_dir / self._checkpoint_name("latest.pt")
-        payload = load_checkpoint(path, self.fingerprint)
+        """Restore every replica, the episode cursor and the run's history from the newest common state.
+
+        One process: its latest checkpoint. W processes: each may have been stopped at a different
+        point, so they agree first. Ranks whose latest checkpoints lie in the same episode continue
+        from them (they train independently until the next merge); a rank that is already past a
+        merge the others have not reached goes back to its checkpoint of the last merge they all
+        passed (`merge_NNN`), or to the start if that is merge 0. Training is deterministic, so the
+        steps done twice come out the same.
+        """
+        latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
+        if self.comm.world_size == 1:
+            self._restore(load_checkpoint(latest, self.fingerprint), latest)
+            return
+        payload, problem = None, None
+        try:
+            payload = load_checkpoint(latest, self.fingerprint) if latest.exists() else None
+        except (OSError, RuntimeError) as error:  # reported by every process below: none waits for the others
+            problem = f"{type(error).__name__}: {error}"
+        episode = None if payload is None else payload["progress"]["episode"]
+        everyone = self.comm.all_gather_object({"episode": episode, "problem": problem}, "resume agreement")
+        self._raise_if_any([entry["problem"] for entry in everyone])
+        if all(entry["episode"] is None for entry in everyone):
+            raise FileNotFoundError(f"no process has a checkpoint in {self.checkpoint_dir} (latest.rank<r>.pt): "
+                                    "nothing to resume (run without resume=true)")
+        common = min(entry["episode"] or 0 for entry in everyone)
+        source: Path | None = latest
+        if episode is None or episode > common:
+            payload, problem = None, None
+            source = self.checkpoint_dir / self._checkpoint_name(f"merge_{common:03d}.pt") if common else None
+            if source is not None:
+                try:
+                    payload = load_checkpoint(source, self.fingerprint)
+                except (OSError, RuntimeError) as error:
+                    problem = (f"its latest checkpoint is in episode {(episode or 0) + 1}, past the others' episode "
+                               f"{common + 1}, and going back needs {source}: {type(error).__name__}: {error}")
+        self._raise_if_any(self.comm.all_gather_object(problem, "resume agreement"))
+        if episode is not None and episode > common:
+            log.warning("process %d: latest checkpoint is past merge %d, which not every process has reached: "
+                        "resuming from %s", self.comm.rank, common, source or "the start")
+        if payload is None:
+            if self.comm.is_main:
+                self._truncate_metrics(0)
+            log.info("process %d restarts from the beginning (no checkpoint before merge %d)", self.comm.rank,
+                     common + 1)
+            return
+        self._restore(payload, source)
+
+    def _raise_if_any(self, problems: list[str | None]) -> None:
+        found = [f"process {rank}: {problem}" for rank, problem in enumerate(problems) if problem]
+        if found:
+            raise RuntimeError("cannot resume:\n  " + "\n  ".join(found))
+
+    def _restore(self, payload: dict[str, Any], path: Path) -> None:
         saved = sorted(payload["progress"]["replica_steps"])
         if saved != sorted(self.replica_steps):
             raise RuntimeError(f"checkpoint {path} holds replicas {saved}, this process holds "
@@ -189,7 +245,7 @@ class Orchestrator:
             self.state["images"] += images_per_step
             progress.update(1)
             if done % train.log_every == 0 or done == episode_end:
-                scalars = {key: float(value) for key, value in outputs.items()}
+                scalars = host_scalars(outputs)
                 if not np.isfinite(scalars["loss"]):
                     raise FloatingPointError(f"replica {replica.index}: loss is {scalars['loss']} at step {done}")
                 scalars["lr"] = lr_at(train, step)

@@ -15,7 +15,13 @@ from algorithms import Algorithm, get_algorithm
 from datasets import SSLData, build_data
 from datasets.transforms import normalize
 from ssl_imwa.config import Config, validate
-from ssl_imwa.distributed import Communicator, init_communicator
+from ssl_imwa.distributed import (
+    Communicator,
+    init_communicator,
+    process_device,
+    rank_from_environment,
+    world_size_from_environment,
+)
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.evaluation import Evaluator
 from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
@@ -65,15 +71,25 @@ def tune_glibc_malloc() -> bool:
 
 
 def configure_torch(cfg: Config) -> torch.device:
+    """This process's device, made current before anything is allocated on it, and the backend flags.
+
+    `deterministic` unset means deterministic on CPU (it costs nothing there) and fast on CUDA
+    (cuDNN autotuning on, non-deterministic kernels allowed); `deterministic=true` on CUDA turns
+    autotuning off and asks for deterministic kernels (warning where an op has none).
+    """
     tune_glibc_malloc()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device='{cfg.device}' but CUDA is not available on this machine; use device=cpu")
-    if cfg.deterministic:
-        if device.type == "cuda":
+    visible_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = process_device(cfg.device, world_size_from_environment(), int(os.environ.get("LOCAL_RANK", "0")),
+                            visible_gpus)
+    deterministic = cfg.deterministic if cfg.deterministic is not None else device.type != "cuda"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not deterministic
+        if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     return device
 
@@ -158,41 +174,83 @@ def build_merger(cfg: Config, algorithm: Algorithm, comm: Communicator, data: SS
     return twa
 
 
+def agree_on_run_dir(run_dir: Path, comm: Communicator) -> Path:
+    """Process 0's run directory, for every process.
+
+    Each process resolves `outputs/${now:...}` by its own clock, so a launch skewed across a second
+    boundary would split one run over two directories. Another process's own directory, empty
+    because main.py tells Hydra to write nothing there, is removed.
+    """
+    shared = Path(comm.broadcast_object(str(run_dir), "run directory broadcast"))
+    if shared != run_dir and run_dir.is_dir():
+        try:
+            run_dir.rmdir()
+        except OSError:  # not empty: not ours to remove
+            pass
+    return shared
+
+
+def log_secondary_process(run_dir: Path, rank: int) -> None:
+    """Processes other than 0 log to `run_dir/rank<r>.log`; only their warnings reach the console."""
+    to_file = logging.FileHandler(run_dir / f"rank{rank}.log")
+    to_file.setFormatter(logging.Formatter(f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s"))
+    to_console = logging.StreamHandler()
+    to_console.setLevel(logging.WARNING)
+    to_console.setFormatter(logging.Formatter(f"[rank {rank}][%(levelname)s] %(message)s"))
+    for name in ("ssl_imwa", "datasets"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(to_file)
+        logger.addHandler(to_console)
+
+
+def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Communicator
+                   ) -> tuple[list[Replica], torch.nn.Module, type[Algorithm]]:
+    """This process's replicas, all on `device`, and a copy of the shared initial model."""
+    algorithm_cls = get_algorithm(cfg.algorithm.name)
+    local = comm.local_replicas(cfg.imwa.k)
+    # Algorithm state is per replica: each replica gets its own instance.
+    algorithms = {k: algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations,
+                                   device) for k in local}
+    initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
+    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
+    return replicas, initial_model, algorithm_cls
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at)."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         cfg = validate(cfg)
     except Exception as error:  # recorded so a sweep's report can say why this job produced nothing
-        RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
+        if rank_from_environment() == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
         raise
-    if int(os.environ.get("RANK", "0")) == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     device = configure_torch(cfg)
+    comm = init_communicator(device, cfg.imwa.timeout_s)
+    run_dir = agree_on_run_dir(run_dir, comm)
+    cfg.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if comm.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    else:
+        log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)
 
     data = build_data(cfg.dataset)
-    algorithm_cls = get_algorithm(cfg.algorithm.name)
-    labeled_counts = data.counts["labeled"]
-    # Algorithm state is per replica: each replica gets its own instance.
-    algorithms = {k: algorithm_cls(cfg.algorithm, data.num_classes, labeled_counts, cfg.train.iterations, device)
-                  for k in range(cfg.imwa.k)}
-    initial_model = build_initial_model(cfg, data, algorithms[0], device)
-    comm = init_communicator(device, cfg.imwa.timeout_s)
-    local = comm.local_replicas(cfg.imwa.k)
-    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
-
+    replicas, initial_model, algorithm_cls = build_replicas(cfg, data, device, comm)
     trainer = Trainer(cfg.train, device)
     evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
     logger = RunLogger(run_dir, data.class_names)
-    merger = build_merger(cfg, algorithms[0], comm, data, copy.deepcopy(initial_model), device)
+    merger = build_merger(cfg, replicas[0].algorithm, comm, data, copy.deepcopy(initial_model), device)
     orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,
                                 comm)
     if cfg.resume:
         orchestrator.resume()
-    log.info("run dir %s | %s on %s | k=%d episodes=%d | %d steps per replica", run_dir, cfg.algorithm.name,
-             cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations)
+    log.info("run dir %s | %s on %s | k=%d episodes=%d | %d steps per replica | %s, %d process(es)", run_dir,
+             cfg.algorithm.name, cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
+             comm.world_size)
     try:
         results = orchestrator.run()
     except BaseException as error:

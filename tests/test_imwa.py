@@ -1,8 +1,4 @@
 """The IMWA orchestrator: K=1 is the plain run, exact resume mid-episode, W=1 equals W=2, fail fast."""
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,12 +7,13 @@ import torch
 from tests.utils import (
     assert_bitwise_equal,
     checkpoint_tensors,
+    free_port,
+    launch_process,
     read_metrics,
     read_results,
     train_run,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
         "train.log_every=5", "train.num_threads=1"]
 IMWA = [*TINY, "imwa.k=2", "imwa.episodes=2"]
@@ -58,28 +55,11 @@ def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path) -> Non
     assert strip(read_metrics(full)) == strip(read_metrics(stopped))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(rank: int, world: int, port: int, overrides: list[str], run_dir: Path,
-            extra_path: Path | None = None) -> subprocess.Popen:
-    """Start one process of a W-process run, as torchrun would (same environment variables)."""
-    python_path = os.pathsep.join(str(path) for path in (extra_path, ROOT) if path is not None)
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": python_path}
-    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={run_dir}",
-                             "train.progress=false"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path) -> None:
     single = checkpoint_tensors(train_run(tmp_path, IMWA, "single"))
     run_dir = tmp_path / "two"
-    port = _free_port()
-    processes = [_launch(rank, 2, port, IMWA, run_dir) for rank in range(2)]
+    port = free_port()
+    processes = [launch_process(rank, 2, port, IMWA, run_dir) for rank in range(2)]
     for process in processes:
         output, _ = process.communicate(timeout=300)
         assert process.returncode == 0, output
@@ -110,8 +90,8 @@ class DiesOnRank1(FixMatch):
 def test_a_dead_replica_process_fails_the_others_fast(tmp_path: Path) -> None:
     (tmp_path / "dying_plugin.py").write_text(DYING_PLUGIN)
     overrides = [*IMWA, "plugins=[dying_plugin]", "algorithm.name=dies_on_rank1", "imwa.timeout_s=30"]
-    port = _free_port()
-    processes = [_launch(rank, 2, port, overrides, tmp_path / "run", extra_path=tmp_path) for rank in range(2)]
+    port = free_port()
+    processes = [launch_process(rank, 2, port, overrides, tmp_path / "run", extra_path=tmp_path) for rank in range(2)]
     started = time.monotonic()
     output, _ = processes[0].communicate(timeout=120)
     processes[1].communicate(timeout=60)

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +15,8 @@ from omegaconf import DictConfig
 
 from ssl_imwa.config import register_configs
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
 register_configs()
 
 
@@ -71,3 +76,35 @@ def logged_train_scalars(event_dir: Path) -> dict[str, list[float]]:
     events.Reload()
     return {tag.removeprefix("train/"): [event.value for event in events.Scalars(tag)]
             for tag in events.Tags()["scalars"] if tag.startswith("train/")}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_process(rank: int, world: int, port: int, overrides: list[str], run_dir: Path | None,
+                   extra_path: Path | None = None, cwd: Path = ROOT) -> subprocess.Popen:
+    """Start one process of a W-process run, as torchrun would (same environment variables).
+
+    `run_dir` None leaves the run directory to Hydra (`outputs/<date>/<time>` under `cwd`).
+    """
+    python_path = os.pathsep.join(str(path) for path in (extra_path, ROOT) if path is not None)
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": python_path}
+    where = [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *overrides, *where, "train.progress=false"],
+                            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_processes(world: int, overrides: list[str], run_dir: Path | None, timeout: float = 300,
+                  **options: object) -> list[tuple[int, str]]:
+    """Run a W-process job to its end; (return code, output) per rank."""
+    port = free_port()
+    processes = [launch_process(rank, world, port, overrides, run_dir, **options) for rank in range(world)]
+    results = []
+    for process in processes:
+        output, _ = process.communicate(timeout=timeout)
+        results.append((process.returncode, output))
+    return results

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ssl_imwa.models.factory import register_model
+from ssl_imwa.models.pooling import global_average_pool
 
 
 class SmallCNN(nn.Module):
@@ -22,14 +23,13 @@ class SmallCNN(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = channels
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.features(x)), 1)
+        return global_average_pool(self.features(x))
 
 
 @register_model("small_cnn")

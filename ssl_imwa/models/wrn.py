@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ssl_imwa.models.factory import register_model
+from ssl_imwa.models.pooling import global_average_pool
 
 
 class _Block(nn.Module):
@@ -54,7 +55,6 @@ class WideResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(channels[3], momentum=bn_momentum)
         self.relu = nn.LeakyReLU(0.1, inplace=True)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = channels[3]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -65,7 +65,7 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn(self.blocks(self.conv1(x))))
-        return torch.flatten(self.pool(out), 1)
+        return global_average_pool(out)
 
 
 @register_model("wrn28_2")

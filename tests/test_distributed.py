@@ -1,0 +1,225 @@
+"""Several processes and several GPUs, checked on CPU: each process's device, objects that travel
+between processes, one run directory, resume agreed by all processes, K a multiple of W.
+
+GPUs are stood in for by fake CUDA tensors (`FakeTensorMode`) and by monkeypatched torch.cuda
+queries; processes by gloo on localhost.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+from algorithms import get_algorithm
+from ssl_imwa import distributed
+from ssl_imwa.distributed import Communicator, init_communicator, process_device
+from ssl_imwa.merge import gather_algorithm_states, uniform_merge
+from tests.utils import (
+    assert_bitwise_equal,
+    checkpoint_tensors,
+    compose_config,
+    free_port,
+    launch_process,
+    read_metrics,
+    run_processes,
+)
+
+TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
+        "train.log_every=5", "train.num_threads=1", "imwa.k=2", "imwa.episodes=2", "imwa.timeout_s=60"]
+
+
+# ----- 1. the device of each process ---------------------------------------------------------
+@pytest.mark.parametrize("requested, world, local_rank, gpus, expected", [
+    ("cpu", 2, 1, 0, "cpu"),
+    ("cuda", 1, 0, 2, "cuda:0"),
+    ("cuda:1", 1, 0, 2, "cuda:1"),
+    ("cuda", 2, 1, 2, "cuda:1"),
+    ("cuda", 4, 3, 2, "cuda:1"),   # two nodes' worth of ranks on a 2-GPU node: LOCAL_RANK mod GPUs
+    ("cuda", 2, 1, 1, "cuda:0"),   # a scheduler that shows each task only its own GPU
+])
+def test_each_process_takes_its_own_gpu(requested: str, world: int, local_rank: int, gpus: int,
+                                        expected: str) -> None:
+    assert process_device(requested, world, local_rank, gpus) == torch.device(expected)
+
+
+def test_one_named_gpu_for_several_processes_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"device='cuda:1' with 2 processes.*Use device=cuda"):
+        process_device("cuda:1", 2, 0, 2)
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        process_device("cuda", 1, 0, 0)
+
+
+def test_the_process_gpu_is_current_before_anything_is_allocated_and_nccl_is_bound_to_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_imwa.config import validate
+    from ssl_imwa.run import configure_torch
+
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append(("deterministic", a)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = validate(compose_config(["experiment=quickstart", "device=cuda"]))
+    device = configure_torch(cfg)
+    assert device == torch.device("cuda", 1)
+    assert calls == [("set_device", torch.device("cuda", 1))]   # and no deterministic kernels by default
+    assert torch.backends.cudnn.benchmark is True
+
+    joined: dict[str, Any] = {}
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    comm = init_communicator(device, 30.0)
+    assert joined["backend"] == "nccl" and joined["device_id"] == torch.device("cuda", 1)
+    assert comm.rank == 1 and comm.device == device
+
+
+def test_deterministic_true_on_cuda_turns_autotuning_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_imwa.config import validate
+    from ssl_imwa.run import configure_torch
+
+    calls: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    configure_torch(validate(compose_config(["experiment=quickstart", "device=cuda", "deterministic=true"])))
+    assert torch.backends.cudnn.benchmark is False
+    assert calls == [((True,), {"warn_only": True})]
+
+
+# ----- 2. objects that travel between processes ----------------------------------------------
+def _fake_peer(monkeypatch: pytest.MonkeyPatch, peer_device: str) -> None:
+    """Stand in for a second process: what it sends comes back as pickling rebuilds it, CUDA
+    tensors on the sender's GPU (`peer_device`) and CPU tensors on the CPU."""
+    def as_sent_by_peer(obj: Any) -> Any:
+        return tree_map_only(torch.Tensor, lambda t: t.to(peer_device) if t.is_cuda else t.clone(), obj)
+
+    def all_gather_object(output: list[Any], obj: Any) -> None:
+        output[0], output[1] = obj, as_sent_by_peer(obj)
+
+    def broadcast_object_list(box: list[Any], src: int) -> None:
+        box[0] = as_sent_by_peer(box[0])
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op: None)
+
+
+def _devices(obj: Any) -> set[torch.device]:
+    return {leaf.device for leaf in tree_flatten(obj)[0] if isinstance(leaf, torch.Tensor)}
+
+
+@pytest.mark.parametrize("algorithm", ["daso", "acr"])
+def test_merged_algorithm_states_come_back_on_the_local_gpu(monkeypatch: pytest.MonkeyPatch, algorithm: str) -> None:
+    """Process 0 on GPU 0 merges with process 1 on GPU 1: before, the peer's state arrived on GPU 1."""
+    from ssl_imwa.config import validate
+
+    cfg = validate(compose_config(["experiment=quickstart", f"algorithm={algorithm}"]))
+    _fake_peer(monkeypatch, "cuda:1")
+    local = torch.device("cuda", 0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        instance = get_algorithm(algorithm)(cfg.algorithm, 10, [50, 30, 20, 12, 8, 5, 4, 3, 2, 1], 100, local)
+        states = gather_algorithm_states([(0, instance.state_dict())], Communicator(0, 2, device=local))
+        assert len(states) == 2 and _devices(states) == {local}
+        merged = instance.merge_states(states)
+    assert _devices(merged) == {local}
+
+
+def test_a_uniform_merge_seen_from_process_1_stays_on_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integer buffers are broadcast from process 0: they used to arrive on process 0's GPU."""
+    _fake_peer(monkeypatch, "cuda:0")
+    local = torch.device("cuda", 1)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3, device=local), torch.nn.BatchNorm1d(3, device=local))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        state = {"model": model.state_dict(), "teacher": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "algorithm": {"estimate": torch.zeros(3, device=local)}}
+        result = uniform_merge([state], "average", lambda states: states[0], 2, Communicator(1, 2, device=local), [1])
+    assert _devices(result.model) == _devices(result.teacher) == _devices(result.algorithm) == {local}
+
+
+# ----- 5. K and W -------------------------------------------------------------------------------
+def test_k_must_be_a_multiple_of_the_number_of_processes() -> None:
+    assert Communicator(0, 2).local_replicas(4) == [0, 2] and Communicator(1, 2).local_replicas(4) == [1, 3]
+    with pytest.raises(ValueError, match=r"imwa.k=3 is not a multiple of the number of processes \(2\)"):
+        Communicator(1, 2).local_replicas(3)
+    with pytest.raises(ValueError, match="imwa.k=1 is not a multiple"):
+        Communicator(0, 2).local_replicas(1)
+
+
+# ----- 3. one run directory, one console ---------------------------------------------------------
+def test_a_skewed_launch_writes_one_run_directory_and_only_process_0_prints(tmp_path: Path) -> None:
+    """Process 1 starts 1.5 s after process 0: its clock names another `outputs/<date>/<time>`."""
+    port = free_port()
+    overrides = [*TINY, "train.iterations=10", "imwa.episodes=1"]
+    first = launch_process(0, 2, port, overrides, None, cwd=tmp_path)
+    time.sleep(1.5)
+    second = launch_process(1, 2, port, overrides, None, cwd=tmp_path)
+    outputs = [process.communicate(timeout=300)[0] for process in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    run_dirs = [path for path in (tmp_path / "outputs").glob("*/*") if path.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    files = {path.name for path in (run_dirs[0] / "checkpoints").iterdir()}
+    assert {"latest.rank0.pt", "latest.rank1.pt"} <= files
+    assert "final test top1" in outputs[0] and "run dir" in outputs[0]
+    assert "INFO" not in outputs[1] and "final test" not in outputs[1], outputs[1]
+    assert "run dir" in (run_dirs[0] / "rank1.log").read_text()
+
+
+# ----- 4. resume agreed by all processes ------------------------------------------------------------
+def _run_two(overrides: list[str], run_dir: Path) -> list[str]:
+    results = run_processes(2, overrides, run_dir)
+    assert [code for code, _ in results] == [0, 0], "\n".join(output[-3000:] for _, output in results)
+    return [output for _, output in results]
+
+
+def test_resume_when_the_processes_stopped_on_both_sides_of_a_merge(tmp_path: Path) -> None:
+    overrides = [*TINY, "train.iterations=30", "imwa.episodes=3"]   # merges after steps 10, 20, 30
+    full, split = tmp_path / "full", tmp_path / "split"
+    _run_two(overrides, full)
+    # Process 1 keeps a checkpoint from step 13 (episode 2) while process 0's is at step 23 (episode 3).
+    _run_two([*overrides, "train.stop_at=13", "train.checkpoint_every=1"], split)
+    step13 = (split / "checkpoints" / "latest.rank1.pt").read_bytes()
+    _run_two([*overrides, "train.stop_at=23", "train.checkpoint_every=1", "resume=true"], split)
+    (split / "checkpoints" / "latest.rank1.pt").write_bytes(step13)
+
+    # Without process 0's checkpoint of merge 1 there is no common point: every process says why.
+    broken = tmp_path / "broken"
+    shutil.copytree(split, broken)
+    (broken / "checkpoints" / "merge_001.rank0.pt").unlink()
+    failed = run_processes(2, [*overrides, "resume=true"], broken)
+    assert all(code != 0 for code, _ in failed)
+    for _, output in failed:
+        assert "cannot resume" in output and "merge_001.rank0.pt" in output, output[-3000:]
+
+    outputs = _run_two([*overrides, "resume=true"], split)
+    assert "resuming from" in outputs[0] and "merge_001.rank0.pt" in outputs[0]
+    for rank in range(2):
+        assert_bitwise_equal(checkpoint_tensors(full, f"latest.rank{rank}.pt"),
+                             checkpoint_tensors(split, f"latest.rank{rank}.pt"))
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert strip(read_metrics(full)) == strip(read_metrics(split))
+
+
+def test_secondary_processes_get_quiet_hydra_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    import main
+
+    monkeypatch.setenv("RANK", "1")
+    quiet = main._quiet_secondary_process(["main.py", "imwa.k=2"])
+    assert quiet[2:] == ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    assert main._quiet_secondary_process(["main.py", "hydra.output_subdir=x"])[2:] == ["hydra/job_logging=disabled"]
+    monkeypatch.setenv("RANK", "0")
+    assert main._quiet_secondary_process(["main.py", "imwa.k=2"]) == ["main.py", "imwa.k=2"]
