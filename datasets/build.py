@@ -6,7 +6,7 @@ Datasets are looked up in a small registry: adding one is a function returning
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -129,6 +129,23 @@ class SSLData:
     pad: int  # weak-augmentation reflect padding in pixels
     hflip: bool
     cutout: int  # cutout side in pixels
+    # Training tensors per device, copied once and shared by every replica's stream.
+    _resident: dict[torch.device, tuple[torch.Tensor, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def _resident_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Labeled images and targets, unlabeled images, targets and is_labeled flags on `device`."""
+        if device not in self._resident:
+            parts = (
+                self.labeled_images,
+                self.labeled_targets,
+                self.unlabeled_images,
+                self.unlabeled_targets,
+                self.unlabeled_is_labeled,
+            )
+            self._resident[device] = tuple(part.to(device) for part in parts)
+        return self._resident[device]
 
     def make_stream(
         self,
@@ -140,13 +157,16 @@ class SSLData:
         episode: int = 0,
         device: str | torch.device = "cpu",
     ) -> TrainStream:
-        """A training stream over this data, seeded by (seed, replica, episode)."""
+        """A training stream over this data, seeded by (seed, replica, episode); all streams on a device share its tensors."""
+        labeled_images, labeled_targets, unlabeled_images, unlabeled_targets, unlabeled_is_labeled = (
+            self._resident_on(torch.device(device))
+        )
         return TrainStream(
-            labeled_images=self.labeled_images,
-            labeled_targets=self.labeled_targets,
-            unlabeled_images=self.unlabeled_images,
-            unlabeled_targets=self.unlabeled_targets,
-            unlabeled_is_labeled=self.unlabeled_is_labeled,
+            labeled_images=labeled_images,
+            labeled_targets=labeled_targets,
+            unlabeled_images=unlabeled_images,
+            unlabeled_targets=unlabeled_targets,
+            unlabeled_is_labeled=unlabeled_is_labeled,
             batch_size=batch_size,
             mu=mu,
             num_strong=num_strong,

@@ -3,7 +3,9 @@
 Images stay on the target device as uint8; each batch is sampled, augmented and
 normalised there. All randomness lives in three CPU generators (labeled order, unlabeled
 order, augmentation) seeded from (seed, replica, episode), so saving their states is
-enough to continue a run bit-identically.
+enough to continue a run bit-identically. A step plans all its sampling and augmentation on
+the host first and sends the parameters to the device in one non-blocking copy, so the host
+never waits for the device.
 """
 
 from collections.abc import Iterator, Sequence
@@ -12,7 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets.transforms import normalize, strong_augment, weak_augment
+from datasets.transforms import (
+    ParameterBuffer,
+    apply_strong,
+    apply_weak,
+    normalize,
+    plan_strong,
+    plan_weak,
+)
 
 
 def _derive_seeds(seed: int, replica: int, episode: int) -> list[int]:
@@ -129,29 +138,37 @@ class TrainStream:
         )
         self.augment_generator = torch.Generator().manual_seed(augment_seed)
 
-    def _weak(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(weak_augment(images, self.augment_generator, self.pad, self.hflip), self.mean, self.std)
-
-    def _strong(self, images: torch.Tensor) -> torch.Tensor:
-        augmented = strong_augment(images, self.augment_generator, self.pad, self.hflip, self.cutout)
-        return normalize(augmented, self.mean, self.std)
-
     def next(self) -> dict[str, Any]:
         """One step's batch: x, y, u_weak, u_strong (list), u_index, u_is_labeled, u_target."""
-        labeled_index = self.labeled_sampler.next_indices(self.batch_size).to(self.device)
-        labeled = self.labeled_images[labeled_index]
-        batch: dict[str, Any] = {"x": self._weak(labeled), "y": self.labeled_targets[labeled_index]}
+        buffer = ParameterBuffer()
+        labeled_count, unlabeled_count = self.batch_size, self.mu * self.batch_size
+        generator = self.augment_generator
+        labeled_slot = buffer.add(self.labeled_sampler.next_indices(labeled_count))
+        labeled_shape = (labeled_count, *self.labeled_images.shape[1:])
+        labeled_plan = plan_weak(generator, labeled_shape, self.pad, self.hflip, buffer)
         if self.unlabeled_sampler is None:
-            unlabeled_index = torch.zeros(0, dtype=torch.long, device=self.device)
+            unlabeled_slot = buffer.add(torch.zeros(0, dtype=torch.long))
         else:
-            unlabeled_index = self.unlabeled_sampler.next_indices(self.mu * self.batch_size).to(self.device)
-        unlabeled = self.unlabeled_images[unlabeled_index]
-        batch["u_weak"] = self._weak(unlabeled)
-        batch["u_strong"] = [self._strong(unlabeled) for _ in range(self.num_strong)]
-        batch["u_index"] = unlabeled_index
-        batch["u_is_labeled"] = self.unlabeled_is_labeled[unlabeled_index]
-        batch["u_target"] = self.unlabeled_targets[unlabeled_index]
-        return batch
+            unlabeled_slot = buffer.add(self.unlabeled_sampler.next_indices(unlabeled_count))
+        unlabeled_shape = (unlabeled_count, *self.unlabeled_images.shape[1:])
+        weak_plan = plan_weak(generator, unlabeled_shape, self.pad, self.hflip, buffer)
+        strong_plans = [
+            plan_strong(generator, unlabeled_shape, self.pad, self.hflip, self.cutout, buffer)
+            for _ in range(self.num_strong)
+        ]
+        params = buffer.send(self.device)
+        labeled_index, unlabeled_index = labeled_slot.read(params), unlabeled_slot.read(params)
+        labeled = self.labeled_images.index_select(0, labeled_index)
+        unlabeled = self.unlabeled_images.index_select(0, unlabeled_index)
+        return {
+            "x": normalize(apply_weak(labeled, labeled_plan, params), self.mean, self.std),
+            "y": self.labeled_targets.index_select(0, labeled_index),
+            "u_weak": normalize(apply_weak(unlabeled, weak_plan, params), self.mean, self.std),
+            "u_strong": [normalize(apply_strong(unlabeled, one, params), self.mean, self.std) for one in strong_plans],
+            "u_index": unlabeled_index,
+            "u_is_labeled": self.unlabeled_is_labeled.index_select(0, unlabeled_index),
+            "u_target": self.unlabeled_targets.index_select(0, unlabeled_index),
+        }
 
     def __iter__(self) -> "TrainStream":
         return self

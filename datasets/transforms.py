@@ -1,13 +1,19 @@
 """Batched augmentation on uint8 image tensors [N, C, H, W] (SPEC 2.5).
 
-Every random number comes from an explicit CPU `torch.Generator`, drawn up front in a fixed
-order and then moved to the images' device: a stream is reproducible, resumable from the
-generator state, and draws the same parameters whichever device does the pixel work.
+Augmenting is planned on the host and applied on the images' device. Planning draws every
+random number from an explicit CPU `torch.Generator` in a fixed order and reduces the draws to
+small per-sample parameters (flips, crop offsets, op groups, magnitudes, affine matrices,
+cutout boxes) in a `ParameterBuffer`; applying reads them from that buffer after one
+non-blocking copy, with every shape known on the host, so the host never waits for the device.
+The draws do not depend on the device, and a generator state is enough to resume.
 Each operation works on uint8 in and uint8 out, like the PIL pipeline it replaces, and
 follows kekmodel/FixMatch-pytorch's `RandAugmentMC(n=2, m=10)` + `CutoutAbs` semantics.
 """
 
+import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +46,8 @@ RANDAUGMENT_OPS = (
     "translate_y",
 )
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+PIXEL_OPS = tuple(op for op in RANDAUGMENT_OPS if op not in GEOMETRIC_OPS and op != "identity")
+_IS_GEOMETRIC = torch.tensor([op in GEOMETRIC_OPS for op in RANDAUGMENT_OPS])
 OPS_PER_IMAGE = 2
 OP_PROBABILITY = 0.5
 MAGNITUDE_LEVELS = 10  # magnitudes are integers in [1, MAGNITUDE_LEVELS)
@@ -49,11 +57,63 @@ CUTOUT_FILL = 127
 LUMA_WEIGHTS = (19595, 38470, 7471)
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where one parameter tensor lies in a packed buffer; the offsets live on the host, so reading never syncs."""
+
+    start: int
+    shape: tuple[int, ...]
+    is_float: bool  # float64 stored bit for bit in the int64 buffer
+
+    def read(self, buffer: torch.Tensor) -> torch.Tensor:
+        values = buffer[self.start : self.start + math.prod(self.shape)].view(self.shape)
+        return values.view(torch.float64) if self.is_float else values
+
+
+class ParameterBuffer:
+    """A step's planned parameters packed into one int64 tensor, so they reach the device in a single copy."""
+
+    def __init__(self) -> None:
+        self._pieces: list[torch.Tensor] = []
+        self._size = 0
+
+    def add(self, values: torch.Tensor) -> Slot:
+        """Append an integer, bool or float tensor (floats as float64); returns where to read it back."""
+        is_float = values.is_floating_point()
+        flat = (values.to(torch.float64).view(torch.int64) if is_float else values.to(torch.int64)).reshape(-1)
+        slot = Slot(self._size, tuple(values.shape), is_float)
+        self._pieces.append(flat)
+        self._size += flat.numel()
+        return slot
+
+    def send(self, device: torch.device) -> torch.Tensor:
+        """The packed buffer on `device`: no copy on the CPU, one non-blocking copy (pinned on CUDA) elsewhere."""
+        buffer = torch.cat(self._pieces)
+        if device.type == "cuda":
+            buffer = buffer.pin_memory()
+        return buffer.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of `normalize`, made once per device: building them per call copies to the device each time."""
+    std_tensor = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    return (1.0 / (255.0 * std_tensor)).to(device), (mean_tensor / std_tensor).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _luma_weights(device: torch.device) -> torch.Tensor:
+    """LUMA_WEIGHTS as [1, 3, 1, 1] int32, made once per device for the same reason."""
+    return torch.tensor(LUMA_WEIGHTS, dtype=torch.int32).view(1, 3, 1, 1).to(device)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32 (x / 255 - mean) / std, folded into one multiply-add."""
-    std_tensor = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    mean_tensor = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return images.float().mul_(1.0 / (255.0 * std_tensor)).sub_(mean_tensor / std_tensor)
+    scale, offset = _normalization(tuple(mean), tuple(std), images.device)
+    return images.float().mul_(scale).sub_(offset)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -62,24 +122,48 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
-def weak_augment(images: torch.Tensor, generator: torch.Generator, pad: int, hflip: bool) -> torch.Tensor:
-    """Random horizontal flip, then a random crop from the `pad`-px reflect-padded image.
+@dataclass(frozen=True)
+class WeakPlan:
+    """A batch's flips and crop offsets, [3, count] in the buffer: flip (0/1), offset_y, offset_x."""
 
-    Flip and crop compose into one source-pixel index per output pixel, so the batch is
-    handled by a single gather instead of materialising the padded images.
-    """
-    count, channels, height, width = images.shape
+    pad: int
+    params: Slot
+
+
+def plan_weak(
+    generator: torch.Generator, shape: Sequence[int], pad: int, hflip: bool, buffer: ParameterBuffer
+) -> WeakPlan:
+    """Draw the flips and crop offsets of `shape` [N, C, H, W] images into `buffer`."""
+    count, _, height, width = shape
     if pad < 0 or pad >= min(height, width):
         raise ValueError(f"crop padding {pad} must be in [0, {min(height, width)}) for {height}x{width} images")
     flip = torch.rand(count, generator=generator) < 0.5 if hflip else torch.zeros(count, dtype=torch.bool)
     offset_y = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
     offset_x = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
-    rows = _reflect(offset_y[:, None] + torch.arange(height) - pad, height)
-    cols = _reflect(offset_x[:, None] + torch.arange(width) - pad, width)
-    cols = torch.where(flip[:, None], width - 1 - cols, cols)
+    return WeakPlan(pad, buffer.add(torch.stack([flip.long(), offset_y, offset_x])))
+
+
+def apply_weak(images: torch.Tensor, plan: WeakPlan, buffer: torch.Tensor) -> torch.Tensor:
+    """Flip, then crop from the reflect-padded image.
+
+    Flip and crop compose into one source-pixel index per output pixel, built on the images'
+    device, so the batch is handled by a single gather instead of materialising the padded images.
+    """
+    count, channels, height, width = images.shape
+    flip, offset_y, offset_x = plan.params.read(buffer)
+    rows = _reflect(offset_y[:, None] + torch.arange(height, device=images.device) - plan.pad, height)
+    cols = _reflect(offset_x[:, None] + torch.arange(width, device=images.device) - plan.pad, width)
+    cols = torch.where(flip[:, None] != 0, width - 1 - cols, cols)
     source = (rows[:, :, None] * width + cols[:, None, :]).view(count, 1, height * width)
-    source = source.to(images.device).expand(count, channels, height * width)
+    source = source.expand(count, channels, height * width)
     return images.reshape(count, channels, height * width).gather(2, source).view(count, channels, height, width)
+
+
+def weak_augment(images: torch.Tensor, generator: torch.Generator, pad: int, hflip: bool) -> torch.Tensor:
+    """Random horizontal flip, then a random crop from the `pad`-px reflect-padded image."""
+    buffer = ParameterBuffer()
+    plan = plan_weak(generator, images.shape, pad, hflip, buffer)
+    return apply_weak(images, plan, buffer.send(images.device))
 
 
 def _blend(degenerate: torch.Tensor, images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -93,8 +177,7 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     """Grayscale [N, 1, H, W] as uint8; single-channel images are their own luma."""
     if images.shape[1] == 1:
         return images
-    weights = torch.tensor(LUMA_WEIGHTS, dtype=torch.int32, device=images.device).view(1, 3, 1, 1)
-    return (((images.int() * weights).sum(1, keepdim=True) + (1 << 15)) >> 16).to(torch.uint8)
+    return (((images.int() * _luma_weights(images.device)).sum(1, keepdim=True) + (1 << 15)) >> 16).to(torch.uint8)
 
 
 def _brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -169,22 +252,22 @@ def _solarize(images: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 def _geometric(images: torch.Tensor, pixel_matrices: torch.Tensor) -> torch.Tensor:
     """Per-sample affine maps in PIL's convention, nearest neighbour, fill 128, as one index gather.
 
-    Like PIL's Image.transform, `pixel_matrices` [n, 2, 3] map each output pixel centre
-    (x + 0.5, y + 0.5) to a source point whose floor is the source pixel; source points outside
-    the image take the fill value. Gathering uint8 indices reproduces PIL exactly and avoids the
-    float round trip of grid_sample.
+    Like PIL's Image.transform, `pixel_matrices` [n, 2, 3] (float64, on the images' device) map
+    each output pixel centre (x + 0.5, y + 0.5) to a source point whose floor is the source pixel;
+    source points outside the image take the fill value. Gathering uint8 indices reproduces PIL
+    exactly and avoids the float round trip of grid_sample. The points are m0 * x + m1 * y + m2 in
+    separate elementwise steps, not a matmul, so every device rounds them, and floors them, alike.
     """
     count, channels, height, width = images.shape
-    centre_y, centre_x = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64) + 0.5, torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij"
-    )
-    points = torch.stack([centre_x.flatten(), centre_y.flatten(), torch.ones(height * width, dtype=torch.float64)])
-    source = (pixel_matrices @ points).floor_().long()  # [n, 2, H*W]: source x and y
-    source_x, source_y = source[:, 0], source[:, 1]
+    centre_x = torch.arange(width, dtype=torch.float64, device=images.device) + 0.5
+    centre_y = (torch.arange(height, dtype=torch.float64, device=images.device) + 0.5)[:, None]
+    matrices = pixel_matrices[:, :, :, None, None]
+    source = (matrices[:, :, 0] * centre_x + matrices[:, :, 1] * centre_y + matrices[:, :, 2]).floor_().long()
+    source_x, source_y = source[:, 0].reshape(count, -1), source[:, 1].reshape(count, -1)  # [n, H*W]
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
-    flat = (source_y.clamp(0, height - 1) * width + source_x.clamp(0, width - 1)).to(images.device)
+    flat = source_y.clamp(0, height - 1) * width + source_x.clamp(0, width - 1)
     warped = images.reshape(count, channels, height * width).gather(2, flat[:, None].expand(count, channels, -1))
-    outside = (~inside).to(device=images.device, dtype=torch.uint8)[:, None]
+    outside = (~inside).to(torch.uint8)[:, None]
     warped = warped * (1 - outside) + GEOMETRIC_FILL * outside
     return warped.view(count, channels, height, width)
 
@@ -242,56 +325,107 @@ def _apply_pixel_op(op: str, images: torch.Tensor, magnitude: torch.Tensor) -> t
     return enhance(images, factor.float())
 
 
-def _cutout(images: torch.Tensor, generator: torch.Generator, size: int) -> torch.Tensor:
-    """kekmodel's CutoutAbs: centre uniform in the image, top-left clipped to 0, square of `size` px, gray 127.
+def _cutout_box(generator: torch.Generator, count: int, size: int, height: int, width: int) -> torch.Tensor:
+    """Draw kekmodel's CutoutAbs boxes: centre uniform in the image, top-left clipped to 0, `size` px square.
 
-    PIL's rectangle includes its far corner, so kekmodel paints size + 1 px; this paints `size`.
+    Returns [4, count]: top, bottom, left, right (bottom and right exclusive).
     """
-    count, _, height, width = images.shape
     centre = torch.rand(count, 2, generator=generator, dtype=torch.float64)
     top = (centre[:, 0] * height - size / 2.0).clamp_min(0).long()
     left = (centre[:, 1] * width - size / 2.0).clamp_min(0).long()
-    bottom = (top + size).clamp_max(height)
-    right = (left + size).clamp_max(width)
-    rows = torch.arange(height)
-    cols = torch.arange(width)
+    return torch.stack([top, (top + size).clamp_max(height), left, (left + size).clamp_max(width)])
+
+
+def _paint_cutout(images: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Paint each image's box gray 127.
+
+    PIL's rectangle includes its far corner, so kekmodel paints size + 1 px; this paints `size`.
+    """
+    _, _, height, width = images.shape
+    top, bottom, left, right = box
+    rows = torch.arange(height, device=images.device)
+    cols = torch.arange(width, device=images.device)
     inside_rows = (rows[None] >= top[:, None]) & (rows[None] < bottom[:, None])
     inside_cols = (cols[None] >= left[:, None]) & (cols[None] < right[:, None])
-    cut = (inside_rows[:, :, None] & inside_cols[:, None, :]).to(device=images.device, dtype=torch.uint8)[:, None]
+    cut = (inside_rows[:, :, None] & inside_cols[:, None, :]).to(torch.uint8)[:, None]
     return images * (1 - cut) + CUTOUT_FILL * cut  # arithmetic blend: masked_fill on uint8 is far slower on CPU
+
+
+def _cutout(images: torch.Tensor, generator: torch.Generator, size: int) -> torch.Tensor:
+    """kekmodel's CutoutAbs on a batch, drawn and painted at once."""
+    count, _, height, width = images.shape
+    return _paint_cutout(images, _cutout_box(generator, count, size, height, width).to(images.device))
+
+
+@dataclass(frozen=True)
+class OpGroup:
+    """One op on the rows that drew it in a round: `values` are magnitudes, or [n, 2, 3] matrices for "geometric"."""
+
+    op: str  # a PIXEL_OPS name, or "geometric": the round's geometric ops as one affine warp
+    rows: Slot
+    values: Slot
+
+
+@dataclass(frozen=True)
+class StrongPlan:
+    """Everything `apply_strong` needs, as slots of one buffer."""
+
+    weak: WeakPlan
+    groups: tuple[OpGroup, ...]  # in application order, round by round
+    cutout: Slot | None  # [4, count] boxes, None without cutout
+
+
+def plan_strong(
+    generator: torch.Generator, shape: Sequence[int], pad: int, hflip: bool, cutout: int, buffer: ParameterBuffer
+) -> StrongPlan:
+    """Draw a strong view of `shape` [N, C, H, W] images: weak, RandAugment over the FixMatch pool, Cutout.
+
+    Per image: OPS_PER_IMAGE ops drawn uniformly with replacement, each applied with
+    probability 0.5 at an integer magnitude uniform in [1, 10). Images are grouped by the op
+    they drew, so each op runs once per round on its whole group with per-sample magnitudes;
+    the group sizes are known here, on the host, so applying needs no data-dependent shapes.
+    """
+    weak = plan_weak(generator, shape, pad, hflip, buffer)
+    count, _, height, width = shape
+    op_index = torch.randint(0, len(RANDAUGMENT_OPS), (count, OPS_PER_IMAGE), generator=generator)
+    magnitude = torch.randint(1, MAGNITUDE_LEVELS, (count, OPS_PER_IMAGE), generator=generator)
+    applied = torch.rand(count, OPS_PER_IMAGE, generator=generator) < OP_PROBABILITY
+    sign = torch.where(torch.rand(count, OPS_PER_IMAGE, generator=generator) < 0.5, -1, 1)
+    groups = []
+    for round_index in range(OPS_PER_IMAGE):
+        chosen, level, active = op_index[:, round_index], magnitude[:, round_index], applied[:, round_index]
+        for op in PIXEL_OPS:
+            rows = torch.nonzero(active & (chosen == RANDAUGMENT_OPS.index(op))).flatten()
+            if len(rows):
+                groups.append(OpGroup(op, buffer.add(rows), buffer.add(level[rows])))
+        rows = torch.nonzero(active & _IS_GEOMETRIC[chosen]).flatten()
+        if len(rows):
+            matrices = _geometric_matrices(chosen[rows], level[rows], sign[rows, round_index], height, width)
+            groups.append(OpGroup("geometric", buffer.add(rows), buffer.add(matrices)))
+    box = buffer.add(_cutout_box(generator, count, cutout, height, width)) if cutout > 0 else None
+    return StrongPlan(weak, tuple(groups), box)
+
+
+def apply_strong(images: torch.Tensor, plan: StrongPlan, buffer: torch.Tensor) -> torch.Tensor:
+    """Apply a planned strong view; each group is one index_select, the op, and one index_copy_."""
+    images = apply_weak(images, plan.weak, buffer)
+    for group in plan.groups:
+        rows, values = group.rows.read(buffer), group.values.read(buffer)
+        selected = images.index_select(0, rows)
+        if group.op == "geometric":
+            changed = _geometric(selected, values)
+        else:
+            changed = _apply_pixel_op(group.op, selected, values)
+        images.index_copy_(0, rows, changed)
+    if plan.cutout is not None:
+        images = _paint_cutout(images, plan.cutout.read(buffer))
+    return images
 
 
 def strong_augment(
     images: torch.Tensor, generator: torch.Generator, pad: int, hflip: bool, cutout: int
 ) -> torch.Tensor:
-    """Weak augmentation, RandAugment over the FixMatch pool, then Cutout.
-
-    Per image: OPS_PER_IMAGE ops drawn uniformly with replacement, each applied with
-    probability 0.5 at an integer magnitude uniform in [1, 10). Images are grouped by the op
-    they drew, so each op runs once per round on its whole group with per-sample magnitudes.
-    """
-    images = weak_augment(images, generator, pad, hflip)
-    count, _, height, width = images.shape
-    op_index = torch.randint(0, len(RANDAUGMENT_OPS), (count, OPS_PER_IMAGE), generator=generator)
-    magnitude = torch.randint(1, MAGNITUDE_LEVELS, (count, OPS_PER_IMAGE), generator=generator)
-    applied = torch.rand(count, OPS_PER_IMAGE, generator=generator) < OP_PROBABILITY
-    sign = torch.where(torch.rand(count, OPS_PER_IMAGE, generator=generator) < 0.5, -1, 1)
-    is_geometric = torch.tensor([op in GEOMETRIC_OPS for op in RANDAUGMENT_OPS])
-    for round_index in range(OPS_PER_IMAGE):
-        chosen, level = op_index[:, round_index], magnitude[:, round_index]
-        active = applied[:, round_index] & (chosen != RANDAUGMENT_OPS.index("identity"))
-        for op_number, op in enumerate(RANDAUGMENT_OPS):
-            if op in GEOMETRIC_OPS:
-                continue
-            rows = torch.nonzero(active & (chosen == op_number)).flatten()
-            if len(rows):
-                on_device = rows.to(images.device)
-                images[on_device] = _apply_pixel_op(op, images[on_device], level[rows].to(images.device))
-        rows = torch.nonzero(active & is_geometric[chosen]).flatten()
-        if len(rows):
-            matrices = _geometric_matrices(chosen[rows], level[rows], sign[rows, round_index], height, width)
-            on_device = rows.to(images.device)
-            images[on_device] = _geometric(images[on_device], matrices)
-    if cutout > 0:
-        images = _cutout(images, generator, cutout)
-    return images
+    """Weak augmentation, RandAugment over the FixMatch pool, then Cutout (see `plan_strong`)."""
+    buffer = ParameterBuffer()
+    plan = plan_strong(generator, images.shape, pad, hflip, cutout, buffer)
+    return apply_strong(images, plan, buffer.send(images.device))

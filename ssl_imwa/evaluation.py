@@ -45,7 +45,9 @@ class Evaluator:
             with self.autocast():
                 outputs = model(batch)
             for head in heads:
-                predictions[head].append(outputs[head].argmax(dim=1).cpu())
+                predictions[head].append(outputs[head].argmax(dim=1))
         model.train(was_training)
-        return {head: classification_metrics(torch.cat(predicted), targets.cpu(), self.num_classes, self.groups)
-                for head, predicted in predictions.items()}
+        # One transfer for all heads at the end, not one per batch.
+        predicted = torch.stack([torch.cat(predictions[head]) for head in heads]).cpu()
+        return {head: classification_metrics(predicted[index], targets.cpu(), self.num_classes, self.groups)
+                for index, head in enumerate(heads)}

@@ -35,19 +35,21 @@ SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
 Merger = Callable[[list[dict[str, Any]], list[int], dict[str, Any], int], MergeResult]
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Global RNG states; on a GPU only this process's own (reading every GPU's would create a
+    CUDA context on each of them from every process)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def host_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -151,7 +153,7 @@ class Orchestrator:
             "fingerprint": self.fingerprint,
             "progress": {"episode": self.episode, "replica_steps": dict(self.replica_steps)},
             "replicas": [replica.state_dict() for replica in self.replicas],
-            "run_state": {**self.state, "pending": self.pending, "rng": _rng_state()},
+            "run_state": {**self.state, "pending": self.pending, "rng": _rng_state(self.trainer.device)},
         }
         save_atomic(payload, self.checkpoint_dir / self._checkpoint_name(name))
 
@@ -218,7 +220,7 @@ class Orchestrator:
         self.episode = payload["progress"]["episode"]
         self.replica_steps = dict(payload["progress"]["replica_steps"])
         run_state = dict(payload["run_state"])
-        _set_rng_state(run_state.pop("rng"))
+        _set_rng_state(run_state.pop("rng"), self.trainer.device)
         self.pending = run_state.pop("pending")
         self.state = run_state
         if self.comm.is_main:

@@ -104,9 +104,10 @@ def build_initial_model(cfg: Config, data: SSLData, algorithm: Algorithm, device
 
 def build_evaluator(cfg: Config, data: SSLData, head: str, device: torch.device) -> Evaluator:
     """Evaluation of `head` on the test split and, when the protocol holds one out, the validation split."""
-    splits = {"test": (data.test_images, data.test_targets)}
+    # Resident on the device (uint8, a few hundred MB at most), so an evaluation copies nothing.
+    splits = {"test": (data.test_images.to(device), data.test_targets)}
     if data.val_images is not None:
-        splits["val"] = (data.val_images, data.val_targets)
+        splits["val"] = (data.val_images.to(device), data.val_targets)
     return Evaluator(splits, data.num_classes, data.counts["labeled"], data.mean, data.std, head,
                      cfg.train.eval_batch_size, device, cfg.train.channels_last,
                      autocast_factory(cfg.train.precision, device))

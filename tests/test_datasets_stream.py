@@ -1,13 +1,27 @@
-"""Training streams: seeding by (seed, replica, episode), exact resume, strong views, evaluation batches."""
+"""Training streams: seeding by (seed, replica, episode), exact resume, strong views, evaluation batches,
+pinned output, and a device step that is one non-blocking copy with no sync."""
+
+import hashlib
 
 import pytest
 import torch
 
-from datasets import TrainStream, eval_batches
+from datasets import DatasetConfig, TrainStream, build_data, eval_batches
 from datasets.stream import InfiniteSampler
+from datasets.transforms import normalize
+from ssl_imwa.sync_audit import SyncAudit
+
+META = torch.device("meta")
 
 
-def _stream(seed: int = 0, replica: int = 0, episode: int = 0, mu: int = 2, num_strong: int = 1) -> TrainStream:
+def _stream(
+    seed: int = 0,
+    replica: int = 0,
+    episode: int = 0,
+    mu: int = 2,
+    num_strong: int = 1,
+    device: str | torch.device = "cpu",
+) -> TrainStream:
     generator = torch.Generator().manual_seed(99)
     return TrainStream(
         labeled_images=torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=generator),
@@ -26,6 +40,7 @@ def _stream(seed: int = 0, replica: int = 0, episode: int = 0, mu: int = 2, num_
         seed=seed,
         replica=replica,
         episode=episode,
+        device=device,
     )
 
 
@@ -115,3 +130,92 @@ def test_eval_batches_cover_everything_in_order_without_augmentation() -> None:
     restored = torch.cat([batch_images for batch_images, _ in batches]) * 0.5 + 0.5
     torch.testing.assert_close(restored, images.float() / 255)
     assert torch.equal(torch.cat([batch_targets for _, batch_targets in batches]), targets)
+
+
+def test_eval_batches_values_are_normalize_of_the_slices() -> None:
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
+    std_tensor, mean_tensor = torch.tensor(std).view(1, 3, 1, 1), torch.tensor(mean).view(1, 3, 1, 1)
+    for start, (batch, _) in zip(range(0, 10, 4), eval_batches(images, torch.arange(10), 4, mean, std)):
+        expected = images[start : start + 4].float().mul_(1.0 / (255.0 * std_tensor)).sub_(mean_tensor / std_tensor)
+        assert torch.equal(batch, expected)
+        assert torch.equal(batch, normalize(images[start : start + 4], mean, std))
+
+
+def _pinned_stream(channels: int, side: int, pad: int, cutout: int, hflip: bool, mu: int, num_strong: int) -> TrainStream:
+    generator = torch.Generator().manual_seed(2024)
+    return TrainStream(
+        labeled_images=torch.randint(0, 256, (7, channels, side, side), dtype=torch.uint8, generator=generator),
+        labeled_targets=torch.arange(7) % 3,
+        unlabeled_images=torch.randint(0, 256, (19, channels, side, side), dtype=torch.uint8, generator=generator),
+        unlabeled_targets=torch.arange(19) % 4 - 1,
+        unlabeled_is_labeled=torch.arange(19) % 5 == 0,
+        batch_size=4,
+        mu=mu,
+        num_strong=num_strong,
+        mean=[0.4] * channels,
+        std=[0.3] * channels,
+        pad=pad,
+        hflip=hflip,
+        cutout=cutout,
+        seed=11,
+        replica=1,
+        episode=2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ((3, 16, 2, 8, True, 2, 2), "215240b7790c121328b6c5ef256f9be690fc02381bcd6c319036b29ca7a52a07"),
+        ((1, 8, 1, 4, False, 3, 1), "906c432fadcf7daa13b839f38d8c3f4ff2cd7f61b6621cdd2539c4bb8fcc1835"),
+        ((3, 16, 2, 8, True, 0, 1), "56c786ba6a46ab5d68efcaa7c0e2ac639641d00754f32ef44cb008bfa2b2056b"),
+    ],
+)
+def test_batches_are_pinned_bit_for_bit(config: tuple, expected: str) -> None:
+    """Digests of the first 8 batches, computed before the stream planned on the host: any change of draws,
+    draw order or pixel arithmetic changes them (channels, side, pad, cutout, hflip, mu, num_strong)."""
+    stream = _pinned_stream(*config)
+    digest = hashlib.sha256()
+    for _ in range(8):
+        batch = next(stream)
+        parts = (batch["x"], batch["y"], batch["u_weak"], *batch["u_strong"])
+        for tensor in (*parts, batch["u_index"], batch["u_is_labeled"], batch["u_target"]):
+            digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    assert digest.hexdigest() == expected
+
+
+@pytest.mark.parametrize(("mu", "num_strong"), [(16, 1), (16, 2), (0, 0), (0, 1)])
+def test_a_device_step_is_one_non_blocking_copy_without_sync(mu: int, num_strong: int) -> None:
+    """On a stand-in device a step sends its parameters in one non-blocking copy, small (no per-pixel maps),
+    and nothing waits for the device. The first batch builds the cached normalisation constants."""
+    stream = _stream(mu=mu, num_strong=num_strong, device=META)
+    next(stream)
+    for _ in range(2):
+        with SyncAudit(META) as audit:
+            batch = next(stream)
+        assert audit.syncs == []
+        assert len(audit.copies_to_device) == 1 and audit.copies_to_device[0].non_blocking
+        assert audit.copies_to_device[0].nbytes < 8 * (4 + 4 * mu) * 16 * 16  # under one int64 per pixel
+    assert batch["x"].device == META and all(view.device == META for view in batch["u_strong"])
+
+
+def test_a_device_stream_has_the_cpu_batch_layout() -> None:
+    on_cpu, on_meta = next(_stream(num_strong=2)), next(_stream(num_strong=2, device=META))
+    assert on_cpu.keys() == on_meta.keys()
+    for key in on_cpu:
+        pairs = zip(on_cpu[key], on_meta[key]) if key == "u_strong" else [(on_cpu[key], on_meta[key])]
+        for cpu_tensor, meta_tensor in pairs:
+            assert (cpu_tensor.shape, cpu_tensor.dtype) == (meta_tensor.shape, meta_tensor.dtype), key
+
+
+def test_replica_streams_share_the_resident_tensors() -> None:
+    data = build_data(DatasetConfig(name="digits", n_max=30, m_max=40, imbalance=10, hflip=False))
+    names = ("labeled_images", "labeled_targets", "unlabeled_images", "unlabeled_targets", "unlabeled_is_labeled")
+    first, second = (data.make_stream(4, 2, 1, seed=0, replica=replica, device=META) for replica in (0, 1))
+    for name in names:
+        assert getattr(first, name) is getattr(second, name), name
+        assert getattr(first, name).device == META
+    on_cpu = data.make_stream(4, 2, 1, seed=0)
+    assert all(getattr(on_cpu, name).data_ptr() == getattr(data, name).data_ptr() for name in names)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from datasets import transforms
-from datasets.transforms import normalize, strong_augment, weak_augment
+from datasets.transforms import ParameterBuffer, normalize, strong_augment, weak_augment
+from ssl_imwa.sync_audit import SyncAudit
 
 
 def _images(count: int = 16, channels: int = 3, side: int = 32, seed: int = 0) -> torch.Tensor:
@@ -138,3 +139,45 @@ def test_normalize_matches_definition() -> None:
     mean, std = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
     expected = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     torch.testing.assert_close(normalize(images, mean, std), expected)
+
+
+def test_normalize_is_bitwise_the_folded_multiply_add_and_copies_nothing_once_warm() -> None:
+    images = _images(count=3)
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
+    std_tensor, mean_tensor = torch.tensor(std).view(1, 3, 1, 1), torch.tensor(mean).view(1, 3, 1, 1)
+    expected = images.float().mul_(1.0 / (255.0 * std_tensor)).sub_(mean_tensor / std_tensor)
+    assert torch.equal(normalize(images, mean, std), expected)
+    on_meta = images.to("meta")
+    normalize(on_meta, mean, std)
+    with SyncAudit(torch.device("meta")) as audit:
+        normalize(on_meta, mean, std)
+    assert audit.copies_to_device == [] and audit.syncs == []
+
+
+def test_parameter_buffer_round_trip_is_bit_for_bit() -> None:
+    buffer = ParameterBuffer()
+    integers = torch.tensor([[-(2**62), -1, 0], [1, 7, 2**62]])
+    flags = torch.tensor([True, False, True])
+    floats = torch.tensor([-0.0, float("nan"), 5e-324, 0.1, -1e300, float("inf")], dtype=torch.float64).view(3, 2)
+    slots = [buffer.add(values) for values in (integers, flags, floats, torch.zeros(0, dtype=torch.long))]
+    packed = buffer.send(torch.device("cpu"))
+    assert packed.dtype == torch.int64 and packed.numel() == 6 + 3 + 6
+    read = [slot.read(packed) for slot in slots]
+    assert torch.equal(read[0], integers) and torch.equal(read[1], flags.long())
+    assert read[2].dtype == torch.float64 and torch.equal(read[2].view(torch.int64), floats.view(torch.int64))
+    assert read[3].shape == (0,)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_augmenting_on_a_device_is_one_non_blocking_copy_without_sync(strong: bool) -> None:
+    """Warm: the first strong batch on a device builds the cached luma weights."""
+    images = _images(count=64).to("meta")
+    strong_augment(images, _generator(), pad=4, hflip=True, cutout=16)
+    with SyncAudit(torch.device("meta")) as audit:
+        if strong:
+            out = strong_augment(images, _generator(1), pad=4, hflip=True, cutout=16)
+        else:
+            out = weak_augment(images, _generator(1), pad=4, hflip=True)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert audit.syncs == []
+    assert len(audit.copies_to_device) == 1 and audit.copies_to_device[0].non_blocking
