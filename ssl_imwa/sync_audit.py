@@ -82,11 +82,13 @@ class SyncAudit(TorchDispatchMode):
         if func in DATA_DEPENDENT and on_device:
             self.syncs.append((str(func.overloadpacket.__name__), self._caller()))
             if self.tolerate and on_device[0].device.type == "meta":
-                return self._placeholder(func, on_device[0])
+                return self._placeholder(func, on_device[0], args, kwargs)
         elif func in INDEXING and on_device and any(
                 tensor.dtype in (torch.bool, torch.uint8) for tensor in tensors[1:]
                 if func is aten.index.Tensor or tensor is not tensors[-1]):
             self.syncs.append((f"{func.overloadpacket.__name__} with a boolean mask", self._caller()))
+            if self.tolerate and on_device[0].device.type == "meta":
+                return self._masked_placeholder(func, args)
         elif func is aten.lift_fresh.default and on_device:
             # torch.tensor(data, device=...): built on the host and copied, blocking, before we see it.
             self.copies_to_device.append(Copy(on_device[0].nbytes, False, False, self._caller()))
@@ -95,12 +97,24 @@ class SyncAudit(TorchDispatchMode):
         return func(*args, **kwargs)
 
     @staticmethod
-    def _placeholder(func: Any, tensor: torch.Tensor) -> Any:
+    def _placeholder(func: Any, tensor: torch.Tensor, args: Any, kwargs: dict[str, Any]) -> Any:
         if func is aten._local_scalar_dense.default:
             return False if tensor.dtype == torch.bool else (0.0 if tensor.is_floating_point() else 0)
         if func is aten.nonzero.default:
             return torch.empty(0, tensor.dim(), dtype=torch.long, device=tensor.device)
+        if func is aten.bincount.default:
+            return torch.zeros(kwargs.get("minlength", args[2] if len(args) > 2 else 0), dtype=torch.long,
+                               device=tensor.device)
         return torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+    @staticmethod
+    def _masked_placeholder(func: Any, args: Any) -> Any:
+        """Boolean-mask indexing as if the mask selected nothing; a masked write as a no-op."""
+        source, indices = args[0], args[1]
+        if func is aten.index.Tensor:
+            mask_dims = sum(1 if index is None else index.dim() for index in indices)
+            return torch.empty(0, *source.shape[mask_dims:], dtype=source.dtype, device=source.device)
+        return source
 
     def _record_copy(self, func: Any, args: Any, kwargs: dict[str, Any]) -> None:
         if func is aten._to_copy.default:
