@@ -7,7 +7,8 @@ uniform, about 2 if reversed), so pseudo-labels stay sound when the two distribu
 """
 from __future__ import annotations
 
-import math
+import functools
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from algorithms.base import (
     AlgorithmConfig,
     Batch,
     StepCount,
+    mean_of_states,
     resolve_steps,
 )
 from algorithms.fixmatch import masked_consistency, pseudo_label_accuracy
@@ -57,9 +59,31 @@ def anchor_distances(estimate: torch.Tensor, prior: torch.Tensor) -> torch.Tenso
     return 0.5 * forward + 0.5 * backward
 
 
-def tau_from_distances(distances: torch.Tensor, tau_max: float) -> float:
-    """tau = tau_max * exp(d_con) / sum_a exp(d_a) (NaN if a distance is not finite)."""
-    return tau_max * float(torch.softmax(distances.double(), dim=0)[0])
+def tau_from_distances(distances: torch.Tensor, tau_max: float) -> torch.Tensor:
+    """tau = tau_max * exp(d_con) / sum_a exp(d_a) as a 0-d float64 tensor (NaN if a distance is not finite).
+
+    It stays on the device: reading it back would make the step wait for the GPU.
+    """
+    return tau_max * torch.softmax(distances.double(), dim=0)[0]
+
+
+# Exponents that ATen evaluates with a dedicated kernel (x * x, sqrt, 1 / x, ...) when they come as a
+# Python number; a tensor exponent always takes pow(), which can differ from those in the last bit.
+SPECIAL_EXPONENTS = (0.5, 2.0, 3.0, -0.5, -1.0, -2.0)
+
+
+def power(base: torch.Tensor, exponent: float | torch.Tensor) -> torch.Tensor:
+    """base ** exponent; a tensor exponent (the official adjustment's tau) gives bitwise what a Python float gives."""
+    result = base ** exponent
+    if isinstance(exponent, torch.Tensor):
+        for special in SPECIAL_EXPONENTS:
+            result = torch.where(exponent == special, base ** special, result)
+    return result
+
+
+def as_scalar_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d float64 tensor on `device`, from a tensor or from the Python float an older checkpoint holds."""
+    return torch.as_tensor(value, dtype=torch.float64).to(device).reshape(()).clone()
 
 
 def confident_class_histogram(balanced_logits: torch.Tensor, is_labeled: torch.Tensor, threshold: float,
@@ -88,7 +112,7 @@ def adjusted_pseudo_labels(logits: torch.Tensor, adjustment: torch.Tensor, confi
 @register_algorithm("acr")
 class ACR(Algorithm):
     """State: u_hat, this epoch's distance sums and step count, and tau. At an IMWA merge the
-    default mean applies to all four (SPEC 6); a merge at an epoch boundary thus derives the next
+    mean applies to all four (SPEC 6); a merge at an epoch boundary thus derives the next
     tau from the replicas' averaged distances, a mid-epoch merge averages the replicas' taus."""
 
     Config = ACRConfig
@@ -105,11 +129,12 @@ class ACR(Algorithm):
             raise ValueError(f"algorithm.estimate_start_epoch={cfg.estimate_start_epoch!r}: expected an epoch index >= 0")
         # u_hat: the estimated unlabeled class distribution, uniform until estimation starts.
         self.estimate = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=self.device)
-        # This epoch's summed anchor distances and the number of steps that added to them.
+        # This epoch's summed anchor distances and the number of steps that added to them. The count
+        # and tau are 0-d float64 device tensors, updated with torch.where: no step waits for the GPU.
         self.distance_sum = torch.zeros(3, dtype=torch.float64, device=self.device)
-        self.distance_steps = 0.0
+        self.distance_steps = torch.zeros((), dtype=torch.float64, device=self.device)
         if cfg.follow_official_code:
-            self.tau = cfg.tau_max
+            self.tau = torch.full((), cfg.tau_max, dtype=torch.float64, device=self.device)
         else:
             self.tau = tau_from_distances(anchor_distances(self.estimate, self.labeled_prior), cfg.tau_max)
 
@@ -121,10 +146,10 @@ class ACR(Algorithm):
         nn.init.zeros_(head.bias)
         return {BALANCED_HEAD: head}
 
-    def adjustment(self, tau: float) -> torch.Tensor:
+    def adjustment(self, tau: float | torch.Tensor) -> torch.Tensor:
         """tau * log pi_l (paper, float32), or log(pi_l^tau + 1e-12) in float64 (official: promotes the logits)."""
         if self.cfg.follow_official_code:
-            return torch.log(self.labeled_prior ** tau + 1e-12)
+            return torch.log(power(self.labeled_prior, tau) + 1e-12)
         return (tau * self.labeled_prior.log()).float()
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
@@ -155,30 +180,37 @@ class ACR(Algorithm):
             "loss_u": loss_u.detach(),
             "loss_u_balanced": loss_u_balanced.detach(),
             "mask_rate": mask.mean(),
-            "tau": torch.tensor(self.tau),
+            "tau": self.tau.float(),
             "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
         }
 
     def _start_epoch(self, estimating: bool) -> None:
-        """tau from the previous epoch's mean anchor distances; a non-finite result keeps the old tau."""
-        # The official code divides by the epoch length even when fewer steps (or none) added distances.
-        divisor = self.epoch_length if self.cfg.follow_official_code else self.distance_steps
-        if estimating and divisor > 0:
-            tau = tau_from_distances(self.distance_sum / divisor, self.cfg.tau_max)
-            if math.isfinite(tau):
-                self.tau = tau
+        """tau from the previous epoch's mean anchor distances; no contributing step (paper) or a
+        non-finite result keeps the old tau, chosen on the device."""
+        if estimating:
+            if self.cfg.follow_official_code:
+                # The official code divides by the epoch length even when fewer steps (or none) added distances.
+                tau = tau_from_distances(self.distance_sum / self.epoch_length, self.cfg.tau_max)
+                valid = torch.isfinite(tau)
+            else:
+                tau = tau_from_distances(self.distance_sum / self.distance_steps, self.cfg.tau_max)
+                valid = torch.isfinite(tau) & (self.distance_steps > 0)
+            self.tau = torch.where(valid, tau, self.tau)
         self.distance_sum = torch.zeros_like(self.distance_sum)
-        self.distance_steps = 0.0
+        self.distance_steps = torch.zeros_like(self.distance_steps)
 
     def _update_estimate(self, balanced_logits: torch.Tensor, is_labeled: torch.Tensor) -> None:
+        """u_hat and the distance sums move only when the histogram is not empty (chosen on the device)."""
         histogram = confident_class_histogram(balanced_logits, is_labeled, self.cfg.threshold, self.num_classes,
                                               one_unit_per_class=self.cfg.follow_official_code)
-        if histogram.sum() <= 0:
-            return
+        total = histogram.sum()
+        found = total > 0
         momentum = self.cfg.estimate_momentum
-        self.estimate = momentum * self.estimate + (1.0 - momentum) * histogram / histogram.sum()
-        self.distance_sum = self.distance_sum + anchor_distances(self.estimate, self.labeled_prior)
-        self.distance_steps += 1.0
+        estimate = momentum * self.estimate + (1.0 - momentum) * histogram / total
+        self.estimate = torch.where(found, estimate, self.estimate)
+        self.distance_sum = torch.where(found, self.distance_sum + anchor_distances(estimate, self.labeled_prior),
+                                        self.distance_sum)
+        self.distance_steps = torch.where(found, self.distance_steps + 1.0, self.distance_steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"estimate": self.estimate, "distance_sum": self.distance_sum,
@@ -191,5 +223,13 @@ class ACR(Algorithm):
             raise KeyError(f"{self.name}: algorithm state lacks keys {sorted(missing)}")
         self.estimate = state["estimate"].to(device=self.device, dtype=torch.float64).clone()
         self.distance_sum = state["distance_sum"].to(device=self.device, dtype=torch.float64).clone()
-        self.distance_steps = float(state["distance_steps"])
-        self.tau = float(state["tau"])
+        self.distance_steps = as_scalar_tensor(state["distance_steps"], self.device)
+        self.tau = as_scalar_tensor(state["tau"], self.device)
+
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The default mean, but tau and the step count summed in replica order as Python's sum did
+        when they were floats: torch's mean adds K >= 5 values in another order (last-bit changes)."""
+        merged = mean_of_states(states)
+        for key in ("tau", "distance_steps"):
+            merged[key] = functools.reduce(operator.add, [state[key] for state in states]) / len(states)
+        return merged

@@ -6,6 +6,7 @@ blends more for classes that the current pseudo-labels over-predict.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +67,18 @@ class FeatureQueue:
 
     @torch.no_grad()
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Append in batch order; when more than L of a class arrive at once, the last L are kept."""
+        """Append in batch order; when more than L of a class arrive at once, the last L are kept.
+
+        Static shapes only (no boolean indexing), so a CUDA step never waits for the device. Every
+        slot that a kept row writes is set to -0.0, then all rows are added to their slots, the
+        rows not kept as -0.0. x + -0.0 == x bitwise for every x (-0.0 and NaN included) and each
+        slot gets at most one kept row, so the result is exactly the kept rows, in any order of
+        accumulation (CUDA atomics included).
+        """
         features = features.detach().float()
         if self.features.shape[2] != features.shape[1]:
-            if bool(self.fill.any()):
+            # Any push sets D, so a queue still at D = 0 is empty (checked without reading `fill`).
+            if self.features.shape[2] > 0:
                 raise ValueError(f"DASO queue holds {self.features.shape[2]}-d features, got {features.shape[1]}-d")
             self.features = torch.zeros(*self.features.shape[:2], features.shape[1], device=self.features.device)
         num_classes = self.features.shape[0]
@@ -78,7 +87,10 @@ class FeatureQueue:
         arrivals = one_hot.sum(0)
         keep = rank >= arrivals[labels] - self.size
         slots = (self.pointer[labels] + rank) % self.size
-        self.features[labels[keep], slots[keep]] = features[keep]
+        # Class k's kept rows fill the min(arrivals_k, L) slots from its pointer on.
+        age = (torch.arange(self.size, device=self.pointer.device) - self.pointer[:, None]) % self.size
+        self.features.masked_fill_((age < arrivals[:, None])[..., None], -0.0)
+        self.features.index_put_((labels, slots), torch.where(keep[:, None], features, -0.0), accumulate=True)
         self.pointer = (self.pointer + arrivals) % self.size
         self.fill = torch.clamp(self.fill + arrivals, max=self.size)
 
@@ -110,7 +122,11 @@ class FeatureQueue:
 
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
     """cos(z, c_k) / T_proto for every class k, in float32 even under autocast (1/T_proto = 20 amplifies rounding)."""
-    with torch.autocast(features.device.type, enabled=False):
+    device_type = features.device.type
+    # A device type without autocast (meta, the stand-in of sync audits) has none to turn off.
+    no_autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                   else contextlib.nullcontext())
+    with no_autocast:
         return F.normalize(features.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t() / temperature
 
 
@@ -195,8 +211,11 @@ class DASO(Algorithm):
         }
 
     def _count_pseudo_labels(self, labels: torch.Tensor, step: int) -> None:
-        """Histogram of final pseudo-labels (all samples, no threshold); m_hat is replaced every period."""
-        self.pl_counts += torch.bincount(labels, minlength=self.num_classes).to(self.pl_counts)
+        """Histogram of final pseudo-labels (all samples, no threshold); m_hat is replaced every period.
+
+        A one-hot sum, not bincount: bincount reads the largest label back to size its output.
+        """
+        self.pl_counts += F.one_hot(labels, self.num_classes).sum(0).to(self.pl_counts)
         if (step + 1) % self.dist_update_period == 0:
             self.pl_dist = self.pl_counts / self.pl_counts.sum()
             self.pl_counts = torch.zeros_like(self.pl_counts)

@@ -33,11 +33,16 @@ def masked_consistency(strong_logits: torch.Tensor, labels: torch.Tensor, mask: 
 
 
 def pseudo_label_accuracy(labels: torch.Tensor, mask: torch.Tensor, true_labels: torch.Tensor) -> torch.Tensor:
-    """Accuracy of the masked pseudo-labels where the truth is known (diagnostic only; NaN if none)."""
+    """Accuracy of the masked pseudo-labels where the truth is known (diagnostic only; NaN if none).
+
+    Counts over the whole batch instead of a boolean-indexed subset, so a CUDA step never waits
+    for the device. On CPU correct / known is bitwise the subset's mean (both are float32(k) /
+    float32(n)); the NaN comes from torch.where because 0 / 0 gives one with the sign bit set.
+    """
     known = (true_labels >= 0) & mask.bool()
-    if not bool(known.any()):
-        return torch.tensor(float("nan"))
-    return (labels[known] == true_labels[known]).float().mean()
+    known_count = known.sum().float()
+    accuracy = (known & (labels == true_labels)).sum().float() / known_count
+    return torch.where(known_count > 0, accuracy, float("nan"))
 
 
 @register_algorithm("fixmatch")

@@ -19,6 +19,7 @@ from algorithms.acr import (
     tau_from_distances,
 )
 from ssl_imwa.models import create_model
+from tests.test_fixmatch import audit_steps, meta_batch, meta_setup
 from tests.utils import (
     assert_bitwise_equal,
     checkpoint_algorithm_state,
@@ -88,7 +89,7 @@ def test_pseudo_label_masks_use_or_and_targets_use_the_adjusted_logits() -> None
 
 def test_losses_match_hand_computation() -> None:
     algorithm = ACR(ACRConfig(tau12=0.0), 2, [9, 1], total_steps=10)
-    algorithm.tau = 1.0
+    algorithm.tau = torch.tensor(1.0, dtype=torch.float64)
     # Labeled (2, 0 | 2, 0), y = 1: CE_s = log(1 + e^2) = 2.1269280; balanced logits + 2 log pi_l =
     # (1.7892790, -4.6051702): CE_b = log(1 + e^6.3944492) = 6.3961186.
     # Strong views all (1, 0 | 1, 0): CE(target 0) = 0.3132617, CE(target 1) = 1.3132617.
@@ -128,7 +129,8 @@ def test_tau_at_each_anchor_for_cifar10_gamma100(anchor: str, expected_tau: floa
     prior = torch.tensor(CIFAR10_GAMMA100, dtype=torch.float64)
     prior = prior / prior.sum()
     estimate = {"consistent": prior, "uniform": torch.full_like(prior, 0.1), "reversed": prior.flip(0)}[anchor]
-    assert tau_from_distances(anchor_distances(estimate, prior), tau_max=2.0) == pytest.approx(expected_tau, abs=0.01)
+    tau = float(tau_from_distances(anchor_distances(estimate, prior), tau_max=2.0))
+    assert tau == pytest.approx(expected_tau, abs=0.01)
 
 
 def test_estimate_histogram_excludes_labeled_images() -> None:
@@ -143,7 +145,7 @@ def test_estimate_histogram_excludes_labeled_images() -> None:
 def test_estimate_updates_only_from_the_start_epoch_and_tau_at_epoch_starts() -> None:
     paper = ACR(ACRConfig(epoch_length=2, estimate_start_epoch=1), 2, [9, 1], total_steps=10)
     official = ACR(ACRConfig(epoch_length=2, estimate_start_epoch=1, follow_official_code=True), 2, [9, 1], 10)
-    initial_tau = paper.tau
+    initial_tau = float(paper.tau)
     # Unlabeled samples the balanced head confidently puts in class 1.
     confident = torch.tensor([[0.0, 0.0, 0.0, 9.0]] * 3)
     confident_batch = make_batch(torch.zeros(1, 4), [0], confident, confident)
@@ -161,20 +163,20 @@ def test_estimate_updates_only_from_the_start_epoch_and_tau_at_epoch_starts() ->
     estimate = torch.tensor([0.495, 0.505], dtype=torch.float64)
     torch.testing.assert_close(paper.estimate, estimate)
     # Epoch 1 starts with no distances yet: the paper keeps tau, the official code divides zeros -> 2/3.
-    assert paper.tau == initial_tau and official.tau == pytest.approx(2 / 3)
+    assert float(paper.tau) == initial_tau and float(official.tau) == pytest.approx(2 / 3)
     step_both(unconfident_batch, step=3)   # nothing confident: no update, no distance
     torch.testing.assert_close(paper.estimate, estimate)
     step_both(confident_batch, step=4)     # epoch 2 starts: tau from epoch 1's distances
     distances = anchor_distances(estimate, torch.tensor([0.9, 0.1], dtype=torch.float64))
-    assert paper.tau == pytest.approx(tau_from_distances(distances, 2.0), abs=1e-12)
-    assert official.tau == pytest.approx(tau_from_distances(distances / 2, 2.0), abs=1e-12)
+    assert float(paper.tau) == pytest.approx(float(tau_from_distances(distances, 2.0)), abs=1e-12)
+    assert float(official.tau) == pytest.approx(float(tau_from_distances(distances / 2, 2.0)), abs=1e-12)
 
 
 def test_initial_tau_paper_from_uniform_estimate_official_tau_max() -> None:
     prior = torch.tensor(CIFAR10_GAMMA100, dtype=torch.float64)
-    assert ACR(ACRConfig(), 10, CIFAR10_GAMMA100, 10).tau == pytest.approx(
-        tau_from_distances(anchor_distances(torch.full((10,), 0.1), prior / prior.sum()), 2.0))
-    assert ACR(ACRConfig(follow_official_code=True), 10, CIFAR10_GAMMA100, 10).tau == 2.0
+    assert float(ACR(ACRConfig(), 10, CIFAR10_GAMMA100, 10).tau) == pytest.approx(
+        float(tau_from_distances(anchor_distances(torch.full((10,), 0.1), prior / prior.sum()), 2.0)))
+    assert float(ACR(ACRConfig(follow_official_code=True), 10, CIFAR10_GAMMA100, 10).tau) == 2.0
 
 
 @pytest.mark.parametrize("official", [False, True])
@@ -213,7 +215,41 @@ def test_merge_averages_estimate_accumulators_and_tau() -> None:
     torch.testing.assert_close(merged["distance_sum"], torch.tensor([2.0, 1.0, 2.0], dtype=torch.float64))
     assert merged["distance_steps"] == 3.0 and merged["tau"] == 1.0
     algorithm.load_state_dict(merged)
-    assert algorithm.tau == 1.0 and algorithm.distance_steps == 3.0
+    assert float(algorithm.tau) == 1.0 and float(algorithm.distance_steps) == 3.0
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_steps_never_wait_for_the_device(official: bool) -> None:
+    # Epochs of 2 steps, estimating from epoch 1: step 2 recomputes tau from no steps, step 4 from two.
+    config = ACRConfig(epoch_length=2, estimate_start_epoch=1, follow_official_code=official)
+    algorithm, model, teacher = meta_setup(ACR, config)
+    algorithm.losses(meta_batch(2), model, teacher, 0)   # warm-up
+    steps = [1, 2, 3, 4]
+    assert audit_steps(algorithm, model, teacher, steps) == {step: ([], [], []) for step in steps}
+    assert algorithm.tau.device == torch.device("meta") and algorithm.distance_steps.device == torch.device("meta")
+
+
+def test_special_tau_gives_the_adjustment_of_a_python_float() -> None:
+    # A Python 3.0 exponent takes ATen's x*x*x, a tensor one pow(): here one entry would differ by an ulp.
+    official = ACR(ACRConfig(follow_official_code=True, tau_max=3.0), 10, [9, 8, 7, 6, 5, 4, 3, 2, 1, 1], 10)
+    assert torch.equal(official.adjustment(official.tau), official.adjustment(3.0))
+
+
+def test_merge_of_five_replicas_keeps_the_taus_python_sum() -> None:
+    # torch's mean adds five values in another order than Python's sum did when tau was a float.
+    algorithm = ACR(ACRConfig(), 2, [9, 1], total_steps=10)
+    taus = [0.1, 0.2, 0.3, 0.9, 1.3]   # Python: 0.5599999999999999, torch.mean: 0.56
+    state = algorithm.state_dict()
+    merged = algorithm.merge_states([{**state, "tau": torch.tensor(tau, dtype=torch.float64)} for tau in taus])
+    assert merged["tau"].item() == sum(taus) / 5
+
+
+def test_state_with_python_floats_loads() -> None:
+    # Checkpoints written before tau and the step count became tensors hold Python floats.
+    algorithm = ACR(ACRConfig(), 2, [9, 1], total_steps=10)
+    algorithm.load_state_dict({**algorithm.state_dict(), "tau": 0.25, "distance_steps": 3.0})
+    assert algorithm.tau.dtype == torch.float64 and algorithm.tau.dim() == 0 and algorithm.tau.item() == 0.25
+    assert algorithm.distance_steps.dtype == torch.float64 and algorithm.distance_steps.item() == 3.0
 
 
 RUN = ["algorithm=acr", "experiment=quickstart", "train.iterations=30", "train.batch_size=8", "train.mu=2",

@@ -20,6 +20,7 @@ from algorithms.daso import (
     prototype_logits,
 )
 from ssl_imwa.models import create_model
+from tests.test_fixmatch import audit_steps, meta_batch, meta_setup
 from tests.utils import (
     assert_bitwise_equal,
     checkpoint_algorithm_state,
@@ -87,6 +88,17 @@ def test_queue_is_fifo_per_class_and_prototype_is_mean() -> None:
     queue.push(torch.tensor([[10.0], [20.0], [30.0], [40.0]]), torch.tensor([0, 0, 0, 0]))
     assert queue.most_recent(0, 3).flatten().tolist() == [20.0, 30.0, 40.0]
     assert queue.prototypes()[0].item() == pytest.approx(30.0)
+
+
+def test_queue_keeps_exact_values_when_a_class_overflows() -> None:
+    # Class 0 gets 3 rows for 2 slots: -inf is dropped, and the -0.0 written to its slot stays -0.0.
+    queue = FeatureQueue(num_classes=2, size=2, device=torch.device("cpu"))
+    queue.push(torch.tensor([[5.0], [6.0], [7.0]]), torch.tensor([1, 0, 0]))
+    queue.push(torch.tensor([[float("-inf")], [float("nan")], [1.0], [-0.0]]), torch.tensor([0, 0, 1, 0]))
+    oldest, newest = queue.most_recent(0, 2).flatten().tolist()
+    assert math.isnan(oldest) and newest == 0.0 and math.copysign(1.0, newest) == -1.0
+    assert queue.most_recent(1, 2).flatten().tolist() == [5.0, 1.0]
+    assert queue.fill.tolist() == [2, 2] and queue.pointer.tolist() == [1, 0]
 
 
 def test_unseen_class_has_zero_prototype_and_zero_cosine() -> None:
@@ -191,6 +203,15 @@ def test_merge_averages_histograms_and_rebuilds_queues_from_newest_features() ->
     assert merged["queue_features"][1, 0, 0].item() == 5.0
     algorithm.load_state_dict(merged)
     torch.testing.assert_close(algorithm.queue.prototypes(), torch.tensor([[16.0], [5.0]]))
+
+
+def test_steps_never_wait_for_the_device() -> None:
+    # Warm-up ends at step 3; m_hat is refreshed after steps 1 and 3.
+    config = DASOConfig(warmup_steps=3, dist_update_period=2, queue_size=2)
+    algorithm, model, teacher = meta_setup(DASO, config)
+    algorithm.losses(meta_batch(1), model, teacher, 0)   # warm-up (the first push sizes the queue)
+    steps = [1, 2, 3, 4]
+    assert audit_steps(algorithm, model, teacher, steps) == {step: ([], [], []) for step in steps}
 
 
 RUN = ["algorithm=daso", "experiment=quickstart", "train.iterations=30", "train.batch_size=8", "train.mu=2",

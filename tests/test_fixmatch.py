@@ -1,10 +1,55 @@
-"""FixMatch's loss on a hand-made batch equals a hand computation."""
+"""FixMatch's loss on a hand-made batch equals a hand computation; its step never waits for the device."""
+import copy
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from algorithms.fixmatch import FixMatch, FixMatchConfig
+from algorithms.base import Algorithm, AlgorithmConfig
+from algorithms.fixmatch import FixMatch, FixMatchConfig, pseudo_label_accuracy
+from ssl_imwa.models import create_model
+from ssl_imwa.sync_audit import SyncAudit
+
+META = torch.device("meta")
+
+
+def meta_setup(algorithm_cls: type[Algorithm], config: AlgorithmConfig) -> tuple[Algorithm, nn.Module, nn.Module]:
+    """The algorithm, a small CNN with the algorithm's heads, and its teacher, all on the meta device."""
+    num_classes = 4
+    algorithm = algorithm_cls(config, num_classes, [5, 3, 2, 1], total_steps=100, device=META)
+    model = create_model("small_cnn", num_classes, 3, 0.001)
+    for name, head in algorithm.build_heads(model.feature_dim, num_classes).items():
+        model.add_head(name, head)
+    model = model.to(META)
+    return algorithm, model, copy.deepcopy(model).eval()
+
+
+def meta_batch(num_strong: int, batch_size: int = 8, mu: int = 2) -> dict[str, Any]:
+    """Meta tensors in the layout of datasets.stream.TrainStream.next."""
+    unlabeled = batch_size * mu
+
+    def images(count: int) -> torch.Tensor:
+        return torch.empty(count, 3, 32, 32, device=META)
+
+    def longs(count: int) -> torch.Tensor:
+        return torch.empty(count, dtype=torch.long, device=META)
+
+    return {"x": images(batch_size), "y": longs(batch_size), "u_weak": images(unlabeled),
+            "u_strong": [images(unlabeled) for _ in range(num_strong)], "u_index": longs(unlabeled),
+            "u_is_labeled": torch.empty(unlabeled, dtype=torch.bool, device=META), "u_target": longs(unlabeled)}
+
+
+def audit_steps(algorithm: Algorithm, model: nn.Module, teacher: nn.Module, steps: list[int]
+                ) -> dict[int, tuple[list[Any], list[Any], list[str]]]:
+    """Per step: the syncs, the host-to-device copies and the outputs not on the device (all should be empty)."""
+    found = {}
+    for step in steps:
+        with SyncAudit(META, tolerate=True) as audit:
+            outputs = algorithm.losses(meta_batch(algorithm.num_strong_views()), model, teacher, step)
+        off_device = [key for key, value in outputs.items() if value.device != META]
+        found[step] = (audit.syncs, audit.copies_to_device, off_device)
+    return found
 
 
 class FixedLogits(nn.Module):
@@ -70,3 +115,17 @@ def test_no_grad_weak_pass_gives_the_same_loss_without_bn() -> None:
     assert joint["mask_rate"] > 0
     for key in ("loss", "loss_x", "loss_u", "mask_rate"):
         assert torch.allclose(joint[key], separate[key]), key
+
+
+def test_pseudo_label_accuracy_is_nan_without_known_samples() -> None:
+    # The NaN is the one torch.tensor(nan) gives (sign bit clear), not 0/0's (sign bit set on x86).
+    labels = torch.tensor([0, 1, 1])
+    accuracy = pseudo_label_accuracy(labels, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([-1, 1, -1]))
+    assert accuracy.view(torch.int32).item() == torch.tensor(float("nan")).view(torch.int32).item()
+    assert pseudo_label_accuracy(labels, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0, 0, -1])).item() == 0.5
+
+
+def test_step_never_waits_for_the_device() -> None:
+    algorithm, model, teacher = meta_setup(FixMatch, FixMatchConfig())
+    algorithm.losses(meta_batch(1), model, teacher, 0)   # warm-up
+    assert audit_steps(algorithm, model, teacher, [1, 2]) == {1: ([], [], []), 2: ([], [], [])}
