@@ -120,6 +120,48 @@ class FeatureQueue:
         self.pointer = state["queue_pointer"].to(device=device, dtype=torch.long).clone()
 
 
+def merge_queues(queues: list[FeatureQueue]) -> FeatureQueue:
+    """One queue from the K replicas' newest L/K entries per class, oldest first, replicas
+    interleaved by recency (entries of equal age in replica order), so the merged ring overwrites
+    the oldest features first.
+
+    Computed for all classes at once with static shapes: no value is read back to the host, so a
+    merge on a GPU does not wait for it.
+    """
+    size, replicas = queues[0].size, len(queues)
+    shares = torch.tensor([size // replicas + (k < size % replicas) for k in range(replicas)],
+                          device=queues[0].fill.device)
+    depth = -(-size // replicas)   # the largest share
+    fill = torch.stack([queue.fill for queue in queues])                      # [K, C]
+    pointer = torch.stack([queue.pointer for queue in queues])                # [K, C]
+    age = torch.arange(depth, device=fill.device)                            # 0 = newest
+    # exists[k, c, a]: replica k contributes its entry of age a for class c.
+    exists = age < torch.minimum(shares[:, None], fill)[..., None]
+    source_slot = (pointer[..., None] - 1 - age) % size                       # [K, C, A]
+    present = exists.long()
+    per_age = present.sum(0)                                                  # [C, A]
+    older = per_age.flip(1).cumsum(1).flip(1) - per_age                       # entries older than age a
+    before = present.cumsum(0) - present                                      # same age, earlier replicas
+    position = older + before                                                 # [K, C, A]
+    num_classes = fill.shape[1]
+    classes = torch.arange(num_classes, device=fill.device)[None, :, None].expand_as(position)
+    # A replica that never pushed still has 0-d features (and nothing valid): give it zeros of the others' size.
+    dim = max(queue.features.shape[2] for queue in queues)
+    features = torch.stack([queue.features if queue.features.shape[2] == dim
+                            else queue.features.new_zeros(num_classes, size, dim) for queue in queues])  # [K, C, L, D]
+    chosen = features[torch.arange(replicas, device=fill.device)[:, None, None], classes, source_slot]
+    # Absent entries go to a spare slot L, dropped afterwards.
+    target = torch.where(exists, position, size)
+    merged_features = features.new_zeros(num_classes, size + 1, features.shape[-1])
+    merged_features.index_put_((classes, target), chosen)
+    merged = FeatureQueue(num_classes, size, fill.device)
+    merged.features = merged_features[:, :size].contiguous()
+    total = present.sum((0, 2))
+    merged.fill = total.clamp(max=size)
+    merged.pointer = total % size
+    return merged
+
+
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
     """cos(z, c_k) / T_proto for every class k, in float32 even under autocast (1/T_proto = 20 amplifies rounding)."""
     device_type = features.device.type
@@ -244,14 +286,5 @@ class DASO(Algorithm):
             queue = FeatureQueue(self.num_classes, self.cfg.queue_size, self.device)
             queue.load_state_dict(state)
             queues.append(queue)
-        merged_queue = FeatureQueue(self.num_classes, self.cfg.queue_size, self.device)
-        size, replicas = self.cfg.queue_size, len(states)
-        shares = [size // replicas + (k < size % replicas) for k in range(replicas)]   # L/K each
-        for cls in range(self.num_classes):
-            recent = [queue.most_recent(cls, share) for queue, share in zip(queues, shares)]
-            depth = max(len(entries) for entries in recent)
-            ordered = [entries[len(entries) - age - 1]
-                       for age in reversed(range(depth)) for entries in recent if age < len(entries)]
-            if ordered:
-                merged_queue.push(torch.stack(ordered), torch.full((len(ordered),), cls, device=self.device))
+        merged_queue = merge_queues(queues)
         return {**merged_queue.state_dict(), **merged}

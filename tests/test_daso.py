@@ -15,6 +15,7 @@ from algorithms.daso import (
     DASO,
     DASOConfig,
     FeatureQueue,
+    merge_queues,
     blend_pseudo_labels,
     distribution_weights,
     prototype_logits,
@@ -235,3 +236,33 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     resumed = train_run(tmp_path, [*RUN, "resume=true"], "resumed")
     assert_bitwise_equal(checkpoint_tensors(uninterrupted), checkpoint_tensors(resumed))
     assert_bitwise_equal(checkpoint_algorithm_state(uninterrupted), checkpoint_algorithm_state(resumed))
+
+
+def _merge_queues_by_class(queues: list[FeatureQueue]) -> list[list[list[float]]]:
+    """Reference: per class, each replica's newest L/K entries, oldest age first, replicas in order."""
+    size, replicas = queues[0].size, len(queues)
+    shares = [size // replicas + (k < size % replicas) for k in range(replicas)]
+    merged = []
+    for cls in range(queues[0].features.shape[0]):
+        recent = [queue.most_recent(cls, share).tolist() for queue, share in zip(queues, shares)]
+        depth = max(len(entries) for entries in recent)
+        merged.append([entries[len(entries) - age - 1] for age in reversed(range(depth))
+                       for entries in recent if age < len(entries)])
+    return merged
+
+
+@pytest.mark.parametrize("replicas, size", [(2, 4), (3, 5), (4, 3), (5, 7)])
+def test_merged_queues_equal_a_class_by_class_reference(replicas: int, size: int) -> None:
+    generator = torch.Generator().manual_seed(replicas * 10 + size)
+    queues = []
+    for _ in range(replicas):
+        queue = FeatureQueue(4, size, torch.device("cpu"))
+        for _ in range(3):
+            count = int(torch.randint(1, 2 * size + 2, (1,), generator=generator))
+            queue.push(torch.randn(count, 3, generator=generator), torch.randint(0, 4, (count,), generator=generator))
+        queues.append(queue)
+    merged = merge_queues(queues)
+    for cls, expected in enumerate(_merge_queues_by_class(queues)):
+        assert int(merged.fill[cls]) == len(expected) and int(merged.pointer[cls]) == len(expected) % size
+        assert merged.features[cls, :len(expected)].tolist() == expected
+        assert not merged.features[cls, len(expected):].any()
