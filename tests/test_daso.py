@@ -15,9 +15,9 @@ from algorithms.daso import (
     DASO,
     DASOConfig,
     FeatureQueue,
-    merge_queues,
     blend_pseudo_labels,
     distribution_weights,
+    merge_queues,
     prototype_logits,
 )
 from ssl_imwa.models import create_model
