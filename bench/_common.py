@@ -1,10 +1,13 @@
-"""Shared benchmark helpers: machine idleness, peak memory, and a header that states the conditions."""
+"""Shared benchmark helpers: machine idleness, peak memory, a header that states the conditions, device
+synchronisation, composing the real config, and bitwise checkpoint comparisons (bench/ never imports tests/)."""
 from __future__ import annotations
 
 import os
 import platform
 import resource
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,8 +37,104 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def header(title: str, threads: int) -> str:
+def header(title: str, threads: int, device: torch.device | str = "cpu") -> str:
     share, verdict = machine_busy()
+    gpu = f" | {device_summary(device)}" if torch.device(device).type == "cuda" else ""
     return (f"# {title}\n# {time.strftime('%Y-%m-%d %H:%M:%S')} | torch {torch.__version__} | "
-            f"{platform.processor() or platform.machine()} | {os.cpu_count()} cores | threads {threads} | "
+            f"{platform.processor() or platform.machine()} | {os.cpu_count()} cores | threads {threads}{gpu} | "
             f"CPU busy before start {share:.0%} ({verdict})")
+
+
+# ----- helpers for bench/gpu_smoke.py and any benchmark that may run on a GPU ----------------------
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): call before reading a clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory window on CUDA (CPU peak RSS cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak GPU memory allocated by tensors since the last reset on CUDA; peak process RSS elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mb()
+
+
+def device_summary(device: torch.device | str) -> str:
+    """'NVIDIA H100 80GB HBM3, 79.2 GiB, sm_90' for a GPU; the processor for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.total_memory / 2 ** 30:.1f} GiB, sm_{props.major}{props.minor}"
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compose_config(overrides: list[str], run_dir: Path | str = ".") -> Any:
+    """The real config (same files and schema as main.py) composed with Hydra's compose API, unvalidated.
+
+    Pass it to `ssl_imwa.config.validate` to type-check it, or to `ssl_imwa.run.run` to train.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from ssl_imwa.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"run_dir={run_dir}", "train.progress=false"])
+
+
+def checkpoint_tensors(run_dir: Path | str, name: str = "latest.pt") -> dict[str, torch.Tensor]:
+    """Every replica's student, teacher and optimiser tensors in a checkpoint, flattened, on the CPU."""
+    payload = torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=False)
+    flat: dict[str, torch.Tensor] = {}
+    for index, replica in enumerate(payload["replicas"]):
+        for part in ("model", "teacher"):
+            for key, value in replica[part].items():
+                flat[f"{index}.{part}.{key}"] = value
+        for param, entry in replica["optimizer"]["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    flat[f"{index}.optimizer.{param}.{key}"] = value
+    return flat
+
+
+def tensor_differences(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> list[str]:
+    """What differs between two flattened tensor dicts, bitwise (empty: identical), one line per key."""
+    lines = [f"{key}: only in the first" for key in sorted(left.keys() - right.keys())]
+    lines += [f"{key}: only in the second" for key in sorted(right.keys() - left.keys())]
+    for key in sorted(left.keys() & right.keys()):
+        a, b = left[key], right[key]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            lines.append(f"{key}: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
+        elif not torch.equal(a, b):
+            differing = int((a != b).sum()) if a.numel() else 0
+            detail = ""
+            if a.is_floating_point():
+                detail = f", max |diff| {float((a.double() - b.double()).abs().nan_to_num(float('inf')).max()):.3g}"
+            lines.append(f"{key}: {differing} of {a.numel()} elements differ{detail}")
+    return lines

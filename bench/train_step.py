@@ -11,6 +11,10 @@ uint8 images. Compare the two images/s figures to see which one limits a run.
 forward + backward on the same images (no losses, optimiser or EMA: what any implementation of
 the step must at least pay), and the dense matrix-multiply rate in the same precision. The step's
 FLOPs are counted with `torch.utils.flop_counter`, so its GFLOP/s can be set beside that rate.
+
+`--device cuda` puts every tensor on the GPU and synchronises it before each clock reading;
+`--tf32` lets fp32 matrix multiplies and convolutions use TF32 (without it both are kept in full
+fp32, whatever PyTorch's defaults); peak memory is then the GPU's (`max_memory_allocated`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python bench/train_step.py`
 
 from algorithms.fixmatch import FixMatch, FixMatchConfig
-from bench._common import header, peak_rss_mb
+from bench._common import header, peak_memory_mb, reset_peak_memory, synchronize
 from datasets import TrainStream
 from ssl_imwa.config import TrainConfig
 from ssl_imwa.ema import EMATeacher
@@ -66,10 +70,11 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
     algorithm = FixMatch(FixMatchConfig(weak_pass=args.weak_pass), 10, [500, 50, 5, 500, 50, 5, 500, 50, 5, 5], cfg.iterations, device)
     unlabeled = args.mu * args.batch
     shape = (3, args.size, args.size)
-    batch = {"x": torch.randn(args.batch, *shape, device=device), "y": torch.randint(0, 10, (args.batch,)),
+    batch = {"x": torch.randn(args.batch, *shape, device=device),
+             "y": torch.randint(0, 10, (args.batch,), device=device),
              "u_weak": torch.randn(unlabeled, *shape, device=device),
              "u_strong": [torch.randn(unlabeled, *shape, device=device)],
-             "u_target": torch.randint(0, 10, (unlabeled,))}
+             "u_target": torch.randint(0, 10, (unlabeled,), device=device)}
     replica = Replica(0, model, EMATeacher(model, algorithm.cfg.ema), build_optimizer(model, cfg), algorithm,
                       _RepeatBatch(batch), None)
     trainer = Trainer(cfg, device)
@@ -77,30 +82,36 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
     compile_started = time.perf_counter()
     for step in range(args.warmup):
         trainer.step(replica, step)
+    synchronize(device)
     print(f"warm-up ({args.warmup} steps{', includes compilation' if args.compile else ''}): "
           f"{time.perf_counter() - compile_started:.1f} s")
     with FlopCounterMode(display=False) as counter:  # one untimed step: what the step computes
         trainer.step(replica, args.warmup)
+    synchronize(device)
     started = time.perf_counter()
     for step in range(args.steps):
         trainer.step(replica, args.warmup + 1 + step)
+    synchronize(device)
     seconds = time.perf_counter() - started
     return {"images_per_step": images, "ms_per_step": 1000 * seconds / args.steps,
             "images_per_s": images * args.steps / seconds, "gflop_per_step": counter.get_total_flops() / 1e9}
 
 
-def _timed(fn, warmup: int, steps: int) -> float:
-    """Seconds per call of `fn` after `warmup` untimed calls."""
+def _timed(fn, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per call of `fn` after `warmup` untimed calls (the device drained before each clock reading)."""
     for _ in range(warmup):
         fn()
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         fn()
+    synchronize(device)
     return (time.perf_counter() - started) / steps
 
 
-def bench_ceiling(args: argparse.Namespace, images: int) -> dict[str, float]:
-    """The bare model's forward + backward on `images` images, and the GEMM rate."""
+def bench_bare(args: argparse.Namespace, images: int) -> dict[str, float]:
+    """The bare model's forward + backward on `images` images: no losses beyond one cross-entropy,
+    no optimiser, no EMA."""
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = create_model(args.model, 10, 3, 0.001).to(device)
@@ -117,16 +128,26 @@ def bench_ceiling(args: argparse.Namespace, images: int) -> dict[str, float]:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    seconds = _timed(forward_backward, args.warmup, args.steps)
-    side = 2048
+    seconds = _timed(forward_backward, args.warmup, args.steps, device)
+    return {"bare_images_per_s": images / seconds, "bare_ms": 1000 * seconds}
+
+
+def bench_gemm(args: argparse.Namespace, side: int = 2048) -> float:
+    """Dense side x side matrix-multiply rate in GFLOP/s, in the precision of `args.precision`."""
+    device = torch.device(args.device)
     dtype = PRECISION_DTYPES[args.precision]
     a = torch.randn(side, side, device=device, dtype=dtype)
     b = torch.randn(side, side, device=device, dtype=dtype)
-    gemm_seconds = _timed(lambda: a @ b, 3, 20)
-    return {"bare_images_per_s": images / seconds, "gemm_gflops": 2 * side ** 3 / gemm_seconds / 1e9}
+    return 2 * side ** 3 / _timed(lambda: a @ b, 3, 20, device) / 1e9
+
+
+def bench_ceiling(args: argparse.Namespace, images: int) -> dict[str, float]:
+    """The bare model's forward + backward on `images` images, and the GEMM rate."""
+    return {**bench_bare(args, images), "gemm_gflops": bench_gemm(args)}
 
 
 def bench_data(args: argparse.Namespace) -> dict[str, float]:
+    device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     pool = 4096
     images = torch.randint(0, 256, (pool, 3, args.size, args.size), dtype=torch.uint8, generator=generator)
@@ -136,19 +157,32 @@ def bench_data(args: argparse.Namespace) -> dict[str, float]:
         unlabeled_targets=torch.full((pool,), -1), unlabeled_is_labeled=torch.zeros(pool, dtype=torch.bool),
         batch_size=args.batch, mu=args.mu, num_strong=1, mean=[0.5] * 3, std=[0.25] * 3,
         pad=args.size // 8, hflip=True, cutout=args.size // 2, seed=0, replica=0, episode=0,
-        device=torch.device(args.device))
+        device=device)
     per_batch = args.batch + args.mu * args.batch * 2
     for _ in range(3):
         next(stream)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(args.steps):
         next(stream)
+    synchronize(device)
     seconds = time.perf_counter() - started
     return {"images_per_batch": per_batch, "ms_per_batch": 1000 * seconds / args.steps,
             "images_per_s": per_batch * args.steps / seconds}
 
 
-def main() -> None:
+def set_tf32(enabled: bool) -> tuple[bool, bool]:
+    """Allow (or forbid) TF32 in fp32 CUDA matrix multiplies and cuDNN convolutions; returns the previous flags."""
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    return previous
+
+
+def restore_tf32(previous: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wrn28_2")
     parser.add_argument("--batch", type=int, default=64)
@@ -159,19 +193,30 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: TF32 for fp32 matmuls and convolutions")
     parser.add_argument("--weak-pass", choices=("joint", "no_grad"), default="joint")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (inductor)")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time the bare model's forward+backward and the GEMM rate (upper bounds)")
     parser.add_argument("--target", type=float, default=350.0, help="images/s the step should reach")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     tune_glibc_malloc()  # as every training run does
     torch.set_num_threads(args.threads)
-    print(header("FixMatch training step and data pipeline", args.threads))
-    print(f"# model {args.model} | B={args.batch} mu={args.mu} | {args.size}px | precision {args.precision} | "
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    set_tf32(args.tf32)
+    print(header("FixMatch training step and data pipeline", args.threads, device))
+    print(f"# model {args.model} | B={args.batch} mu={args.mu} | {args.size}px | precision {args.precision}"
+          f"{' (TF32)' if args.tf32 and args.precision == 'fp32' and device.type == 'cuda' else ''} | "
           f"channels_last {args.channels_last} | compile {args.compile} | weak pass {args.weak_pass} | {args.steps} timed steps after {args.warmup} warm-up")
+    reset_peak_memory(device)
     step = bench_step(args)
     print(f"train step : {step['images_per_s']:8.1f} images/s  ({step['ms_per_step']:.1f} ms for "
           f"{step['images_per_step']} images)")
@@ -189,7 +234,8 @@ def main() -> None:
         data = bench_data(args)
         print(f"data stream: {data['images_per_s']:8.1f} images/s  ({data['ms_per_batch']:.1f} ms for "
               f"{data['images_per_batch']} images: labeled weak + unlabeled weak + strong)")
-    print(f"peak memory (RSS): {peak_rss_mb():.0f} MB")
+    print(f"peak memory ({'GPU, max_memory_allocated' if device.type == 'cuda' else 'RSS'}): "
+          f"{peak_memory_mb(device):.0f} MB")
 
 
 if __name__ == "__main__":
