@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from ssl_imwa.checkpoint import replica_tensors
+
 
 def _cpu_times() -> tuple[int, int]:
     with open("/proc/stat") as stat:
@@ -110,17 +112,7 @@ def compose_config(overrides: list[str], run_dir: Path | str = ".") -> Any:
 
 def checkpoint_tensors(run_dir: Path | str, name: str = "latest.pt") -> dict[str, torch.Tensor]:
     """Every replica's student, teacher and optimiser tensors in a checkpoint, flattened, on the CPU."""
-    payload = torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=False)
-    flat: dict[str, torch.Tensor] = {}
-    for index, replica in enumerate(payload["replicas"]):
-        for part in ("model", "teacher"):
-            for key, value in replica[part].items():
-                flat[f"{index}.{part}.{key}"] = value
-        for param, entry in replica["optimizer"]["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    flat[f"{index}.optimizer.{param}.{key}"] = value
-    return flat
+    return replica_tensors(torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=False))
 
 
 def tensor_differences(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> list[str]:

@@ -54,3 +54,18 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"checkpoint {path} was written by a different experiment; resume needs the same "
                            "settings:\n  " + "\n  ".join(mismatched))
     return payload
+
+
+def replica_tensors(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every replica's student, teacher and optimiser tensors, flattened by name
+    (`<replica>.<part>.<key>`): what a bitwise comparison of two runs compares."""
+    flat: dict[str, torch.Tensor] = {}
+    for index, replica in enumerate(payload["replicas"]):
+        for part in ("model", "teacher"):
+            for key, value in replica[part].items():
+                flat[f"{index}.{part}.{key}"] = value
+        for param, entry in replica["optimizer"]["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    flat[f"{index}.optimizer.{param}.{key}"] = value
+    return flat

@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from ssl_imwa.checkpoint import replica_tensors
 from ssl_imwa.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +45,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def checkpoint_tensors(run_dir: Path, name: str = "latest.pt") -> dict[str, torch.Tensor]:
     """Every replica's student, teacher and optimiser tensors, flattened, for bitwise comparisons."""
-    payload = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
-    flat: dict[str, torch.Tensor] = {}
-    for index, replica in enumerate(payload["replicas"]):
-        for part in ("model", "teacher"):
-            for key, value in replica[part].items():
-                flat[f"{index}.{part}.{key}"] = value
-        for param, entry in replica["optimizer"]["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    flat[f"{index}.optimizer.{param}.{key}"] = value
-    return flat
+    return replica_tensors(torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=False))
 
 
 def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
