@@ -27,6 +27,7 @@ from algorithms.base import (
 from algorithms.fixmatch import masked_consistency, pseudo_label_accuracy
 from algorithms.registry import register_algorithm
 from ssl_imwa.ema import EMAConfig
+from ssl_imwa.validation import expect_range
 
 BALANCED_HEAD = "logits_balanced"
 
@@ -46,6 +47,15 @@ class ACRConfig(AlgorithmConfig):
     # distance sums divided by epoch_length even when fewer steps added to them.
     follow_official_code: bool = False
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
+
+    def validate(self) -> None:
+        super().validate()
+        expect_range("algorithm.threshold", self.threshold, 0, 1)
+        expect_range("algorithm.tau_max", self.tau_max, 0)
+        for key in ("tau12", "tau2"):   # any real strength; negative ones are ablations
+            expect_range(f"algorithm.{key}", getattr(self, key))
+        expect_range("algorithm.estimate_momentum", self.estimate_momentum, 0, 1)
+        expect_range("algorithm.estimate_start_epoch", self.estimate_start_epoch, 0)
 
 
 def anchor_distances(estimate: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ssl_imwa.ema import EMAConfig
+from ssl_imwa.ema import BUFFER_POLICIES, EMAConfig
+from ssl_imwa.validation import expect_choice, expect_range
 
 Batch = dict[str, Any]
 Outputs = dict[str, torch.Tensor]
@@ -30,6 +31,12 @@ class AlgorithmConfig:
     # autograd (about 1.3-1.5x faster steps; BN then normalises the weak batch by its own
     # statistics and its running stats are updated twice per step). docs/performance.md.
     weak_pass: str = "joint"
+
+    def validate(self) -> None:
+        """Raise ValueError naming `algorithm.<key>` for a value out of range; subclasses add their keys."""
+        expect_choice("algorithm.weak_pass", self.weak_pass, WEAK_PASSES)
+        expect_range("algorithm.ema.decay", self.ema.decay, 0, 1, high_open=True)
+        expect_choice("algorithm.ema.buffers", self.ema.buffers, BUFFER_POLICIES)
 
 
 def resolve_steps(value: StepCount, total_steps: int, key: str) -> int:

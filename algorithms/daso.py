@@ -29,6 +29,7 @@ from algorithms.fixmatch import (
 )
 from algorithms.registry import register_algorithm
 from ssl_imwa.ema import EMAConfig
+from ssl_imwa.validation import expect_range
 
 
 @dataclass
@@ -46,6 +47,16 @@ class DASOConfig(AlgorithmConfig):
     warmup_steps: StepCount = 5000    # plain FixMatch before this global step
     dist_update_period: StepCount = 100   # m_hat is replaced by the last period's histogram this often
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=True, buffers="ema"))
+
+    def validate(self) -> None:
+        super().validate()
+        expect_range("algorithm.threshold", self.threshold, 0, 1)
+        for key in ("lambda_u", "lambda_align"):
+            expect_range(f"algorithm.{key}", getattr(self, key), 0)
+        expect_range("algorithm.queue_size", self.queue_size, 1)
+        for key in ("proto_temperature", "dist_temperature"):
+            expect_range(f"algorithm.{key}", getattr(self, key), 0, low_open=True)
+        expect_range("algorithm.interp_alpha", self.interp_alpha, 0, 1)
 
 
 class FeatureQueue:

@@ -9,6 +9,7 @@ from torch import nn
 
 from algorithms.base import Algorithm, AlgorithmConfig, Batch
 from algorithms.registry import register_algorithm
+from ssl_imwa.validation import expect_range
 
 
 @dataclass
@@ -17,6 +18,12 @@ class FixMatchConfig(AlgorithmConfig):
     threshold: float = 0.95     # tau: confidence needed for a pseudo-label to count
     lambda_u: float = 1.0       # weight of the unlabeled consistency loss
     temperature: float = 1.0    # of the weak-view softmax (FixMatch: 1, hard labels)
+
+    def validate(self) -> None:
+        super().validate()
+        expect_range("algorithm.threshold", self.threshold, 0, 1)
+        expect_range("algorithm.lambda_u", self.lambda_u, 0)
+        expect_range("algorithm.temperature", self.temperature, 0, low_open=True)
 
 
 def confident_pseudo_labels(weak_logits: torch.Tensor, threshold: float, temperature: float = 1.0

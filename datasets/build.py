@@ -97,6 +97,9 @@ def _stl10(cfg: DatasetConfig) -> DatasetParts:
 
 @register_dataset("imagefolder")
 def _image_folder(cfg: DatasetConfig) -> DatasetParts:
+    if cfg.root is None:
+        raise ValueError("dataset.root is not set: dataset.name=imagefolder reads train/<class>/* and "
+                         "test/<class>/* from there (set dataset.root=/path/to/folder)")
     return DatasetParts(train=read_image_folder(cfg.root, "train"), test=read_image_folder(cfg.root, "test"))
 
 

@@ -15,7 +15,7 @@ class DatasetConfig:
     """Which dataset, how it is made long-tailed, and how it is augmented (SPEC section 2)."""
 
     name: str = "cifar10"  # cifar10 | cifar100 | stl10 | imagefolder | digits
-    root: str = "./data"  # where files live (imagefolder: the folder holding train/ and test/)
+    root: Optional[str] = "./data"  # where files live (imagefolder: the folder holding train/ and test/, required)
     download: bool = False  # torchvision download only when True
     protocol: str = "disjoint"  # disjoint | nested (SPEC 2.3)
     n_max: int = 500  # N1, labeled head count

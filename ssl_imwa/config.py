@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from datasets.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
 from ssl_imwa.twa import TWAConfig
+from ssl_imwa.validation import expect_choice, expect_positive, expect_range
 
 MERGE_STRATEGIES = ("uniform", "twa")
 
@@ -77,16 +78,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}='{value}': expected one of {', '.join(allowed)}")
-
-
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{key}={value}: expected a {'non-negative' if allow_zero else 'positive'} value")
-
-
 def validate(cfg: DictConfig) -> DictConfig:
     """Check the composed config and type the algorithm section with its plugin's dataclass.
 
@@ -95,27 +86,44 @@ def validate(cfg: DictConfig) -> DictConfig:
     """
     from algorithms import get_algorithm, load_plugins
 
+    # A required value left unset ('???' in a config file) would otherwise take the schema's default.
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: required, but no value was given (set it on the command line, "
+                         f"e.g. {missing[0]}=...)")
     typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     load_plugins(list(typed.plugins))
     algorithm_cls = get_algorithm(typed.algorithm.name)
     typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
+    OmegaConf.to_object(typed.algorithm).validate()
     train = typed.train
-    _choice("train.schedule", train.schedule, SCHEDULES)
-    _choice("train.precision", train.precision, PRECISIONS)
-    _positive("train.iterations", train.iterations)
-    _positive("train.batch_size", train.batch_size)
-    _positive("train.mu", train.mu, allow_zero=True)
-    _positive("train.eval_every", train.eval_every)
-    _positive("train.lr", train.lr, allow_zero=True)
-    _positive("imwa.k", typed.imwa.k)
-    _positive("imwa.episodes", typed.imwa.episodes)
-    _choice("imwa.merge", typed.imwa.merge, MERGE_STRATEGIES)
-    _choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
+    expect_choice("train.schedule", train.schedule, SCHEDULES)
+    expect_choice("train.precision", train.precision, PRECISIONS)
+    expect_positive("train.iterations", train.iterations)
+    expect_positive("train.batch_size", train.batch_size)
+    expect_positive("train.mu", train.mu, allow_zero=True)
+    expect_positive("train.eval_every", train.eval_every)
+    expect_positive("train.lr", train.lr)
+    expect_range("train.momentum", train.momentum, 0, 1, high_open=True)
+    expect_positive("train.weight_decay", train.weight_decay, allow_zero=True)
+    expect_positive("train.eval_batch_size", train.eval_batch_size)
+    expect_positive("train.log_every", train.log_every)
+    expect_positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
+    expect_positive("train.num_threads", train.num_threads, allow_zero=True)
+    expect_range("train.stop_at", train.stop_at, 0, train.iterations)
+    expect_range("model.bn_momentum", typed.model.bn_momentum, 0, 1)
+    expect_positive("imwa.timeout_s", typed.imwa.timeout_s)
+    expect_positive("imwa.k", typed.imwa.k)
+    expect_positive("imwa.episodes", typed.imwa.episodes)
+    expect_choice("imwa.merge", typed.imwa.merge, MERGE_STRATEGIES)
+    expect_choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
     twa = typed.imwa.twa
-    _choice("imwa.twa.parameterisation", twa.parameterisation, ("simplex", "affine"))
-    _choice("imwa.twa.granularity", twa.granularity, ("model", "layer"))
-    _choice("imwa.twa.data", twa.data, ("twa-v", "twa-t"))
-    _choice("imwa.twa.bn", twa.bn, ("average", "recompute"))
+    expect_choice("imwa.twa.parameterisation", twa.parameterisation, ("simplex", "affine"))
+    expect_choice("imwa.twa.granularity", twa.granularity, ("model", "layer"))
+    expect_choice("imwa.twa.data", twa.data, ("twa-v", "twa-t"))
+    expect_choice("imwa.twa.bn", twa.bn, ("average", "recompute"))
+    for key in ("steps", "lr", "batch_size", "bn_batches"):
+        expect_positive(f"imwa.twa.{key}", twa[key])
     if typed.imwa.merge == "twa" and typed.dataset.val_per_class == 0 and (twa.data == "twa-v" or twa.accept):
         raise ValueError("imwa.merge=twa with imwa.twa.data=twa-v or imwa.twa.accept=true needs a labeled "
                          "held-out split: set dataset.val_per_class > 0 (those labels are reported as consumed)")

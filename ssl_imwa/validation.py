@@ -1,0 +1,25 @@
+"""Value checks that name the config key and what was expected (types are OmegaConf's job)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def expect_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}='{value}': expected one of {', '.join(allowed)}")
+
+
+def expect_range(key: str, value: float, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """`value` finite and within [low, high] (an open end excludes the bound; None: unbounded)."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or too_low or too_high:
+        left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{key}={value}: expected a finite value in {left}, {right}")
+
+
+def expect_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    expect_range(key, value, 0, low_open=not allow_zero)

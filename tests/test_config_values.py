@@ -1,0 +1,70 @@
+"""Out-of-range values fail before any data is read, with a message naming the key."""
+from __future__ import annotations
+
+import pytest
+
+from datasets import build_data
+from ssl_imwa.config import validate
+from ssl_imwa.validation import expect_range
+from tests.utils import compose_config
+
+BAD_VALUES = [
+    (["algorithm.threshold=1.5"], "algorithm.threshold=1.5"),
+    (["algorithm.threshold=-0.5"], "algorithm.threshold=-0.5"),
+    (["algorithm.lambda_u=-1"], "algorithm.lambda_u=-1"),
+    (["algorithm.temperature=0"], "algorithm.temperature=0"),
+    (["algorithm.ema.decay=1.0"], "algorithm.ema.decay=1.0"),
+    (["algorithm.weak_pass=half"], "algorithm.weak_pass='half'"),
+    (["algorithm=daso", "algorithm.queue_size=0"], "algorithm.queue_size=0"),
+    (["algorithm=daso", "algorithm.proto_temperature=-0.05"], "algorithm.proto_temperature=-0.05"),
+    (["algorithm=daso", "algorithm.interp_alpha=1.5"], "algorithm.interp_alpha=1.5"),
+    (["algorithm=acr", "algorithm.estimate_momentum=2"], "algorithm.estimate_momentum=2"),
+    (["algorithm=acr", "algorithm.tau_max=-1"], "algorithm.tau_max=-1"),
+    (["algorithm=acr", "algorithm.tau2=nan"], "algorithm.tau2=nan"),
+    (["train.momentum=1.5"], "train.momentum=1.5"),
+    (["train.weight_decay=-1"], "train.weight_decay=-1"),
+    (["train.lr=inf"], "train.lr=inf"),
+    (["train.lr=0"], "train.lr=0"),
+    (["train.eval_batch_size=0"], "train.eval_batch_size=0"),
+    (["train.log_every=0"], "train.log_every=0"),
+    (["train.num_threads=-1"], "train.num_threads=-1"),
+    (["train.stop_at=900"], "train.stop_at=900"),
+    (["model.bn_momentum=2"], "model.bn_momentum=2"),
+    (["imwa.timeout_s=0"], "imwa.timeout_s=0"),
+    (["imwa.twa.steps=0"], "imwa.twa.steps=0"),
+]
+
+
+@pytest.mark.parametrize("overrides, named", BAD_VALUES, ids=[" ".join(case[0]) for case in BAD_VALUES])
+def test_an_out_of_range_value_is_refused_by_name(overrides: list[str], named: str) -> None:
+    with pytest.raises(ValueError) as error:
+        validate(compose_config(["experiment=quickstart", *overrides]))
+    assert str(error.value).startswith(named), str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_the_presets_and_defaults_are_valid() -> None:
+    for overrides in ([], ["experiment=quickstart", "algorithm=daso"], ["experiment=quickstart", "algorithm=acr"],
+                      ["experiment=cifar10_lt"], ["experiment=stl10_lt"]):
+        validate(compose_config(overrides))
+
+
+def test_an_image_folder_without_a_root_names_the_key() -> None:
+    """The schema's default used to fill the required root in, and the error named ./data/train."""
+    cfg = validate(compose_config(["dataset=imagefolder"]))
+    with pytest.raises(ValueError, match=r"^dataset.root is not set: dataset.name=imagefolder"):
+        build_data(cfg.dataset)
+
+
+@pytest.mark.parametrize("value, low, high, low_open, high_open, accepted", [
+    (0.0, 0, 1, False, False, True), (0.0, 0, 1, True, False, False), (1.0, 0, 1, False, True, False),
+    (1.0, 0, 1, False, False, True), (float("inf"), 0, None, False, False, False),
+    (float("nan"), None, None, False, False, False), (-5.0, None, 0, False, False, True),
+])
+def test_expect_range_bounds(value: float, low: float | None, high: float | None, low_open: bool, high_open: bool,
+                             accepted: bool) -> None:
+    if accepted:
+        expect_range("key", value, low, high, low_open=low_open, high_open=high_open)
+    else:
+        with pytest.raises(ValueError, match="^key="):
+            expect_range("key", value, low, high, low_open=low_open, high_open=high_open)
