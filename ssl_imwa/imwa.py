@@ -168,6 +168,11 @@ class Orchestrator:
         steps done twice come out the same.
         """
         latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
+        writers = self._processes_that_wrote()
+        if writers is not None and writers != self.comm.world_size:
+            how = f"torchrun --nproc_per_node={writers} main.py ..." if writers > 1 else "python main.py ... (no torchrun)"
+            raise ValueError(f"run {self.checkpoint_dir.parent} was written by {writers} process(es), this resume has "
+                             f"{self.comm.world_size}: every process holds its own replicas, so resume with {how}")
         if self.comm.world_size == 1:
             self._restore(load_checkpoint(latest, self.fingerprint), latest)
             return
@@ -204,6 +209,13 @@ class Orchestrator:
                      common + 1)
             return
         self._restore(payload, source)
+
+    def _processes_that_wrote(self) -> int | None:
+        """How many processes wrote this run's latest checkpoints (None: there are none)."""
+        ranks = [int(path.name.split(".")[1].removeprefix("rank")) for path in self.checkpoint_dir.glob("latest.rank*.pt")]
+        if ranks:
+            return max(ranks) + 1
+        return 1 if (self.checkpoint_dir / "latest.pt").exists() else None
 
     def _raise_if_any(self, problems: list[str | None]) -> None:
         found = [f"process {rank}: {problem}" for rank, problem in enumerate(problems) if problem]

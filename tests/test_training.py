@@ -80,6 +80,16 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
         train_run(tmp_path, [*TINY, "resume=true"])
 
 
+def test_resume_with_another_number_of_processes_names_both(tmp_path: Path) -> None:
+    """A run written by two processes has latest.rank0.pt and latest.rank1.pt, no latest.pt."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for rank in range(2):
+        (checkpoints / f"latest.rank{rank}.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this resume has 1.*torchrun --nproc_per_node=2"):
+        train_run(tmp_path, [*TINY, "resume=true", "imwa.k=2"])
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     from ssl_imwa.config import validate
 
