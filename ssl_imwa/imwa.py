@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ssl_imwa.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
 from ssl_imwa.config import Config
-from ssl_imwa.distributed import Communicator
+from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.evaluation import Evaluator
 from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult
@@ -84,6 +84,10 @@ class Orchestrator:
         self.steps_per_episode = cfg.train.iterations // cfg.imwa.episodes
         self.episode = 0
         self.replica_steps = {replica.index: 0 for replica in replicas}
+        # The episode's common start point, which TWA may use as a candidate; checkpointed when it
+        # does, since after a resume mid-episode no replica holds it any more.
+        self.episode_start: dict[str, Any] | None = None
+        self.keeps_start = cfg.imwa.merge == "twa" and cfg.imwa.twa.include_start
         # Evaluations of this process's replicas not yet handed to process 0 (W > 1 only).
         self.pending: list[dict[str, Any]] = []
         self.state: dict[str, Any] = {
@@ -154,6 +158,7 @@ class Orchestrator:
             "progress": {"episode": self.episode, "replica_steps": dict(self.replica_steps)},
             "replicas": [replica.state_dict() for replica in self.replicas],
             "run_state": {**self.state, "pending": self.pending, "rng": _rng_state(self.trainer.device)},
+            "episode_start": self.episode_start if self.keeps_start else None,
         }
         save_atomic(payload, self.checkpoint_dir / self._checkpoint_name(name))
 
@@ -234,6 +239,8 @@ class Orchestrator:
         run_state = dict(payload["run_state"])
         _set_rng_state(run_state.pop("rng"), self.trainer.device)
         self.pending = run_state.pop("pending")
+        start = payload.get("episode_start")
+        self.episode_start = None if start is None else to_device(start, self.trainer.device)
         self.state = run_state
         if self.comm.is_main:
             self._truncate_metrics(self.state["metrics_lines"])
@@ -299,21 +306,24 @@ class Orchestrator:
                   disable=not (self.cfg.train.progress and self.comm.is_main), dynamic_ncols=True) as progress:
             while self.episode < episodes:
                 episode_end = (self.episode + 1) * self.steps_per_episode
-                # The episode's common start point (TWA may use it as a candidate).
-                start = {"model": self.replicas[0].model.state_dict(), "teacher": self.replicas[0].teacher.state_dict()}
-                start = {part: {key: value.clone() for key, value in tensors.items()} for part, tensors in start.items()}
+                if self.episode_start is None:   # every replica holds it now: they start from one state
+                    start = {"model": self.replicas[0].model.state_dict(),
+                             "teacher": self.replicas[0].teacher.state_dict()}
+                    self.episode_start = {part: {key: value.clone() for key, value in tensors.items()}
+                                          for part, tensors in start.items()}
                 for replica in self.replicas:
                     progress.set_description(f"episode {self.episode + 1}/{episodes} replica {replica.index}")
                     if not self._train_replica(replica, episode_end, progress):
                         if self.comm.is_main:
                             self.logger.status("stopped")
                         return None
-                self._end_episode(episode_end, start)
+                self._end_episode(episode_end, self.episode_start)
         return self.results() if self.comm.is_main else None
 
     def _end_episode(self, episode_end: int, start: dict[str, Any]) -> None:
         self._collect_pending()
         merge = self._merge(start) if self.k > 1 else None
+        self.episode_start = None
         report = merge.report if merge else {"strategy": "identity (k=1)", "seconds": 0.0}
         if self.comm.is_main:
             test = self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end)

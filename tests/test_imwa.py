@@ -2,6 +2,7 @@
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.utils import (
@@ -45,11 +46,19 @@ def test_replicas_differ_within_episodes_and_agree_after_merges(tmp_path: Path) 
     assert all(entry["final"] is not None for entry in results["replicas"])
 
 
-def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path) -> None:
-    full = train_run(tmp_path, IMWA, "full")
+TWA = ["imwa.merge=twa", "dataset.val_per_class=10", "dataset.m_max=60", "imwa.twa.steps=10",
+       "imwa.twa.batch_size=32"]
+# Every merge, and every option that keeps state across an episode (TWA's start-point candidate).
+MERGES = {"uniform": [], "twa_with_start": [*TWA, "imwa.twa.include_start=true", "imwa.twa.accept=false"]}
+
+
+@pytest.mark.parametrize("merge", list(MERGES))
+def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path, merge: str) -> None:
+    overrides = [*IMWA, *MERGES[merge]]
+    full = train_run(tmp_path, overrides, "full")
     # Step 13 of replica 0 is inside episode 2, while replica 1 is still at the episode start.
-    stopped = train_run(tmp_path, [*IMWA, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
-    train_run(tmp_path, [*IMWA, "resume=true"], "stopped")
+    stopped = train_run(tmp_path, [*overrides, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
+    train_run(tmp_path, [*overrides, "resume=true"], "stopped")
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
     strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert strip(read_metrics(full)) == strip(read_metrics(stopped))
@@ -102,8 +111,7 @@ def test_a_dead_replica_process_fails_the_others_fast(tmp_path: Path) -> None:
 
 
 def test_twa_merge_runs_in_the_orchestrator_and_reports_itself(tmp_path: Path) -> None:
-    run_dir = train_run(tmp_path, [*IMWA, "imwa.merge=twa", "dataset.val_per_class=10", "dataset.m_max=60",
-                                   "imwa.twa.steps=10", "imwa.twa.batch_size=32"])
+    run_dir = train_run(tmp_path, [*IMWA, *TWA])
     episodes = read_results(run_dir)["imwa"]["per_episode"]
     assert [entry["strategy"] for entry in episodes] == ["twa", "twa"]
     for entry in episodes:
@@ -115,7 +123,6 @@ def test_twa_merge_runs_in_the_orchestrator_and_reports_itself(tmp_path: Path) -
 
 
 def test_twa_without_a_held_out_split_is_a_clear_error() -> None:
-    import pytest
 
     from ssl_imwa.config import validate
     from tests.utils import compose_config
