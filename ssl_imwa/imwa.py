@@ -88,6 +88,8 @@ class Orchestrator:
         # does, since after a resume mid-episode no replica holds it any more.
         self.episode_start: dict[str, Any] | None = None
         self.keeps_start = cfg.imwa.merge == "twa" and cfg.imwa.twa.include_start
+        # Per replica, on the device: the first step whose loss was not finite (-1: none yet).
+        self.first_nonfinite: dict[int, torch.Tensor] = {}
         # Evaluations of this process's replicas not yet handed to process 0 (W > 1 only).
         self.pending: list[dict[str, Any]] = []
         self.state: dict[str, Any] = {
@@ -150,7 +152,32 @@ class Orchestrator:
         stem, suffix = name.rsplit(".", 1)
         return f"{stem}.rank{self.comm.rank}.{suffix}"
 
+    def _watch_loss(self, replica: Replica, loss: torch.Tensor, done: int) -> None:
+        """Remember on the device the first step whose loss was not finite; read back only by the checks."""
+        first = self.first_nonfinite.get(replica.index)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self.first_nonfinite[replica.index] = torch.where(first.lt(0) & ~torch.isfinite(loss.detach()), done, first)
+
+    def _ensure_finite(self, replicas: list[Replica]) -> None:
+        """Stop before anything computed from a non-finite step is logged, evaluated, merged or saved,
+        naming the first bad step: the last good checkpoint stays the newest."""
+        for replica in replicas:
+            where = f"replica {replica.index}, episode {self.episode + 1}"
+            first = self.first_nonfinite.get(replica.index)
+            if first is not None and int(first) >= 0:
+                raise FloatingPointError(
+                    f"{where}: the loss is not finite at step {int(first)} (noticed at step "
+                    f"{self.replica_steps[replica.index]}); stopped, nothing after the last good checkpoint was written")
+            tensors = [tensor for module in (replica.model, replica.teacher.module)
+                       for tensor in module.state_dict().values() if tensor.is_floating_point()]
+            if not bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all()):
+                raise FloatingPointError(
+                    f"{where}: weights are not finite after step {self.replica_steps[replica.index]}; stopped, "
+                    "nothing after the last good checkpoint was written")
+
     def _save(self, name: str) -> None:
+        self._ensure_finite(self.replicas)
         self._elapsed()
         payload = {
             "format_version": FORMAT_VERSION,
@@ -263,17 +290,18 @@ class Orchestrator:
             step = self.replica_steps[replica.index]
             outputs = self.trainer.step(replica, step)
             self.replica_steps[replica.index] = done = step + 1
+            self._watch_loss(replica, outputs["loss"], done)
             self.state["images"] += images_per_step
             progress.update(1)
             if done % train.log_every == 0 or done == episode_end:
+                self._ensure_finite([replica])
                 scalars = host_scalars(outputs)
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"replica {replica.index}: loss is {scalars['loss']} at step {done}")
                 scalars["lr"] = lr_at(train, step)
                 self.logger.scalars(f"replica{replica.index}", scalars, done)
                 progress.set_postfix(loss=f"{scalars['loss']:.3f}", refresh=False)
             evaluated = done % train.eval_every == 0 or done == episode_end
             if evaluated:
+                self._ensure_finite([replica])
                 test = self._evaluate(replica.teacher.module, "replica", replica.index, done)
                 progress.set_postfix(top1=f"{test['top1']:.3f}", bal=f"{test['balanced_acc']:.3f}", refresh=False)
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or (

@@ -1,4 +1,6 @@
 """End-to-end behaviour of a training run: learning, determinism, exact resume, clear errors."""
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,18 @@ def test_a_config_error_is_recorded_in_the_run_directory(tmp_path: Path) -> None
         train_run(tmp_path, [*TINY, "train.lr=-1"])
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "train.lr=-1.0" in status["error"]
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """lr=1e6 diverges within a few steps; before, latest.pt then held non-finite weights."""
+    overrides = [*TINY, "train.lr=1e6", "train.checkpoint_every=1", "train.eval_every=10"]
+    with pytest.raises(FloatingPointError, match=r"replica 0, episode 1: .* not finite") as error:
+        train_run(tmp_path, overrides)
+    reported = [int(step) for step in re.findall(r"step (\d+)", str(error.value))]
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    saved_step = payload["progress"]["replica_steps"][0]
+    assert saved_step < min(reported), (saved_step, str(error.value))
+    assert all(tensor.isfinite().all() for tensor in checkpoint_tensors(tmp_path / "run").values()
+               if tensor.is_floating_point())
+    logged = read_metrics(tmp_path / "run") if (tmp_path / "run" / "metrics.jsonl").exists() else []
+    assert all(math.isfinite(row["top1"]) for row in logged)
