@@ -224,7 +224,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     try:
         cfg = validate(cfg)
     except Exception as error:  # recorded so a sweep's report can say why this job produced nothing
-        if rank_from_environment() == 0:
+        # ...but a refused resume leaves the run it was asked to continue as it was.
+        if rank_from_environment() == 0 and not cfg.get("resume", False):
             run_dir.mkdir(parents=True, exist_ok=True)
             RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -233,9 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     run_dir = agree_on_run_dir(run_dir, comm)
     cfg.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if comm.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    else:
+    if not comm.is_main:
         log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)
 
@@ -249,6 +248,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
                                 comm)
     if cfg.resume:
         orchestrator.resume()
+    if comm.is_main:  # after a resume has been accepted: a refused one leaves the run's record as it was
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run dir %s | %s on %s | k=%d episodes=%d | %d steps per replica | %s, %d process(es)", run_dir,
              cfg.algorithm.name, cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
              comm.world_size)

@@ -150,3 +150,13 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
                if tensor.is_floating_point())
     logged = read_metrics(tmp_path / "run") if (tmp_path / "run" / "metrics.jsonl").exists() else []
     assert all(math.isfinite(row["top1"]) for row in logged)
+
+
+def test_a_refused_resume_leaves_a_finished_run_as_it_was(tmp_path: Path) -> None:
+    run_dir = train_run(tmp_path, TINY)
+    record = {name: (run_dir / name).read_text() for name in ("config.yaml", "status.json", "results.json")}
+    with pytest.raises(ValueError, match="train.lr=-1"):
+        train_run(tmp_path, [*TINY, "resume=true", "train.lr=-1"])
+    with pytest.raises(RuntimeError, match="different experiment"):
+        train_run(tmp_path, [*TINY, "resume=true", "train.iterations=40"])
+    assert {name: (run_dir / name).read_text() for name in record} == record
