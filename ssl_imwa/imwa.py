@@ -199,6 +199,7 @@ class Orchestrator:
         passed (`merge_NNN`), or to the start if that is merge 0. Training is deterministic, so the
         steps done twice come out the same.
         """
+        self._remove_stale_temporaries()
         latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
         writers = self._processes_that_wrote()
         if writers is not None and writers != self.comm.world_size:
@@ -241,6 +242,15 @@ class Orchestrator:
                      common + 1)
             return
         self._restore(payload, source)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written checkpoints of this process left by a kill during a write (never read: the
+        rename that publishes a checkpoint did not happen)."""
+        mine = self._checkpoint_name("*.pt")
+        for path in self.checkpoint_dir.glob(f"{mine}.*.tmp"):
+            if self.comm.world_size > 1 or ".rank" not in path.name:
+                path.unlink(missing_ok=True)
+                log.info("removed %s, a checkpoint whose write was interrupted", path)
 
     def _processes_that_wrote(self) -> int | None:
         """How many processes wrote this run's latest checkpoints (None: there are none)."""

@@ -1,10 +1,14 @@
 """Build data, algorithm and replicas from a validated config, then hand them to the orchestrator."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +179,29 @@ def build_merger(cfg: Config, algorithm: Algorithm, comm: Communicator, data: SS
     return twa
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived: the run stops as after Ctrl-C, recording why."""
+
+
+@contextlib.contextmanager
+def terminated_as_an_exception() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Terminated` while training (main thread only), so the run's
+    status says it stopped instead of staying 'running'. Checkpoints are atomic either way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(f"terminated by {signal.Signals(signum).name} (resume with resume=true)")
+
+    previous = {number: signal.signal(number, terminate) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def agree_on_run_dir(run_dir: Path, comm: Communicator) -> Path:
     """Process 0's run directory, for every process.
 
@@ -254,10 +281,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
              cfg.algorithm.name, cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
              comm.world_size)
     try:
-        results = orchestrator.run()
+        with terminated_as_an_exception():
+            results = orchestrator.run()
     except BaseException as error:
         if comm.is_main:
-            logger.status("failed", error=f"{type(error).__name__}: {error}")
+            # Terminated (a scheduler's preemption, torchrun's teardown): resume=true continues it.
+            state = "stopped" if isinstance(error, Terminated) else "failed"
+            logger.status(state, error=f"{type(error).__name__}: {error}")
         logger.close()
         comm.close()
         raise

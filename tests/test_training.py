@@ -1,4 +1,5 @@
 """End-to-end behaviour of a training run: learning, determinism, exact resume, clear errors."""
+import json
 import math
 import re
 from pathlib import Path
@@ -160,3 +161,45 @@ def test_a_refused_resume_leaves_a_finished_run_as_it_was(tmp_path: Path) -> Non
     with pytest.raises(RuntimeError, match="different experiment"):
         train_run(tmp_path, [*TINY, "resume=true", "train.iterations=40"])
     assert {name: (run_dir / name).read_text() for name in record} == record
+
+
+TERMINATED_PLUGIN = """
+import os
+import signal
+from algorithms.fixmatch import FixMatch
+from algorithms.registry import register_algorithm
+
+@register_algorithm("terminated_at_step_3")
+class TerminatedAtStep3(FixMatch):
+    def losses(self, batch, model, teacher, step):
+        if step == 3 and os.environ.get("SSL_IMWA_TEST_TERMINATE"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().losses(batch, model, teacher, step)
+"""
+
+
+def test_sigterm_stops_the_run_with_its_status_and_resume_finishes_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preempted run said 'running' for ever; now 'stopped', and it resumes to the uninterrupted result."""
+    from ssl_imwa.run import Terminated
+
+    (tmp_path / "terminated_plugin.py").write_text(TERMINATED_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = [*TINY, "plugins=[terminated_plugin]", "algorithm.name=terminated_at_step_3",
+                 "train.checkpoint_every=2"]
+    full = train_run(tmp_path, overrides, "full")
+    monkeypatch.setenv("SSL_IMWA_TEST_TERMINATE", "1")
+    with pytest.raises(Terminated, match="SIGTERM"):
+        train_run(tmp_path, overrides)
+    monkeypatch.delenv("SSL_IMWA_TEST_TERMINATE")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "stopped" and "SIGTERM" in status["error"]
+    # A kill during a checkpoint write leaves a temporary file: the resume removes it.
+    stale = tmp_path / "run" / "checkpoints" / "latest.pt.x1y2.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["progress"][
+        "replica_steps"] == {0: 2}
+    train_run(tmp_path, [*overrides, "resume=true"])
+    assert not stale.exists()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "complete"
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(tmp_path / "run"))
