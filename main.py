@@ -14,13 +14,19 @@ register_configs()
 # torchrun: processes other than 0 write nothing of Hydra's (process 0's run directory reaches them
 # by broadcast, ssl_imwa.run.agree_on_run_dir) and do their own logging (ssl_imwa.run.log_secondary_process).
 SECONDARY_PROCESS_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=disabled")
+# resume=true: Hydra's record of the run (.hydra/) stays the original launch's, whatever this one says.
+RESUME_OVERRIDES = ("hydra.output_subdir=null",)
 
 
-def _quiet_secondary_process(argv: list[str]) -> list[str]:
-    if rank_from_environment() == 0:
-        return argv
+def _protective_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides that keep a run directory's record intact, added unless the user set them."""
     given = {arg.split("=", 1)[0].lstrip("+~") for arg in argv[1:]}
-    return argv + [override for override in SECONDARY_PROCESS_OVERRIDES if override.split("=", 1)[0] not in given]
+    extra: list[str] = []
+    if rank_from_environment() != 0:
+        extra += SECONDARY_PROCESS_OVERRIDES
+    if "resume=true" in [arg.lower() for arg in argv[1:]]:
+        extra += [override for override in RESUME_OVERRIDES if override not in extra]
+    return argv + [override for override in extra if override.split("=", 1)[0] not in given]
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -33,5 +39,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv = _quiet_secondary_process(sys.argv)
+    sys.argv = _protective_overrides(sys.argv)
     main()

@@ -32,6 +32,7 @@ from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
 from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
+from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
 from ssl_imwa.twa import TWAConfig, build_candidates, stratified_halves, twa_merge
 
@@ -261,6 +262,33 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     run_dir = agree_on_run_dir(run_dir, comm)
     cfg.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = claim_run_dir(run_dir, cfg.resume, comm)
+    try:
+        return _train(cfg, run_dir, device, comm)
+    finally:
+        lock.release()
+
+
+def claim_run_dir(run_dir: Path, resume: bool, comm: Communicator) -> RunDirectoryLock:
+    """Process 0 locks the run directory (and, for a fresh run, checks that no run trained there);
+    every process gets its verdict, so all stop together when it is refused."""
+    lock = RunDirectoryLock(run_dir)
+    problem = None
+    if comm.is_main:
+        try:
+            if not resume:
+                refuse_a_used_directory(run_dir)
+            lock.acquire()
+        except FileExistsError as error:
+            problem = str(error)
+    problem = comm.broadcast_object(problem, "run directory claim")
+    if problem:
+        comm.close()
+        raise FileExistsError(problem)
+    return lock
+
+
+def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator) -> dict[str, Any] | None:
     if not comm.is_main:
         log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)

@@ -217,12 +217,13 @@ def test_resume_when_the_processes_stopped_on_both_sides_of_a_merge(tmp_path: Pa
     assert strip(read_metrics(full)) == strip(read_metrics(split))
 
 
-def test_secondary_processes_get_quiet_hydra_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hydra_overrides_that_protect_a_run_directory(monkeypatch: pytest.MonkeyPatch) -> None:
     import main
 
     monkeypatch.setenv("RANK", "1")
-    quiet = main._quiet_secondary_process(["main.py", "imwa.k=2"])
+    quiet = main._protective_overrides(["main.py", "imwa.k=2"])
     assert quiet[2:] == ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
-    assert main._quiet_secondary_process(["main.py", "hydra.output_subdir=x"])[2:] == ["hydra/job_logging=disabled"]
+    assert main._protective_overrides(["main.py", "hydra.output_subdir=x"])[2:] == ["hydra/job_logging=disabled"]
     monkeypatch.setenv("RANK", "0")
-    assert main._quiet_secondary_process(["main.py", "imwa.k=2"]) == ["main.py", "imwa.k=2"]
+    assert main._protective_overrides(["main.py", "imwa.k=2"]) == ["main.py", "imwa.k=2"]
+    assert main._protective_overrides(["main.py", "resume=true"])[2:] == ["hydra.output_subdir=null"]
