@@ -31,9 +31,11 @@ def _protective_overrides(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
     from ssl_imwa.run import run
 
-    results = run(cfg)
+    results = run(cfg, list(HydraConfig.get().overrides.task))
     # Returned so Hydra sweepers can optimise it; None when the run stopped at train.stop_at.
     return None if results is None else results["final"]["balanced_acc"]
 

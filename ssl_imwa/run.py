@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,12 @@ from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
 from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
+from ssl_imwa.resume import LAUNCH_KEYS, resumed_config
 from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
 from ssl_imwa.twa import TWAConfig, build_candidates, stratified_halves, twa_merge
 
 log = logging.getLogger("ssl_imwa")
-
-# Keys that may change between a run and its resumption without changing the experiment.
-RESUME_FREE_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads",
-                    "train.checkpoint_every", "train.log_every", "imwa.timeout_s")
-
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """Flattened config minus the keys a resume may change; a checkpoint must match it."""
@@ -55,7 +51,7 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
             flat[prefix[:-1]] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return {key: value for key, value in flat.items() if key not in RESUME_FREE_KEYS}
+    return {key: value for key, value in flat.items() if key not in LAUNCH_KEYS}
 
 
 def tune_glibc_malloc() -> bool:
@@ -246,9 +242,15 @@ def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Commu
     return replicas, initial_model, algorithm_cls
 
 
-def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at)."""
+def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at).
+
+    `command_line`: the overrides typed for this launch; a resume takes the run's own saved
+    config and only these (ssl_imwa.resume).
+    """
     run_dir = Path(cfg.run_dir)
+    if cfg.get("resume", False):
+        cfg = resumed_config(cfg, command_line)
     try:
         cfg = validate(cfg)
     except Exception as error:  # recorded so a sweep's report can say why this job produced nothing

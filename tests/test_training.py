@@ -74,8 +74,20 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_mismatched_checkpoint_names_the_key(tmp_path: Path) -> None:
     train_run(tmp_path, [*TINY, "train.stop_at=10"])
-    with pytest.raises(RuntimeError, match=r"train.lr: checkpoint has 0.03, config has 0.1"):
+    with pytest.raises(RuntimeError, match=r"cannot change on resume.*\n  train.lr: run has 0.03, command line has 0.1"):
         train_run(tmp_path, [*TINY, "resume=true", "train.lr=0.1"])
+
+
+def test_a_resume_continues_the_run_as_recorded_without_retyping(tmp_path: Path) -> None:
+    """Only `resume=true` and the launch settings are typed: the rest comes from the run's config.yaml."""
+    original = [*TINY, "train.iterations=30", "train.eval_every=15", "seed=3", "train.lr=0.05"]
+    full = train_run(tmp_path, original, "full")
+    train_run(tmp_path, [*original, "train.stop_at=12"], "stopped")
+    train_run(tmp_path, ["experiment=quickstart", "resume=true", "train.num_threads=1"], "stopped")
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(tmp_path / "stopped"))
+    assert json.loads((tmp_path / "stopped" / "status.json").read_text())["status"] == "complete"
+    with pytest.raises(RuntimeError, match=r"seed: run has 3, command line has 4"):
+        train_run(tmp_path, ["experiment=quickstart", "resume=true", "seed=4"], "stopped")
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
@@ -156,9 +168,9 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 def test_a_refused_resume_leaves_a_finished_run_as_it_was(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, TINY)
     record = {name: (run_dir / name).read_text() for name in ("config.yaml", "status.json", "results.json")}
-    with pytest.raises(ValueError, match="train.lr=-1"):
-        train_run(tmp_path, [*TINY, "resume=true", "train.lr=-1"])
-    with pytest.raises(RuntimeError, match="different experiment"):
+    with pytest.raises(ValueError, match="train.log_every=0"):     # a launch key, checked by validation
+        train_run(tmp_path, [*TINY, "resume=true", "train.log_every=0"])
+    with pytest.raises(RuntimeError, match="train.iterations: run has 20, command line has 40"):
         train_run(tmp_path, [*TINY, "resume=true", "train.iterations=40"])
     assert {name: (run_dir / name).read_text() for name in record} == record
 

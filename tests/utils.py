@@ -31,7 +31,7 @@ def train_run(tmp_path: Path, overrides: list[str], name: str = "run") -> Path:
     from ssl_imwa.run import run
 
     run_dir = tmp_path / name
-    run(compose_config(overrides, run_dir))
+    run(compose_config(overrides, run_dir), overrides)
     return run_dir
 
 

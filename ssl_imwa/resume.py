@@ -1,0 +1,65 @@
+"""A resume continues a run as its own record says: the saved config, plus this launch's settings."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Config groups (`algorithm=acr`) are choices, compared with the original launch's, not values.
+CONFIG_GROUPS = tuple(sorted(path.name for path in (Path(__file__).resolve().parents[1] / "configs").iterdir()
+                             if path.is_dir()))
+# How this launch runs, not what it computes: always this launch's values (typed or default), never
+# part of what a checkpoint must match.
+LAUNCH_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads",
+               "train.checkpoint_every", "train.log_every", "imwa.timeout_s")
+
+
+def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
+    """The run's saved `config.yaml` with this launch's LAUNCH_KEYS on top.
+
+    Keys not typed again come from the record, so a resume needs no retyping of the original
+    overrides. A key typed on the command line that is not a launch key must agree with the
+    record, and a config group typed there (`algorithm=acr`) with the group chosen at the original
+    launch (Hydra's `.hydra/hydra.yaml`); otherwise the resume is refused, naming each.
+    Without a saved config (nothing ran there) `cfg` is returned as it is.
+    """
+    run_dir = Path(str(cfg.run_dir))
+    record = run_dir / "config.yaml"
+    if not record.is_file():
+        return cfg
+    saved = OmegaConf.load(record)
+    typed = {override.split("=", 1)[0].lstrip("+~"): override.split("=", 1)[1]
+             for override in command_line if "=" in override and not override.startswith("hydra")}
+    conflicts = []
+    for key in typed:
+        if key in LAUNCH_KEYS or key in CONFIG_GROUPS or key not in saved and "." not in key:
+            continue
+        now, then = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
+        if _plain(now) != _plain(then):
+            conflicts.append(f"{key}: run has {_plain(then)!r}, command line has {_plain(now)!r}")
+    choices = _original_choices(run_dir)
+    for group, choice in typed.items():
+        if group in choices and choices[group] != choice:
+            conflicts.append(f"{group}: run was launched with {group}={choices[group]}, command line has {choice}")
+    if conflicts:
+        raise RuntimeError(f"resume=true continues {run_dir} as its config.yaml records it; these cannot change "
+                           "on resume (start a new run to change them):\n  " + "\n  ".join(conflicts) +
+                           f"\nkeys a resume may change: {', '.join(LAUNCH_KEYS[2:])}")
+    for key in LAUNCH_KEYS:
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    return saved
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _original_choices(run_dir: Path) -> dict[str, str]:
+    """Config groups chosen at the run's first launch, from Hydra's record (empty without one)."""
+    record = run_dir / ".hydra" / "hydra.yaml"
+    if not record.is_file():
+        return {}
+    choices = OmegaConf.select(OmegaConf.load(record), "hydra.runtime.choices", default=None)
+    return {} if choices is None else {str(key): str(value) for key, value in choices.items()}
