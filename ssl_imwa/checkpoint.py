@@ -12,6 +12,10 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "fingerprint", "progress", "replicas", "run_state")
 
 
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file that cannot be read back (truncated, overwritten, not ours)."""
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
@@ -37,11 +41,11 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise RuntimeError(f"checkpoint {path} is corrupt or not a torch file ({type(error).__name__}: {error}); "
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch file ({type(error).__name__}: {error}); "
                            "delete it or point run_dir at a run with a valid checkpoint") from error
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise RuntimeError(f"checkpoint {path} is not an ssl-imwa checkpoint: expected keys {list(REQUIRED_KEYS)}, "
+        raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: expected keys {list(REQUIRED_KEYS)}, "
                            f"found {found}")
     if payload["format_version"] != FORMAT_VERSION:
         raise RuntimeError(f"checkpoint {path} has format version {payload['format_version']}, "

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ssl_imwa.checkpoint import FORMAT_VERSION, load_checkpoint, save_atomic
+from ssl_imwa.checkpoint import (
+    FORMAT_VERSION,
+    CorruptCheckpoint,
+    load_checkpoint,
+    save_atomic,
+)
 from ssl_imwa.config import Config
 from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.evaluation import Evaluator
@@ -207,11 +212,15 @@ class Orchestrator:
             raise ValueError(f"run {self.checkpoint_dir.parent} was written by {writers} process(es), this resume has "
                              f"{self.comm.world_size}: every process holds its own replicas, so resume with {how}")
         if self.comm.world_size == 1:
-            self._restore(load_checkpoint(latest, self.fingerprint), latest)
+            payload, source = self._newest_intact()
+            if payload is None:
+                raise FileNotFoundError(f"checkpoint {latest} does not exist: nothing to resume (run without "
+                                        "resume=true)")
+            self._restore(payload, source)
             return
-        payload, problem = None, None
+        payload, problem, newest = None, None, latest
         try:
-            payload = load_checkpoint(latest, self.fingerprint) if latest.exists() else None
+            payload, newest = self._newest_intact()
         except (OSError, RuntimeError) as error:  # reported by every process below: none waits for the others
             problem = f"{type(error).__name__}: {error}"
         episode = None if payload is None else payload["progress"]["episode"]
@@ -221,7 +230,7 @@ class Orchestrator:
             raise FileNotFoundError(f"no process has a checkpoint in {self.checkpoint_dir} (latest.rank<r>.pt): "
                                     "nothing to resume (run without resume=true)")
         common = min(entry["episode"] or 0 for entry in everyone)
-        source: Path | None = latest
+        source: Path | None = newest
         if episode is None or episode > common:
             payload, problem = None, None
             source = self.checkpoint_dir / self._checkpoint_name(f"merge_{common:03d}.pt") if common else None
@@ -242,6 +251,31 @@ class Orchestrator:
                      common + 1)
             return
         self._restore(payload, source)
+
+    def _newest_intact(self) -> tuple[dict[str, Any] | None, Path]:
+        """This process's latest checkpoint or, when that is missing or unreadable, its newest readable
+        merge checkpoint: a consistent state, from which the steps after it are trained again
+        (deterministically). None when there is no checkpoint at all; raises when checkpoints exist
+        but none can be read, or when one belongs to another experiment (never a silent fresh start)."""
+        latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
+        merges = [path for path in self.checkpoint_dir.glob(self._checkpoint_name("merge_*.pt"))
+                  if self.comm.world_size > 1 or ".rank" not in path.name]
+        damaged: list[str] = []
+        for path in [latest, *sorted(merges, key=lambda path: path.name, reverse=True)]:
+            if not path.exists():
+                continue
+            try:
+                payload = load_checkpoint(path, self.fingerprint)
+            except CorruptCheckpoint as error:
+                damaged.append(str(error))
+                continue
+            if path != latest:
+                log.warning("%s; resuming from %s, the newest intact checkpoint (the steps after it are trained "
+                            "again)", "; ".join(damaged) or f"{latest} is missing", path)
+            return payload, path
+        if damaged:
+            raise CorruptCheckpoint("; ".join(damaged) + "; no intact checkpoint is left to resume from")
+        return None, latest
 
     def _remove_stale_temporaries(self) -> None:
         """Half-written checkpoints of this process left by a kill during a write (never read: the

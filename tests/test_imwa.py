@@ -31,6 +31,19 @@ def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
     assert_bitwise_equal(plain, episodic)
 
 
+def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path) -> None:
+    """A full disk or a torn copy leaves latest.pt unreadable: the resume says so and continues
+    from merge_001.pt, retraining the steps after it, to the uninterrupted run's result."""
+    full = train_run(tmp_path, IMWA, "full")
+    stopped = train_run(tmp_path, [*IMWA, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
+    latest = stopped / "checkpoints" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    train_run(tmp_path, [*IMWA, "resume=true"], "stopped")
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert strip(read_metrics(full)) == strip(read_metrics(stopped))
+
+
 def test_replicas_differ_within_episodes_and_agree_after_merges(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, IMWA)
     tensors = checkpoint_tensors(run_dir)
