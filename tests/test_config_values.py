@@ -1,12 +1,14 @@
 """Out-of-range values fail before any data is read, with a message naming the key."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from datasets import build_data
 from ssl_imwa.config import validate
 from ssl_imwa.validation import expect_range
-from tests.utils import compose_config
+from tests.utils import compose_config, train_run
 
 BAD_VALUES = [
     (["algorithm.threshold=1.5"], "algorithm.threshold=1.5"),
@@ -68,3 +70,12 @@ def test_expect_range_bounds(value: float, low: float | None, high: float | None
     else:
         with pytest.raises(ValueError, match="^key="):
             expect_range("key", value, low, high, low_open=low_open, high_open=high_open)
+
+
+def test_a_semi_supervised_algorithm_without_unlabeled_images_names_train_mu(tmp_path: Path) -> None:
+    """mu=0 used to train until 'loss is nan at step 20' (a mean over zero unlabeled images)."""
+    with pytest.raises(ValueError, match=r"^train.mu=0: fixmatch learns from unlabeled images"):
+        train_run(tmp_path, ["experiment=quickstart", "train.mu=0", "train.iterations=4"])
+    supervised = train_run(tmp_path, ["experiment=quickstart", "algorithm=supervised", "train.mu=0",
+                                      "train.iterations=4", "train.eval_every=4"], "supervised")
+    assert (supervised / "results.json").is_file()
