@@ -100,7 +100,11 @@ def _image_folder(cfg: DatasetConfig) -> DatasetParts:
     if cfg.root is None:
         raise ValueError("dataset.root is not set: dataset.name=imagefolder reads train/<class>/* and "
                          "test/<class>/* from there (set dataset.root=/path/to/folder)")
-    return DatasetParts(train=read_image_folder(cfg.root, "train"), test=read_image_folder(cfg.root, "test"))
+    train, test = read_image_folder(cfg.root, "train"), read_image_folder(cfg.root, "test")
+    if train.images.shape[-1] != test.images.shape[-1]:  # one split all grayscale, the other not: both RGB
+        train, test = (ImageArray(np.repeat(part.images, 3, axis=-1) if part.images.shape[-1] == 1 else part.images,
+                                  part.targets, part.classes) for part in (train, test))
+    return DatasetParts(train=train, test=test)
 
 
 @register_dataset("digits", statistics=DEFAULT_STATISTICS["digits"])

@@ -123,8 +123,9 @@ def _class_folders(split_dir: Path) -> list[str]:
 def read_image_folder(root: str, split: str) -> ImageArray:
     """`root/<split>/<class>/*` images; the sorted train folder names define the classes.
 
-    Grayscale ('L' or '1') datasets are detected from the first image and kept single-channel;
-    everything else is converted to RGB.
+    A split whose images are all grayscale ('L' or '1') stays single-channel; one with any other
+    image is read as RGB throughout (a grayscale image becomes R = G = B, as PIL converts it).
+    Every class folder must hold images.
     """
     if split not in ("train", "test"):
         raise ValueError(f"image folder split {split!r}: expected train or test")
@@ -153,13 +154,21 @@ def read_image_folder(root: str, split: str) -> ImageArray:
     targets: list[int] = []
     for class_index, name in enumerate(classes):
         class_files = sorted(path for path in (split_dir / name).iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
+        if not class_files:
+            raise ValueError(f"class folder {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): every "
+                             "class needs images in train and test (an empty test class would drop out of the "
+                             "balanced accuracy)")
         files.extend(class_files)
         targets.extend([class_index] * len(class_files))
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}: {layout}")
 
+    modes = set()
+    for path in files:  # headers only: PIL reads pixels lazily
+        with Image.open(path) as image:
+            modes.add(image.mode)
+    mode = "L" if modes <= {"L", "1"} else "RGB"
     with Image.open(files[0]) as first:
-        mode = "L" if first.mode in ("L", "1") else "RGB"
         width, height = first.size
     images = np.empty((len(files), height, width, 1 if mode == "L" else 3), dtype=np.uint8)
     for position, path in enumerate(files):

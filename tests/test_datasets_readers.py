@@ -169,6 +169,31 @@ def test_mixed_image_sizes_name_the_file(fake_image_folder_root: FakeDataset) ->
         read_image_folder(str(fake_image_folder_root.root), "train")
 
 
+def test_channel_mode_is_decided_by_every_image_not_the_first(fake_image_folder_root: FakeDataset) -> None:
+    """A grayscale first image used to turn a whole colour split gray (or mismatch the other split)."""
+    root = fake_image_folder_root.root
+    first_train = min((root / "train" / "cat").iterdir())
+    gray = np.asarray(Image.open(first_train).convert("L"))
+    Image.fromarray(gray).save(first_train)
+    train = read_image_folder(str(root), "train")
+    assert train.images.shape[-1] == 3
+    np.testing.assert_array_equal(train.images[0], np.repeat(gray[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(train.images[1:], fake_image_folder_root.train_images[1:])
+    # A split that is all grayscale next to a colour one: both come out RGB, so one model fits both.
+    for path in (root / "test").rglob("*.png"):
+        Image.open(path).convert("L").save(path)
+    assert read_image_folder(str(root), "test").images.shape[-1] == 1
+    data = build_data(DatasetConfig(name="imagefolder", root=str(root), n_max=4, m_max=5, imbalance=2))
+    assert data.in_channels == 3 and data.test_images.shape[1] == 3
+
+
+def test_an_empty_class_folder_is_an_error(fake_image_folder_root: FakeDataset) -> None:
+    for path in (fake_image_folder_root.root / "test" / "emu").iterdir():
+        path.unlink()
+    with pytest.raises(ValueError, match=r"test/emu holds no images"):
+        read_image_folder(str(fake_image_folder_root.root), "test")
+
+
 def test_unknown_dataset_name_lists_valid_names() -> None:
     with pytest.raises(ValueError, match=r"dataset.name='mnist': expected one of .*cifar10, cifar100, digits"):
         build_data(DatasetConfig(name="mnist"))
