@@ -1,4 +1,4 @@
-"""ACR on FixMatch (Wei & Gan, CVPR 2023), SPEC section 5.2.
+"""ACR on FixMatch (Wei & Gan, CVPR 2023), Wei & Gan, CVPR 2023.
 
 A standard head learns the labeled (long-tailed) distribution and a balanced head the uniform
 one; the standard head's pseudo-labels are logit-adjusted by a strength tau that follows an
@@ -122,7 +122,7 @@ def adjusted_pseudo_labels(logits: torch.Tensor, adjustment: torch.Tensor, confi
 @register_algorithm("acr")
 class ACR(Algorithm):
     """State: u_hat, this epoch's distance sums and step count, and tau. At an IMWA merge the
-    mean applies to all four (SPEC 6); a merge at an epoch boundary thus derives the next
+    mean applies to all four (IMWA, Huang et al., arXiv 2404.16331); a merge at an epoch boundary thus derives the next
     tau from the replicas' averaged distances, a mid-epoch merge averages the replicas' taus."""
 
     Config = ACRConfig

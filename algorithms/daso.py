@@ -1,4 +1,4 @@
-"""DASO on FixMatch (Oh et al., CVPR 2022), SPEC section 5.1.
+"""DASO on FixMatch (Oh et al., CVPR 2022), Oh et al., CVPR 2022.
 
 Linear pseudo-labels are biased toward head classes; DASO blends them with semantic
 pseudo-labels (similarity to class prototypes, which are balanced by construction), and

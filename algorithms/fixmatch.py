@@ -1,4 +1,4 @@
-"""FixMatch (Sohn et al., 2020), SPEC section 4."""
+"""FixMatch (Sohn et al., 2020), Sohn et al., NeurIPS 2020."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale real-data studies of docs/results.md, one run at a time (two runs on two cores
 # slow each other several-fold). Needs the CIFAR-10 JPEGs extracted to $DATA (default /tmp/cifar10):
-#   mkdir -p /tmp/cifar10 && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C /tmp/cifar10
+#   mkdir -p /tmp/cifar10 && tar -xzf cifar10-jpeg.tar.gz -C /tmp/cifar10
 # Usage: bench/cpu_study.sh OUT_DIR [section ...]
 #   sections: imwa0 imwa1 imwa2 (issue 4, per seed), algorithms0 algorithms1 (issue 3), precision
 # A run whose results.json exists is skipped, so the script can be restarted.
@@ -42,7 +42,7 @@ algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabe
       run "algorithms/supervised_${u}_s$s" algorithm=supervised dataset.unlabeled=$u seed="$s"
       run "algorithms/fixmatch_${u}_s$s" algorithm=fixmatch dataset.unlabeled=$u seed="$s"
     fi
-    # DASO: T_dist 1.5 when gamma_l == gamma_u, else 0.3 (SPEC 5.1); schedules as fractions of the run
+    # DASO: T_dist 1.5 when gamma_l == gamma_u, else 0.3 (Oh et al., CVPR 2022); schedules as fractions of the run
     tdist=1.5; [ "$u" = reversed ] && tdist=0.3
     run "algorithms/daso_${u}_s$s" algorithm=daso_short dataset.unlabeled=$u algorithm.dist_temperature=$tdist seed="$s"
     # ACR: its own mu (1) and two strong views; same disjoint split and EMA warm-up as the others

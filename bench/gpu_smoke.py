@@ -78,7 +78,7 @@ from bench._common import (
     synchronize,
     tensor_differences,
 )
-from ssl_imwa.sync_audit import SyncAudit
+from ssl_imwa.sync_audit import SyncAudit, repository_frame
 
 THIS_FILE = Path(__file__).resolve()
 LABELED_COUNTS = [500, 300, 180, 110, 65, 40, 24, 14, 8, 5]  # a long tail over 10 classes
@@ -410,15 +410,6 @@ def section_stream_parity(sec: Section, ctx: Context) -> None:
 
 
 # ----- 3. syncs -----------------------------------------------------------------------------------
-def _repository_frame(stack: list[traceback.FrameSummary]) -> str:
-    """The innermost frame of this repository (not this harness, not sync_audit.py) in `stack`."""
-    for frame in reversed(stack):
-        path = Path(frame.filename).resolve()
-        if path.is_relative_to(ROOT) and path != THIS_FILE and path.name != "sync_audit.py":
-            return f"{path.relative_to(ROOT)}:{frame.lineno}"
-    return "<outside the repository>"
-
-
 def _short_path(filename: str) -> str:
     path = Path(filename)
     with contextlib.suppress(ValueError, OSError):
@@ -456,7 +447,7 @@ def _sync_warnings(steps: list[int], run_step: Callable[[int], Any]) -> tuple[li
             return
         per_step[current[0]] += 1
         by_line[f"{_short_path(filename)}:{lineno}"] += 1
-        by_repository_frame[_repository_frame(traceback.extract_stack())] += 1
+        by_repository_frame[repository_frame(traceback.extract_stack(), skip=(THIS_FILE,))] += 1
 
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

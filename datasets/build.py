@@ -277,7 +277,7 @@ def _check_targets(parts: ImageArray, num_classes: int, what: str) -> None:
 
 
 def build_data(cfg: DatasetConfig) -> SSLData:
-    """Read the dataset, split it (SPEC 2.3), convert every part to tensors once and log the counts."""
+    """Read the dataset, split it (the DASO/ACR split protocols), convert every part to tensors once and log the counts."""
     entry = _validate(cfg)
     parts = entry.reader(cfg)
     class_names = list(parts.train.classes)

@@ -12,12 +12,12 @@ UNLABELED_SETTINGS = ("consistent", "uniform", "reversed", "unknown", "custom")
 
 @dataclass
 class DatasetConfig:
-    """Which dataset, how it is made long-tailed, and how it is augmented (SPEC section 2)."""
+    """Which dataset, how it is made long-tailed, and how it is augmented (the benchmark protocols of DASO and ACR)."""
 
     name: str = "cifar10"  # cifar10 | cifar100 | stl10 | imagefolder | digits
     root: Optional[str] = "./data"  # where files live (imagefolder: the folder holding train/ and test/, required)
     download: bool = False  # torchvision download only when True
-    protocol: str = "disjoint"  # disjoint | nested (SPEC 2.3)
+    protocol: str = "disjoint"  # disjoint | nested (the DASO/ACR split protocols)
     n_max: int = 500  # N1, labeled head count
     m_max: int = 4000  # M1, unlabeled head count (ignored for 'unknown')
     imbalance: float = 100.0  # gamma_l

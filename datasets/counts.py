@@ -1,4 +1,4 @@
-"""Per-class counts of the long-tailed profiles (SPEC 2.1 and 2.2)."""
+"""Per-class counts of the long-tailed profiles (the CIFAR-LT protocol of DASO and ACR)."""
 
 
 def long_tailed_counts(head: int, num_classes: int, imbalance: float) -> list[int]:
@@ -25,7 +25,7 @@ def unlabeled_counts(
     imbalance_l: float,
     imbalance_u: float | None = None,
 ) -> list[int]:
-    """Unlabeled per-class counts for a distribution setting (SPEC 2.2).
+    """Unlabeled per-class counts for a distribution setting (the CIFAR-LT protocol of DASO and ACR).
 
     'unknown' has no per-class counts (its labels are never read), so the builder handles it.
     """

@@ -1,4 +1,4 @@
-"""Labeled / unlabeled / validation split of a training set (SPEC 2.3).
+"""Labeled / unlabeled / validation split of a training set (the DASO/ACR split protocols).
 
 The split is a pure function of the targets, the counts, the protocol and `split_seed`,
 so every replica, episode and training seed sees the same images.

@@ -1,4 +1,4 @@
-"""Batched augmentation on uint8 image tensors [N, C, H, W] (SPEC 2.5).
+"""Batched augmentation on uint8 image tensors [N, C, H, W] (FixMatch's weak and strong augmentation, kekmodel/FixMatch-pytorch).
 
 Augmenting is planned on the host and applied on the images' device. Planning draws every
 random number from an explicit CPU `torch.Generator` in a fixed order and reduces the draws to

@@ -1,4 +1,4 @@
-"""What a run writes: TensorBoard streams, metrics.jsonl, status.json and results.json (SPEC 9)."""
+"""What a run writes: TensorBoard streams, metrics.jsonl, status.json and results.json ."""
 from __future__ import annotations
 
 import io

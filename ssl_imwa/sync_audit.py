@@ -38,6 +38,16 @@ INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, 
 COPIES = {aten._to_copy.default, aten.copy_.default}
 
 
+def repository_frame(stack: list[traceback.FrameSummary], skip: tuple[Path, ...] = ()) -> str:
+    """The innermost frame of this repository in `stack`, other than this file and `skip`: where an
+    op came from, as `path:line`."""
+    for frame in reversed(stack):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(ROOT) and path.name != "sync_audit.py" and path not in skip:
+            return f"{path.relative_to(ROOT)}:{frame.lineno}"
+    return "<outside the repository>"
+
+
 @dataclass
 class Copy:
     nbytes: int
@@ -66,12 +76,7 @@ class SyncAudit(TorchDispatchMode):
 
     @staticmethod
     def _caller() -> str:
-        """The innermost frame of this repository (not this file): where the op came from."""
-        for frame in reversed(traceback.extract_stack()[:-3]):
-            path = Path(frame.filename)
-            if path.is_relative_to(ROOT) and path.name != "sync_audit.py":
-                return f"{path.relative_to(ROOT)}:{frame.lineno}"
-        return "<outside the repository>"
+        return repository_frame(traceback.extract_stack())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -125,7 +125,7 @@ def test_anchor_distances_match_hand_computation() -> None:
 
 @pytest.mark.parametrize("anchor, expected_tau", [("consistent", 0.08), ("uniform", 0.81), ("reversed", 1.76)])
 def test_tau_at_each_anchor_for_cifar10_gamma100(anchor: str, expected_tau: float) -> None:
-    # SPEC 5.2: the softmax weight cannot reach 0, 1, 2 exactly; about 0.08, 0.81, 1.76 for this prior.
+    # ACR: the softmax weight cannot reach 0, 1, 2 exactly; about 0.08, 0.81, 1.76 for this prior.
     prior = torch.tensor(CIFAR10_GAMMA100, dtype=torch.float64)
     prior = prior / prior.sum()
     estimate = {"consistent": prior, "uniform": torch.full_like(prior, 0.1), "reversed": prior.flip(0)}[anchor]

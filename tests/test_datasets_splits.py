@@ -1,4 +1,4 @@
-"""Per-class counts (SPEC 2.1 check values) and the two split protocols (SPEC 2.3)."""
+"""Per-class counts (the published check values) and the two split protocols (the DASO/ACR split protocols)."""
 
 import numpy as np
 import pytest

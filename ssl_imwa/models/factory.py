@@ -25,7 +25,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, bn_momentum:
     """Build backbone `name` with a standard linear head named 'logits'.
 
     `bn_momentum` uses PyTorch's convention (weight of the new batch statistic);
-    DASO uses 0.1, ACR/FixMatch 0.001 (SPEC 3).
+    DASO uses 0.1, ACR/FixMatch 0.001 (their official configs).
     """
     backbone = _BACKBONES.get(name)(in_channels=in_channels, bn_momentum=bn_momentum)
     return Classifier(backbone, num_classes)
