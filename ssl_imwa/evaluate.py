@@ -31,6 +31,9 @@ from ssl_imwa.run import (
 )
 
 SUMMARY = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
+# Table headers: the first column is the model head (`--head`), so the head/medium/tail class
+# groups get their own names rather than a second column called `head`.
+HEADERS = ("top1", "balanced_acc", "macro_f1", "head classes", "medium classes", "tail classes")
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:
@@ -103,11 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"# {args.run_dir} | checkpoint {args.checkpoint} | {args.model} | replica {args.replica} | "
           f"{args.split} split (percent)")
-    print("| head | " + " | ".join(SUMMARY) + " |")
-    print("|---|" + "---|" * len(SUMMARY))
-    for head, metrics in results.items():
-        print(f"| {head} | " + " | ".join(f"{100 * metrics[key]:.2f}" for key in SUMMARY) + " |")
+    print(format_table(results))
     return 0
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table, one row per model head, metrics in percent."""
+    lines = ["| model head | " + " | ".join(HEADERS) + " |", "|---|" + "---|" * len(HEADERS)]
+    for head, metrics in results.items():
+        lines.append(f"| {head} | " + " | ".join(f"{100 * metrics[key]:.2f}" for key in SUMMARY) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

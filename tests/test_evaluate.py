@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from algorithms.acr import BALANCED_HEAD
-from ssl_imwa.evaluate import evaluate_checkpoint, main
+from ssl_imwa.evaluate import evaluate_checkpoint, format_table, main
 from tests.utils import read_results, train_run
 
 # ACR has two heads and evaluates the balanced one; K=2, E=2 so the checkpoint holds a merged model.
@@ -47,10 +47,23 @@ def test_all_heads_and_the_student(acr_run: Path) -> None:
 def test_command_line_prints_the_table(acr_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(acr_run), "--head", "all"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("| model head | top1 |") and "| head classes |" in lines[1]
     rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| logits")}
     assert set(rows) == {"logits", BALANCED_HEAD}
     balanced = 100 * read_results(acr_run)["final"]["balanced_acc"]
     assert rows[BALANCED_HEAD].split("|")[3].strip() == f"{balanced:.2f}"
+
+
+def test_table_columns_have_distinct_names() -> None:
+    """The model-head column and the head-class accuracy column used to share the name `head`."""
+    metrics = {"top1": 0.5, "balanced_acc": 0.4, "macro_f1": 0.3, "head": 0.9, "medium": 0.2, "tail": 0.1}
+    header, rule, row = format_table({"logits": metrics}).splitlines()
+    names = [cell.strip() for cell in header.strip("|").split("|")]
+    assert names == ["model head", "top1", "balanced_acc", "macro_f1", "head classes", "medium classes",
+                     "tail classes"]
+    assert rule.count("---") == len(names)
+    assert [cell.strip() for cell in row.strip("|").split("|")] == ["logits", "50.00", "40.00", "30.00", "90.00",
+                                                                     "20.00", "10.00"]
 
 
 def test_bad_requests_name_what_exists(acr_run: Path, tmp_path: Path) -> None:
