@@ -216,7 +216,7 @@ def test_table_has_hand_computed_means_and_sample_stds(default_report: tuple[Pat
     assert k2[1:3] == ["3", "78.00 ± 3.00"]
     assert k2[3] == "82.00 ± 2.00"
     assert k2[5] == "67.00 ± 1.73"
-    assert k2[9:11] == ["2.00 ± 0.00", "1000 ± 0"]
+    assert k2[9:11] == ["2:00:00 ± 0:00:00", "1000 ± 0"]
     assert k2[-1].rstrip(" |") == "1 crashed excluded"
 
 
@@ -403,11 +403,44 @@ def test_notes_count_each_unfinished_state() -> None:
 
 
 def test_sample_std_and_format() -> None:
+    two_decimals = "{:.2f}".format
     stat = report.mean_std([70.0, 72.0, 74.0])
-    assert stat is not None and report.format_stat(stat, 2, 3) == "72.00 ± 2.00"
+    assert stat is not None and report.format_stat(stat, two_decimals, 3) == "72.00 ± 2.00"
+    # One value has no spread: no "± 0.00" that reads like a measured zero.
     single = report.mean_std([81.6])
-    assert single is not None and report.format_stat(single, 2, 1) == "81.60 ± 0.00"
+    assert single is not None and single.std is None
+    assert report.format_stat(single, two_decimals, 1) == "81.60"
+    assert report.format_stat(single, two_decimals, 3) == "81.60 (n=1)"
     assert report.mean_std([]) is None
+
+
+def test_wall_time_reads_as_hours_minutes_seconds() -> None:
+    """Hours with two decimals showed 0.00 for a run of a few minutes."""
+    assert report.duration(31.4) == "0:00:31"
+    assert report.duration(8 * 60 + 24) == "0:08:24"
+    assert report.duration(2 * 86400 + 3661) == "49:01:01"
+    stat = report.mean_std([90.0, 150.0])
+    assert report.format_stat(stat, report.duration, 2) == "0:02:00 ± 0:00:42"
+
+
+def test_single_run_group_has_no_spread_in_table_and_csv(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    results = {"status": "complete", "final": {"top1": 0.816, "balanced_acc": 0.5}, "wall_time_s": 95.0,
+               "images_per_s": 1234.4}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    with contextlib.redirect_stdout(None):
+        assert report.main([str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    row = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines()
+               if line.startswith("| all runs"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:3] == ["all runs", "1", "81.60"]
+    assert cells[-3:-1] == ["0:01:35", "1234"]
+    assert "±" not in row
+    csv_row = _csv_rows(tmp_path / "out")["all runs"]
+    assert (csv_row["final_top1_mean"], csv_row["final_top1_std"], csv_row["final_top1_n"]) == ("81.6", "", "1")
+    assert csv_row["wall_time_s_mean"] == "95.0"
 
 
 def test_nothing_readable_returns_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,17 +22,37 @@ from ssl_imwa.report.runs import (
     percent,
 )
 
-# (key, header, decimals) of the table/CSV value columns; accuracies are in percent.
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("final_top1", "final top1 (%)", 2),
-    ("best_top1", "best top1 (%)", 2),
-    ("median20_top1", "median last-20 top1 (%)", 2),
-    ("final_balanced_acc", "final bal. acc (%)", 2),
-    ("final_head", "head (%)", 2),
-    ("final_medium", "medium (%)", 2),
-    ("final_tail", "tail (%)", 2),
-    ("wall_time_h", "wall time (h)", 2),
-    ("images_per_s", "images/s", 0),
+
+def _fixed(decimals: int) -> Callable[[float], str]:
+    return lambda value: f"{value:.{decimals}f}"
+
+
+def duration(seconds: float) -> str:
+    """h:mm:ss, so a 30-second run and a two-day run are both readable in one column."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table/CSV value column: `key` names the CSV columns, `text` spells a value in the table."""
+
+    key: str
+    header: str
+    text: Callable[[float], str]
+
+
+# Accuracies are in percent, wall time in seconds (h:mm:ss in the table).
+COLUMNS: tuple[Column, ...] = (
+    Column("final_top1", "final top1 (%)", _fixed(2)),
+    Column("best_top1", "best top1 (%)", _fixed(2)),
+    Column("median20_top1", "median last-20 top1 (%)", _fixed(2)),
+    Column("final_balanced_acc", "final bal. acc (%)", _fixed(2)),
+    Column("final_head", "head (%)", _fixed(2)),
+    Column("final_medium", "medium (%)", _fixed(2)),
+    Column("final_tail", "tail (%)", _fixed(2)),
+    Column("wall_time_s", "wall time (h:mm:ss)", duration),
+    Column("images_per_s", "images/s", _fixed(0)),
 )
 
 
@@ -48,7 +68,7 @@ class Group:
 @dataclass
 class Stat:
     mean: float
-    std: float  # sample std (ddof=1), 0 for a single value
+    std: float | None  # sample std (ddof=1); None for a single value, which has no spread
     n: int
 
 
@@ -157,9 +177,8 @@ def _sort_key(value: Any) -> tuple[int, float, str]:
 
 
 def run_values(run: Run) -> dict[str, float | None]:
-    """A run's table values in display units (percent, hours), keyed like COLUMNS."""
+    """A run's table values (accuracies in percent), keyed like COLUMNS."""
     final = run.final or {}
-    wall_time_h = run.wall_time_s / 3600 if run.wall_time_s is not None else None
     return {
         "final_top1": percent(final.get("top1")),
         "best_top1": percent((run.best or {}).get("top1")),
@@ -168,7 +187,7 @@ def run_values(run: Run) -> dict[str, float | None]:
         "final_head": percent(final.get("head")),
         "final_medium": percent(final.get("medium")),
         "final_tail": percent(final.get("tail")),
-        "wall_time_h": wall_time_h,
+        "wall_time_s": run.wall_time_s,
         "images_per_s": run.images_per_s,
     }
 
@@ -177,7 +196,7 @@ def mean_std(values: Sequence[float]) -> Stat | None:
     """Mean and sample std over seeds; None when there is nothing to average."""
     if not values:
         return None
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
     return Stat(mean=float(np.mean(values)), std=std, n=len(values))
 
 
@@ -190,7 +209,10 @@ def summarise(group: Group, include_incomplete: bool = False) -> GroupSummary:
     ]
     included = [run for run in group.runs if run.state == COMPLETE] + incomplete
     values = [run_values(run) for run in included]
-    stats = {key: mean_std([v[key] for v in values if v[key] is not None]) for key, _, _ in COLUMNS}
+    stats = {
+        column.key: mean_std([v[column.key] for v in values if v[column.key] is not None])
+        for column in COLUMNS
+    }
     return GroupSummary(
         group=group, included=included, stats=stats, notes=_status_notes(group.runs, included)
     )

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +18,23 @@ from ssl_imwa.report.runs import (
 # --------------------------------------------------------------------------- output
 
 
-def format_stat(stat: Stat | None, decimals: int, n_included: int) -> str:
-    """'81.60 ± 0.20'; blank if no value; '(n=k)' when fewer runs than the group's n have it."""
+def format_stat(stat: Stat | None, text: Callable[[float], str], n_included: int) -> str:
+    """'81.60 ± 0.20'; a single value has no spread, so just '81.60'; blank if no value;
+    '(n=k)' when fewer runs than the group's n have it."""
     if stat is None:
         return ""
-    text = f"{stat.mean:.{decimals}f} ± {stat.std:.{decimals}f}"
-    return text if stat.n == n_included else f"{text} (n={stat.n})"
+    cell = text(stat.mean) if stat.std is None else f"{text(stat.mean)} ± {text(stat.std)}"
+    return cell if stat.n == n_included else f"{cell} (n={stat.n})"
 
 
 def format_table(summaries: Sequence[GroupSummary]) -> str:
     """Markdown table, one row per group."""
-    headers = ["group", "n"] + [header for _, header, _ in COLUMNS] + ["notes"]
+    headers = ["group", "n"] + [column.header for column in COLUMNS] + ["notes"]
     rows = [
         [summary.marked_label, str(len(summary.included))]
         + [
-            format_stat(summary.stats[key], decimals, len(summary.included))
-            for key, _, decimals in COLUMNS
+            format_stat(summary.stats[column.key], column.text, len(summary.included))
+            for column in COLUMNS
         ]
         + [summary.notes]
         for summary in summaries
@@ -103,8 +104,8 @@ def write_csv(summaries: Sequence[GroupSummary], path: Path) -> None:
     """Machine-readable twin of the table: one column per varying key, mean/std/n per value."""
     setting_keys = list(summaries[0].group.settings) if summaries else []
     header = ["group", *setting_keys, "n", *INCOMPLETE_STATES, RUNNING]
-    for key, _, _ in COLUMNS:
-        header += [f"{key}_mean", f"{key}_std", f"{key}_n"]
+    for column in COLUMNS:
+        header += [f"{column.key}_mean", f"{column.key}_std", f"{column.key}_n"]
     header.append("notes")
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -119,9 +120,13 @@ def write_csv(summaries: Sequence[GroupSummary], path: Path) -> None:
             row += [
                 sum(run.state == state for run in runs) for state in (*INCOMPLETE_STATES, RUNNING)
             ]
-            for key, _, _ in COLUMNS:
-                stat = summary.stats[key]
-                row += [round(stat.mean, 4), round(stat.std, 4), stat.n] if stat else ["", "", 0]
+            for column in COLUMNS:
+                stat = summary.stats[column.key]
+                if stat is None:
+                    row += ["", "", 0]
+                else:
+                    std = "" if stat.std is None else round(stat.std, 4)
+                    row += [round(stat.mean, 4), std, stat.n]
             row.append(summary.notes)
             writer.writerow(row)
 
