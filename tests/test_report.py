@@ -21,10 +21,10 @@ from ssl_imwa import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 HEAD_TO_TAIL = [0.9, 0.7, 0.5, 0.3]
-# imwa.episodes follows imwa.k in these configs, so both keys differ and both name the group.
-# imwa.k changes together with imwa.episodes here, so it adds nothing to the groups: dropped from labels
-K1 = "imwa.episodes=1"
-K2 = "imwa.episodes=4"
+# imwa.episodes follows imwa.k in these configs; both are recipe keys, so both name the group
+# (with their short names K and E), in reader order.
+K1 = "K=1, E=1"
+K2 = "K=2, E=4"
 
 
 def _config(k: int, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def test_table_has_hand_computed_means_and_sample_stds(default_report: tuple[Pat
     rows = {
         line.split(" | ")[0].lstrip("| "): line
         for line in printed.splitlines()
-        if line.startswith("| imwa")
+        if line.startswith("| K=")
     }
     k1, k2 = rows[K1].split(" | "), rows[f"{K2} †"].split(" | ")
     # group, n, final top1, best top1, median20, balanced, head, medium, tail, wall h, images/s, notes
@@ -463,5 +463,37 @@ def test_keys_implied_by_other_keys_are_dropped_from_labels() -> None:
 
     runs = [run("fixmatch", 0.95, 1), run("fixmatch", 0.95, 2), run("supervised", None, 1)]
     labels = [group.label for group in report.group_runs(runs)]
-    assert labels == ["algorithm.name=fixmatch, imwa.k=1", "algorithm.name=fixmatch, imwa.k=2",
-                      "algorithm.name=supervised, imwa.k=1"]
+    assert labels == ["algorithm=fixmatch, K=1", "algorithm=fixmatch, K=2", "algorithm=supervised, K=1"]
+
+
+def test_keys_that_vary_together_are_all_kept_in_reader_order() -> None:
+    """The TWA arm used to be labelled `dataset.val_per_class=20` only: imwa.merge varies with it
+    and was dropped as adding no groups, so the label never said which arm merges with TWA."""
+
+    def run(merge: str, val_per_class: int, lr: float, seed: int) -> report.Run:
+        config = {"algorithm.name": "fixmatch", "imwa.k": 2, "imwa.merge": merge,
+                  "dataset.val_per_class": val_per_class, "train.lr": lr, "imwa.twa.lr": 0.05, "seed": seed}
+        return report.Run(path=Path(f"/{merge}{lr}{seed}"), config=config, state="complete")
+
+    runs = [run("uniform", 0, 0.03, 0), run("twa", 20, 0.03, 0), run("twa", 20, 0.03, 1), run("twa", 20, 0.1, 0)]
+    groups = report.group_runs(runs)
+    assert [group.label for group in groups] == [
+        "merge=twa, val_per_class=20, lr=0.03",
+        "merge=twa, val_per_class=20, lr=0.1",
+        "merge=uniform, val_per_class=0, lr=0.03",
+    ]
+    assert [len(group.runs) for group in groups] == [2, 1, 1]
+    assert list(groups[0].settings) == ["imwa.merge", "dataset.val_per_class", "train.lr"]
+
+
+def test_aliases_are_short_and_unambiguous() -> None:
+    assert report.aliases(["imwa.k", "imwa.episodes", "train.lr", "imwa.twa.lr", "train.mu"]) == {
+        "imwa.k": "K", "imwa.episodes": "E", "train.lr": "lr", "imwa.twa.lr": "twa.lr", "train.mu": "mu"}
+    # two keys that would shorten to the same name keep their full names
+    assert report.aliases(["train.momentum", "imwa.momentum"]) == {
+        "train.momentum": "train.momentum", "imwa.momentum": "imwa.momentum"}
+
+
+def test_report_explains_the_short_names(default_report: tuple[Path, str]) -> None:
+    _, printed = default_report
+    assert "Group labels use short names: K = imwa.k, E = imwa.episodes." in printed

@@ -12,6 +12,7 @@ from ssl_imwa.report.groups import (
     Group,
     GroupSummary,
     Stat,
+    aliases,
     duration,
     group_runs,
     is_bookkeeping_key,
@@ -32,7 +33,8 @@ from ssl_imwa.report.runs import (
 from ssl_imwa.report.tables import format_report, format_stat, format_table, write_csv
 
 __all__ = [
-    "COMPLETE", "CRASHED", "RUNNING", "STOPPED", "Group", "GroupSummary", "Run", "SkipRun", "Stat", "discover", "duration",
-    "format_report", "format_stat", "format_table", "group_runs", "is_bookkeeping_key", "load_run", "main",
-    "mean_std", "parse_args", "plot_curves", "plot_episodes", "plot_per_class", "summarise", "write_csv",
+    "COMPLETE", "CRASHED", "RUNNING", "STOPPED", "Group", "GroupSummary", "Run", "SkipRun", "Stat", "aliases",
+    "discover", "duration", "format_report", "format_stat", "format_table", "group_runs", "is_bookkeeping_key",
+    "load_run", "main", "mean_std", "parse_args", "plot_curves", "plot_episodes", "plot_per_class", "summarise",
+    "write_csv",
 ]

@@ -111,14 +111,15 @@ def is_bookkeeping_key(key: str) -> bool:
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Group runs by the config values that differ among them, ignoring seed and bookkeeping."""
     keys = sorted({key for run in runs for key in run.config if not is_bookkeeping_key(key)})
-    varying = _distinguishing_keys(runs, [key for key in keys if len({_value_id(run, key) for run in runs}) > 1])
+    varying = _label_keys(runs, [key for key in keys if len({_value_id(run, key) for run in runs}) > 1])
     buckets: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         buckets.setdefault(tuple(_value_id(run, key) for key in varying), []).append(run)
+    names = aliases(varying)
     groups = []
     for members in buckets.values():
         settings = {key: _format_value(members[0].config.get(key, _UNSET)) for key in varying}
-        label = ", ".join(f"{key}={value}" for key, value in settings.items()) or "all runs"
+        label = ", ".join(f"{names[key]}={value}" for key, value in settings.items()) or "all runs"
         groups.append(Group(label=label, settings=settings, runs=members))
     groups.sort(
         key=lambda group: [_sort_key(group.runs[0].config.get(key, _UNSET)) for key in varying]
@@ -126,25 +127,53 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     return groups
 
 
-def _distinguishing_keys(runs: Sequence[Run], varying: list[str]) -> list[str]:
-    """The varying keys that split the runs further, in order of preference.
+# Config groups chosen by name: a differing `<section>.name` brings the section's other keys along.
+NAMED_SECTIONS = ("algorithm", "dataset", "model")
+# The recipe keys in the order a reader looks for them; other keys follow alphabetically.
+LABEL_ORDER = ("algorithm.name", "dataset.name", "model.name", "imwa.k", "imwa.episodes", "imwa.merge",
+               "imwa.momentum")
+# Short names in labels, plot legends and TensorBoard run names (the paper's K and E for IMWA).
+ALIASES = {"algorithm.name": "algorithm", "dataset.name": "dataset", "model.name": "model", "imwa.k": "K",
+           "imwa.episodes": "E"}
 
-    A key whose values follow from keys already kept (e.g. `algorithm.threshold` when
-    `algorithm.name` differs, or a key that one algorithm's config lacks) does not change the
-    groups, only lengthens their labels, so it is dropped.
+
+def _label_keys(runs: Sequence[Run], varying: list[str]) -> list[str]:
+    """The varying keys that name the groups, in reader order.
+
+    Every varying key is kept, except a key of a named section (`algorithm.threshold`) when that
+    section's `name` differs and the key splits no group further: it comes with the choice of
+    algorithm (or is missing from one algorithm's config) and would only lengthen the labels. A
+    key that merely varies together with another (`imwa.merge` with `dataset.val_per_class`) is
+    kept: the reader needs both.
     """
-    kept: list[str] = []
-    blocks = len({() for _ in runs})
-    def preference(key: str) -> tuple[int, bool, str]:
-        """Shallow keys first, then keys every run has (algorithm.name before algorithm.lambda_u)."""
-        return key.count("."), any(key not in run.config for run in runs), key
-
-    for key in sorted(varying, key=preference):
+    named = {key.split(".")[0] for key in varying if key in {f"{section}.name" for section in NAMED_SECTIONS}}
+    kept = [key for key in varying if key.split(".")[0] not in named or key.endswith(".name")]
+    blocks = len({tuple(_value_id(run, k) for k in kept) for run in runs})
+    for key in varying:
+        if key in kept:
+            continue
         refined = len({tuple(_value_id(run, k) for k in (*kept, key)) for run in runs})
         if refined > blocks:
             kept.append(key)
             blocks = refined
-    return sorted(kept)
+    return sorted(kept, key=_reader_order)
+
+
+def alias_note(keys: Sequence[str]) -> str:
+    """'K = imwa.k, E = imwa.episodes' for the keys whose label name is not the key itself."""
+    return ", ".join(f"{name} = {key}" for key, name in aliases(keys).items() if name != key)
+
+
+def _reader_order(key: str) -> tuple[int, str]:
+    return (LABEL_ORDER.index(key), "") if key in LABEL_ORDER else (len(LABEL_ORDER), key)
+
+
+def aliases(keys: Sequence[str]) -> dict[str, str]:
+    """Short names for `keys`: ALIASES, else the key without its section (`train.lr` -> `lr`)
+    when no other key in `keys` shortens to the same name, else the full key."""
+    short = {key: ALIASES.get(key, key.split(".", 1)[-1]) for key in keys}
+    taken = list(short.values())
+    return {key: name if taken.count(name) == 1 else key for key, name in short.items()}
 
 
 _UNSET = object()  # a key some configs lack; differs from an explicit null

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ssl_imwa.report.groups import COLUMNS, GroupSummary, Stat
+from ssl_imwa.report.groups import COLUMNS, GroupSummary, Stat, alias_note
 from ssl_imwa.report.runs import (
     CRASH_MARK,
     INCOMPLETE_STATES,
@@ -56,6 +56,8 @@ def format_report(
 ) -> str:
     """The whole Markdown report: table, unfinished runs, plots, then everything skipped."""
     sections = ["# Run comparison", format_table(summaries)]
+    if summaries and (note := alias_note(list(summaries[0].group.settings))):
+        sections.append(f"Group labels use short names: {note}.")
     incomplete = [
         (s.label, run) for s in summaries for run in s.group.runs if run.state in INCOMPLETE_STATES
     ]
