@@ -1,36 +1,96 @@
 """Checkpoints: atomic writes (temp file + rename) and validated loads with clear errors."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+# Version 2 adds `sha256`, a digest of the payload's contents; version 1 files (no digest) still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("format_version", "fingerprint", "progress", "replicas", "run_state")
+DIGEST_KEY = "sha256"
 
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint file that cannot be read back (truncated, overwritten, not ours)."""
 
 
+def contents_digest(obj: Any) -> str:
+    """The SHA-256 of `obj`'s contents: values, dtypes, shapes and structure.
+
+    torch's zip format carries no checksum a load verifies: a flipped byte inside a tensor loads
+    silently as a different weight. The digest, stored in the file and recomputed after loading,
+    catches that and any damage that still unpickles. Container classes are not hashed (a
+    state_dict's OrderedDict is one mapping like any other), and only plain data is accepted, so
+    the digest never depends on an object's address.
+    """
+    hasher = hashlib.sha256()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            hasher.update(f"map{len(node)}".encode())
+            for key, value in node.items():
+                walk(key)
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            hasher.update(f"seq{len(node)}".encode())
+            for item in node:
+                walk(item)
+        elif isinstance(node, torch.Tensor):
+            flat = node.detach().cpu().contiguous().reshape(-1)
+            hasher.update(f"tensor{node.dtype}{tuple(node.shape)}".encode())
+            hasher.update(flat.view(torch.uint8).numpy())
+        elif isinstance(node, np.ndarray):
+            hasher.update(f"array{node.dtype}{node.shape}".encode())
+            hasher.update(np.ascontiguousarray(node).reshape(-1).view(np.uint8))
+        elif node is None or isinstance(node, (str, bytes, bool, int, float, np.generic)):
+            hasher.update(f"{type(node).__name__}{node!r}".encode())
+        else:
+            raise TypeError(f"checkpoint payload holds a {type(node).__name__}; only tensors, arrays, containers "
+                            "and plain values can be checksummed")
+
+    walk(obj)
+    return hasher.hexdigest()
+
+
+# A write that fails for one of these is the machine's state, not a bug: said in one line, with the path.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
-    A crash mid-write leaves the previous file intact: the last good checkpoint is never lost.
+    A crash mid-write leaves the previous file intact: the last good checkpoint is never lost. The
+    payload is stored with its contents' digest (`sha256`), which a load verifies.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    payload = {**payload, DIGEST_KEY: contents_digest(payload)}
+    temporary: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        kept = f"{path} still holds the previous checkpoint" if path.exists() else f"{path} was not written"
+        raise OSError(error.errno, f"cannot write checkpoint {path}: {os.strerror(error.errno)} "
+                      f"({errno.errorcode[error.errno]}); {kept}") from error
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         raise
 
 
@@ -47,9 +107,14 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: expected keys {list(REQUIRED_KEYS)}, "
                            f"found {found}")
-    if payload["format_version"] != FORMAT_VERSION:
+    if payload["format_version"] not in READABLE_VERSIONS:
         raise RuntimeError(f"checkpoint {path} has format version {payload['format_version']}, "
-                           f"this code reads version {FORMAT_VERSION}")
+                           f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+    if payload["format_version"] >= 2:
+        stored = payload.pop(DIGEST_KEY, None)
+        if stored != contents_digest(payload):
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its contents do not match the digest written "
+                                    "with it (damaged on disk or in transfer)")
     mismatched = [
         f"{key}: checkpoint has {payload['fingerprint'].get(key)!r}, config has {value!r}"
         for key, value in fingerprint.items() if payload["fingerprint"].get(key) != value

@@ -99,6 +99,9 @@ class Orchestrator:
         self.pending: list[dict[str, Any]] = []
         self.state: dict[str, Any] = {
             "evaluations": [], "merges": [], "train_seconds": 0.0, "images": 0, "metrics_lines": 0, "best": None,
+            # Intra-op CPU threads of each launch (one entry per resume that changed it): on the CPU the
+            # thread count splits reductions differently, so it is part of what makes a run repeatable.
+            "cpu_threads": [torch.get_num_threads()],
         }
         self._clock = time.perf_counter()
 
@@ -312,11 +315,23 @@ class Orchestrator:
         self.pending = run_state.pop("pending")
         start = payload.get("episode_start")
         self.episode_start = None if start is None else to_device(start, self.trainer.device)
-        self.state = run_state
+        self.state = {"cpu_threads": [], **run_state}  # checkpoints before cpu_threads was recorded lack it
+        self._note_thread_count(path)
         if self.comm.is_main:
             self._truncate_metrics(self.state["metrics_lines"])
         self._clock = time.perf_counter()
         log.info("resumed from %s: episode %d, replica steps %s", path, self.episode + 1, self.replica_steps)
+
+    def _note_thread_count(self, path: Path) -> None:
+        """Record this launch's CPU thread count; say so when it differs from the checkpoint's, since
+        the steps from here on are then not bitwise those of an uninterrupted run."""
+        threads, history = torch.get_num_threads(), self.state["cpu_threads"]
+        if history and history[-1] != threads and self.trainer.device.type == "cpu":
+            log.warning("%s was written with %d CPU threads, this resume uses %d: the result will differ from an "
+                        "uninterrupted run in the last bits (reductions split by thread count); "
+                        "train.num_threads=%d continues it bitwise", path, history[-1], threads, history[-1])
+        if not history or history[-1] != threads:
+            history.append(threads)
 
     def _truncate_metrics(self, lines: int) -> None:
         """Drop evaluations logged after the checkpoint, so a resumed run does not log them twice."""
@@ -431,6 +446,7 @@ class Orchestrator:
             "wall_time_s": seconds,
             # images this process trained on; with W processes the run's throughput is about W times this
             "images_per_s": self.state["images"] / seconds if seconds else float("nan"),
+            "cpu_threads": self.state["cpu_threads"],
             "imwa": {"k": self.k, "episodes": self.cfg.imwa.episodes, "merge": self.cfg.imwa.merge,
                      "momentum": self.cfg.imwa.momentum, "processes": self.comm.world_size,
                      "per_episode": self.state["merges"]},

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_checkpoint import flip_a_tensor_byte
 from tests.utils import (
     assert_bitwise_equal,
     checkpoint_tensors,
@@ -31,13 +32,20 @@ def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
     assert_bitwise_equal(plain, episodic)
 
 
-def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path) -> None:
-    """A full disk or a torn copy leaves latest.pt unreadable: the resume says so and continues
-    from merge_001.pt, retraining the steps after it, to the uninterrupted run's result."""
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path, damage: str) -> None:
+    """A torn copy leaves latest.pt unreadable, bit rot leaves it readable but wrong (caught by its
+    digest): the resume says so and continues from merge_001.pt, retraining the steps after it, to
+    the uninterrupted run's result."""
     full = train_run(tmp_path, IMWA, "full")
     stopped = train_run(tmp_path, [*IMWA, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
     latest = stopped / "checkpoints" / "latest.pt"
-    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    if damage == "truncated":
+        latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    else:
+        weight = next(value for key, value in checkpoint_tensors(stopped).items()
+                      if key.startswith("0.model.") and value.numel() >= 64)
+        flip_a_tensor_byte(latest, weight)
     train_run(tmp_path, [*IMWA, "resume=true"], "stopped")
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
     strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]

@@ -1,5 +1,6 @@
 """End-to-end behaviour of a training run: learning, determinism, exact resume, clear errors."""
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -88,6 +89,18 @@ def test_a_resume_continues_the_run_as_recorded_without_retyping(tmp_path: Path)
     assert json.loads((tmp_path / "stopped" / "status.json").read_text())["status"] == "complete"
     with pytest.raises(RuntimeError, match=r"seed: run has 3, command line has 4"):
         train_run(tmp_path, ["experiment=quickstart", "resume=true", "seed=4"], "stopped")
+
+
+def test_a_resume_with_another_thread_count_says_so_and_records_both(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """CPU reductions split by thread count, so a resume on 2 threads of a 1-thread run is not bitwise
+    the uninterrupted run: said at the resume, recorded in results.json."""
+    train_run(tmp_path, [*TINY, "train.stop_at=13"])
+    with caplog.at_level(logging.WARNING, logger="ssl_imwa"):
+        train_run(tmp_path, ["experiment=quickstart", "resume=true", "train.num_threads=2"])
+    assert "written with 1 CPU threads, this resume uses 2" in caplog.text
+    assert "train.num_threads=1 continues it bitwise" in caplog.text
+    assert read_results(tmp_path / "run")["cpu_threads"] == [1, 2]
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:

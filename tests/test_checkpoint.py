@@ -1,0 +1,102 @@
+"""Checkpoint files: a digest that catches silent damage, and storage faults named with path and errno."""
+import errno
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_imwa import checkpoint
+from ssl_imwa.checkpoint import CorruptCheckpoint, load_checkpoint, save_atomic
+
+FINGERPRINT = {"seed": 0}
+
+
+def _payload(scale: float = 1.0) -> dict[str, Any]:
+    weights = torch.arange(4096, dtype=torch.float32) * scale + 0.5
+    return {"format_version": checkpoint.FORMAT_VERSION, "fingerprint": dict(FINGERPRINT),
+            "progress": {"episode": 0, "replica_steps": {0: 7}},
+            "replicas": [{"model": {"w": weights, "bf16": weights[:8].to(torch.bfloat16)}, "optimizer": {"state": {}}}],
+            "run_state": {"rng": {"numpy": np.random.RandomState(0).get_state(), "python": (3, (1, 2), None)}}}
+
+
+def flip_a_tensor_byte(path: Path, tensor: torch.Tensor) -> None:
+    """Damage one byte inside `tensor`'s stored bytes, leaving the zip container readable."""
+    raw = bytearray(path.read_bytes())
+    offset = bytes(raw).find(tensor.numpy().tobytes())
+    assert offset >= 0, "the tensor's bytes must be stored verbatim"
+    raw[offset + 5] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_inside_a_tensor_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    payload = _payload()
+    save_atomic(payload, path)
+    loaded = load_checkpoint(path, FINGERPRINT)
+    assert torch.equal(loaded["replicas"][0]["model"]["w"], payload["replicas"][0]["model"]["w"])
+    flip_a_tensor_byte(path, payload["replicas"][0]["model"]["w"])
+    # torch itself loads the damaged file without complaint: only the digest tells
+    assert not torch.equal(torch.load(path, weights_only=False)["replicas"][0]["model"]["w"],
+                           payload["replicas"][0]["model"]["w"])
+    with pytest.raises(CorruptCheckpoint, match="latest.pt is corrupt: its contents do not match the digest"):
+        load_checkpoint(path, FINGERPRINT)
+
+
+def test_changed_metadata_is_detected_and_version_1_files_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pt"
+    save_atomic(_payload(), path)
+    edited = torch.load(path, weights_only=False)
+    edited["progress"]["replica_steps"][0] = 8
+    torch.save(edited, path)
+    with pytest.raises(CorruptCheckpoint, match="do not match the digest"):
+        load_checkpoint(path, FINGERPRINT)
+    old = {**_payload(), "format_version": 1}  # written before digests existed: no sha256 key
+    torch.save(old, path)
+    assert load_checkpoint(path, FINGERPRINT)["progress"]["replica_steps"] == {0: 7}
+
+
+def test_the_digest_depends_on_values_dtypes_and_structure() -> None:
+    base = checkpoint.contents_digest(_payload())
+    assert checkpoint.contents_digest(_payload()) == base
+    assert checkpoint.contents_digest(_payload(scale=1.0 + 2 ** -20)) != base
+    as_int = _payload()
+    as_int["progress"]["episode"] = 0.0  # 0 and 0.0 pickle differently: the digest must tell them apart
+    assert checkpoint.contents_digest(as_int) != base
+    with pytest.raises(TypeError, match="only tensors, arrays, containers and plain values"):
+        checkpoint.contents_digest({"object": object()})
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_named_and_keeps_the_previous_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    path = tmp_path / "latest.pt"
+    save_atomic(_payload(), path)
+
+    def write_half_then_fail(obj: Any, stream: Any) -> None:
+        stream.write(b"x" * 1000)
+        raise OSError(code, "device says no")
+
+    monkeypatch.setattr(checkpoint.torch, "save", write_half_then_fail)
+    with pytest.raises(OSError) as caught:
+        save_atomic(_payload(scale=2.0), path)
+    assert caught.value.errno == code
+    message = str(caught.value)
+    assert str(path) in message and errno.errorcode[code] in message and "still holds the previous checkpoint" in message
+    assert "\n" not in message
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path, FINGERPRINT)["replicas"][0]["model"]["w"],
+                       _payload()["replicas"][0]["model"]["w"])
+    assert [entry.name for entry in tmp_path.iterdir()] == ["latest.pt"], "the half-written temporary is removed"
+
+
+def test_a_bug_while_writing_is_not_dressed_up_as_a_storage_fault(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(obj: Any, stream: Any) -> None:
+        raise OSError(errno.EBADF, "bad file descriptor")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    with pytest.raises(OSError, match="bad file descriptor"):
+        save_atomic(_payload(), tmp_path / "latest.pt")
+    assert list(tmp_path.iterdir()) == []
