@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import matplotlib.image
+import numpy as np
 import pytest
 import yaml
 
@@ -497,3 +500,68 @@ def test_aliases_are_short_and_unambiguous() -> None:
 def test_report_explains_the_short_names(default_report: tuple[Path, str]) -> None:
     _, printed = default_report
     assert "Group labels use short names: K = imwa.k, E = imwa.episodes." in printed
+
+
+def _long_label_sweep() -> list[report.GroupSummary]:
+    """Ten groups whose labels run to 100+ characters, as a real ablation grid's do."""
+    runs = []
+    for index in range(10):
+        k = (1, 2, 4)[index % 3]
+        config = {
+            "algorithm.name": ("fixmatch", "acr")[index % 2],
+            "imwa.k": k,
+            "imwa.episodes": 4 if k > 1 else 1,
+            "imwa.merge": ("uniform", "twa")[index // 5],
+            "dataset.val_per_class": (0, 20)[index // 5],
+            "train.unlabeled_loss_warmup_iterations": 1000 * index,
+            "model.widths": f"[{32 + index},64,128,256]",
+            "seed": 0,
+        }
+        top1 = 0.3 + 0.02 * index
+        curve = [{"step": step, "balanced_acc": top1 * step / 400, "top1": top1} for step in (100, 200, 300, 400)]
+        episodes = [{"episode": episode, "balanced_acc": top1 - 0.01 * (4 - episode)} for episode in range(1, 5)]
+        final = {"top1": top1, "per_class": [0.9, 0.6, 0.3, 0.1]}
+        runs.append(report.Run(path=Path(f"/sweep/{index}"), config=config, state="complete", final=final,
+                               curve=curve, episodes=episodes if k > 1 else []))
+    return [report.summarise(group) for group in report.group_runs(runs)]
+
+
+def test_plots_with_ten_long_labels_keep_their_axes_and_legend_in_the_figure(tmp_path: Path) -> None:
+    """Long labels used to push the legend off the image and shrink the axes to a sliver
+    ("constrained_layout not applied because axes sizes collapsed to zero")."""
+    from ssl_imwa.report.plots import curves_figure, episodes_figure, per_class_figure
+
+    summaries = _long_label_sweep()
+    labels = [summary.label for summary in summaries]
+    assert len(labels) == 10 and min(map(len, labels)) > 100
+    per_class = [(s.label, np.asarray(s.included[0].final["per_class"]) * 100) for s in summaries[:6]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any layout warning fails the test
+        figures = {
+            "curves": (curves_figure(summaries, "balanced_acc"), labels),
+            "episodes": (episodes_figure(summaries, "balanced_acc"),
+                         [s.label for s in summaries if "K=1" not in s.label]),
+            "per_class": (per_class_figure(summaries, per_class), labels[:6]),
+        }
+        for name, (figure, shown) in figures.items():
+            assert figure is not None, name
+            figure.savefig(io.BytesIO(), format="png")  # runs the layout
+            width, height = figure.get_size_inches()
+            axes = figure.axes[0]
+            box = axes.get_position()
+            assert box.width * width > 5.0 and box.height * height > 2.4, (name, box)
+            renderer = figure.canvas.get_renderer()
+            tight = figure.get_tightbbox(renderer)  # inches: everything drawn must lie on the image
+            assert tight.x0 >= -0.01 and tight.y0 >= -0.01, (name, tight)
+            assert tight.x1 <= width + 0.01 and tight.y1 <= height + 0.01, (name, tight, width, height)
+            legend = figure.legends[0]
+            assert legend.get_window_extent(renderer).y1 <= axes.get_tightbbox(renderer).y0, name  # below
+            assert [text.get_text().replace("\n", " ") for text in legend.get_texts()] == shown, name
+            assert axes.get_title(), name
+    for plot, filename in ((report.plot_curves, "curves.png"), (report.plot_episodes, "episodes.png")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            note = plot(summaries, "balanced_acc", tmp_path / filename)
+        assert note.startswith(f"{filename}: ")
+        image = matplotlib.image.imread(tmp_path / filename)
+        assert image.shape[1] == 700 and image.shape[0] > 450  # 7 in wide; taller for the legend
