@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ssl_imwa.tensorboard_hparams import hparam_value, metric_values, write_session
+
 log = logging.getLogger("ssl_imwa")
 
 
@@ -58,6 +60,32 @@ def confusion_image(matrix: list[list[int]], class_names: list[str]) -> np.ndarr
     return np.asarray(matplotlib.image.imread(buffer, format="png")[..., :3] * 255, dtype=np.uint8)
 
 
+def command_line_hparams(run_dir: Path) -> dict[str, Any]:
+    """The keys set on the run's command line (Hydra's .hydra/overrides.yaml), bookkeeping left out.
+
+    A key of the config takes its resolved, typed value from config.yaml (`imwa.k=2` is the
+    number 2); a config group choice (`algorithm=acr`, `experiment=quickstart`) keeps the name
+    of the option chosen. No record (a run composed without Hydra's launcher): no keys.
+    """
+    import yaml
+
+    from ssl_imwa.report import is_bookkeeping_key
+    from ssl_imwa.report.runs import flatten
+
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return {}
+    keys = {}
+    for override in overrides:
+        key, equals, text = str(override).lstrip("+").partition("=")
+        key = key.split("@")[0]
+        if equals and not key.startswith("~") and (key == "seed" or not is_bookkeeping_key(key)):
+            keys[key] = config.get(key, text)
+    return keys
+
+
 class RunLogger:
     """One TensorBoard event stream per source ('replica<k>', 'merged') plus the JSON files."""
 
@@ -68,6 +96,7 @@ class RunLogger:
         self.status_path = run_dir / "status.json"
         self.enabled_tensorboard = enabled_tensorboard
         self._writers: dict[str, Any] = {}
+        self._results: dict[str, Any] = {}  # as written by results(): the HParams session's metrics
 
     def writer(self, source: str) -> Any:
         if source not in self._writers:
@@ -107,12 +136,22 @@ class RunLogger:
                              dataformats="HWC")
 
     def hparams(self, hparams: dict[str, Any], final_metrics: dict[str, float]) -> None:
+        """The run's HParams session in tensorboard/hparams, written once the run completes.
+
+        Its hparams are `hparams` (the recipe keys) plus every key set on the run's command line,
+        which holds a sweep's swept keys, so TensorBoard flags them as differing. Its metrics are
+        `final_metrics` (`final_top1`, ...) and best and median-of-last from the results this
+        logger wrote, as test/* scalars at the final step (not `hparam/*` at step 0). No
+        experiment declaration: see ssl_imwa/tensorboard_hparams.py for why.
+        """
         if not self.enabled_tensorboard:
             return
-        clean = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                 for key, value in hparams.items()}
-        metrics = {f"hparam/{key}": value for key, value in final_metrics.items() if not math.isnan(value)}
-        self.writer("hparams").add_hparams(clean, metrics, run_name=".")
+        values = {**hparams, **command_line_hparams(self.run_dir)}
+        values = {key: hparam_value(value) for key, value in values.items()}
+        metrics = metric_values(self._results)
+        metrics.update({f"test/{key}": value for key, value in final_metrics.items() if not math.isnan(value)})
+        step = (self._results.get("final") or {}).get("step", 0)
+        write_session(self.run_dir / "tensorboard" / "hparams", self.run_dir.name, values, metrics, step, "SUCCESS")
 
     def status(self, status: str, error: str | None = None) -> None:
         write_json_atomic(self.status_path, {"status": status, "pid": os.getpid(), "host": socket.gethostname(),
@@ -120,6 +159,7 @@ class RunLogger:
 
     def results(self, payload: dict[str, Any]) -> None:
         write_json_atomic(self.run_dir / "results.json", payload)
+        self._results = payload
 
     def close(self) -> None:
         for writer in self._writers.values():

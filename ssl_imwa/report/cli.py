@@ -20,6 +20,7 @@ from ssl_imwa.report.runs import (
     load_run,
 )
 from ssl_imwa.report.tables import format_report, write_csv
+from ssl_imwa.report.tensorboard import write_view
 
 # --------------------------------------------------------------------------- CLI
 
@@ -63,6 +64,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="average crashed and stopped runs too, using their last test evaluation as final",
     )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write OUT/tensorboard: the runs under short names, with the HParams experiment declared",
+    )
     return parser.parse_args(argv)
 
 
@@ -97,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "report.md").write_text(report)
     print(report, end="")
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.csv'}")
+    if args.tensorboard:
+        print(f"wrote {write_view(summaries, args.out / 'tensorboard')}")
     return 0
 
 

@@ -160,15 +160,16 @@ def _load_config(path: Path) -> dict[str, Any]:
         raise SkipRun(f"config.yaml unreadable ({_first_line(err)})") from err
     if not isinstance(data, dict):
         raise SkipRun("config.yaml is not a mapping")
-    return _flatten(data)
+    return flatten(data)
 
 
-def _flatten(mapping: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(mapping: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (`imwa.k`), the names Hydra overrides use."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{dotted}."))
+            flat.update(flatten(value, f"{dotted}."))
         else:
             flat[dotted] = value
     return flat

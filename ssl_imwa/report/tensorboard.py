@@ -1,0 +1,95 @@
+"""`--tensorboard`: one TensorBoard log directory for a whole comparison.
+
+    OUT/tensorboard/                       the experiment: which hparams vary, their values, metrics
+    OUT/tensorboard/K=2,merge=twa,seed=0/  a run's session (hparams, final/best/median, status)
+        replica0 -> RUN/tensorboard/replica0   its event streams, linked (so they keep updating)
+        merged   -> RUN/tensorboard/merged
+
+Run names are the group label's short names plus the seed, so the part that tells runs apart
+comes first and fits in TensorBoard's run lists. The declaration lists the keys that name the
+groups with `differs` set, so the HParams tab shows them (it displays the first five that
+differ), each with a discrete domain of the values seen.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ssl_imwa.report.groups import GroupSummary, aliases
+from ssl_imwa.report.runs import COMPLETE, CRASHED, RUNNING, Run
+from ssl_imwa.tensorboard_hparams import (
+    HParamValue,
+    as_declared,
+    declared_type,
+    hparam_value,
+    metric_values,
+    write_experiment,
+    write_session,
+)
+
+# Declared for every comparison, after the keys that name the groups: what a reader looks up.
+RECIPE_KEYS = ("algorithm.name", "dataset.name", "model.name", "imwa.k", "imwa.episodes", "imwa.merge",
+               "train.iterations", "train.lr", "train.mu", "dataset.imbalance", "dataset.unlabeled")
+# The HParams api has no "stopped" status: a stopped run (resume=true continues it) is UNKNOWN.
+SESSION_STATUS = {COMPLETE: "SUCCESS", RUNNING: "RUNNING", CRASHED: "FAILURE"}
+STREAM_RECORD = "hparams"  # the run's own session; the view writes its own instead
+
+
+def write_view(summaries: Sequence[GroupSummary], directory: Path) -> str:
+    """Rebuild `directory` as the comparison's TensorBoard log directory; returns a note."""
+    if directory.is_symlink() or directory.is_file():
+        directory.unlink()
+    elif directory.exists():
+        shutil.rmtree(directory)  # links inside are removed, never followed
+    runs = [(run_name(summary, run), run) for summary in summaries for run in summary.group.runs]
+    runs = _unique(runs)
+    declared = _declared_keys(summaries, [run for _, run in runs])
+    kinds = {key: declared_type(values) for key, values, _ in declared}
+    write_experiment(directory, declared, description=f"{len(runs)} runs compared by python -m ssl_imwa.report")
+    for name, run in runs:
+        values = {key: as_declared(hparam_value(run.config[key]), kinds[key]) for key in kinds if key in run.config}
+        metrics = metric_values({"final": run.final, "best": run.best, "median_last20": run.median_last20}) \
+            if run.state == COMPLETE else {}
+        step = run.curve[-1]["step"] if run.curve else 0
+        write_session(directory / name, name, values, metrics, step, SESSION_STATUS.get(run.state, "UNKNOWN"))
+        streams = run.path / "tensorboard"
+        for stream in sorted(streams.iterdir()) if streams.is_dir() else []:
+            if stream.is_dir() and stream.name != STREAM_RECORD:
+                (directory / name / stream.name).symlink_to(stream.resolve(), target_is_directory=True)
+    return f"{directory.name}/: {len(runs)} runs for `tensorboard --logdir {directory}` (HParams: " \
+        f"{', '.join(key for key, _, differs in declared if differs) or 'nothing'} differ)"
+
+
+def run_name(summary: GroupSummary, run: Run) -> str:
+    """`K=2,merge=twa,seed=0`: the group's short label, then the seed; a path-safe directory name."""
+    names = aliases(list(summary.group.settings))
+    parts = [f"{names[key]}={value}" for key, value in summary.group.settings.items()]
+    parts.append(f"seed={hparam_value(run.config.get('seed'))}")
+    return ",".join(parts).replace("/", "_").replace(" ", "")
+
+
+def _unique(named: list[tuple[str, Run]]) -> list[tuple[str, Run]]:
+    """Runs of the same group and seed from different sweeps get `#2`, `#3`, ... appended."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name, run in named:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append((name if seen[name] == 1 else f"{name}#{seen[name]}", run))
+    return unique
+
+
+def _declared_keys(summaries: Sequence[GroupSummary], runs: Sequence[Run]
+                   ) -> list[tuple[str, list[HParamValue], bool]]:
+    """(key, values seen, differs): the group keys, then recipe keys that differ, the seed, the
+    other recipe keys; only keys some run has."""
+    group_keys = list(summaries[0].group.settings) if summaries else []
+    declared = []
+    for key in [*group_keys, *(key for key in RECIPE_KEYS if key not in group_keys), "seed"]:
+        values = [hparam_value(run.config[key]) for run in runs if key in run.config]
+        if values:
+            declared.append((key, values, key in group_keys or len(set(values)) > 1))
+    # The tab shows the first five that differ: group keys, other differing keys, then the seed.
+    first = [item for item in declared if item[0] != "seed" and item[2]]
+    seed = [item for item in declared if item[0] == "seed"]
+    return first + seed + [item for item in declared if item not in first and item not in seed]
