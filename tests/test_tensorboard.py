@@ -84,7 +84,9 @@ def _fake_run(root: Path, algorithm: str, k: int, seed: int = 0) -> Path:
     """A run directory as Hydra's multirun leaves it: config.yaml and .hydra/overrides.yaml."""
     run_dir = root / f"algorithm={algorithm},imwa.k={k},seed={seed}"
     (run_dir / ".hydra").mkdir(parents=True)
+    # ACR's preset also changes the split protocol, as configs/algorithm/acr.yaml does
     config = {"seed": seed, "device": "cpu", "algorithm": {"name": algorithm, "threshold": 0.95},
+              "dataset": {"protocol": "nested" if algorithm == "acr" else "disjoint"},
               "imwa": {"k": k, "episodes": 1}, "train": {"lr": 0.03, "progress": False}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     overrides = [f"algorithm={algorithm}", f"imwa.k={k}", f"seed={seed}", "train.progress=false", "device=cpu"]
@@ -185,7 +187,9 @@ def test_report_view_declares_the_swept_keys_with_both_values(four_run_sweep: Pa
     tab = hparams_tab(out / "tensorboard")
     assert tab.experiment_tag_runs == ["."]
     declared = [info.name for info in tab.experiment.hparam_infos]
-    assert declared[:2] == ["algorithm.name", "imwa.k"]  # the swept keys, flagged, so they are shown
+    # the swept keys and the key ACR's preset changes, flagged, so the tab shows them
+    assert declared[:3] == ["algorithm.name", "dataset.protocol", "imwa.k"]
+    assert tab.hparam("dataset.protocol").differs
     k = tab.hparam("imwa.k")
     assert k.differs and list(k.domain_discrete) == [1.0, 2.0, 4.0]
     assert k.type == api_pb2.DATA_TYPE_FLOAT64
@@ -195,21 +199,20 @@ def test_report_view_declares_the_swept_keys_with_both_values(four_run_sweep: Pa
     assert "algorithm.threshold" not in declared
     assert [(info.name.tag, info.display_name) for info in tab.experiment.metric_infos] == [
         (tag, name) for tag, name, _ in METRICS]
-    # short trial ids that start with what tells the runs apart
-    assert sorted(tab.groups) == ["algorithm=acr,K=1,seed=0", "algorithm=acr,K=2,seed=0",
-                                  "algorithm=acr,K=4,seed=0", "algorithm=fixmatch,K=1,seed=0",
-                                  "algorithm=fixmatch,K=2,seed=0"]
-    assert tab.metric_values("algorithm=acr,K=2,seed=0") == pytest.approx({
+    # short trial ids: the fewest keys that tell the runs apart (protocol follows the algorithm)
+    assert sorted(tab.groups) == ["acr,K=1,seed=0", "acr,K=2,seed=0", "acr,K=4,seed=0", "fixmatch,K=1,seed=0",
+                                  "fixmatch,K=2,seed=0"]
+    assert tab.metric_values("acr,K=2,seed=0") == pytest.approx({
         "test/final_top1": 0.74, "test/final_balanced_acc": 0.64, "test/median_last20_top1": 0.73,
         "test/median_last20_balanced_acc": 0.63})
-    assert tab.groups["algorithm=acr,K=2,seed=0"].hparams["imwa.k"].number_value == 2
-    crashed = tab.groups["algorithm=acr,K=4,seed=0"]
+    assert tab.groups["acr,K=2,seed=0"].hparams["imwa.k"].number_value == 2
+    crashed = tab.groups["acr,K=4,seed=0"]
     assert crashed.sessions[0].status == api_pb2.STATUS_FAILURE and not crashed.metric_values
     # the runs' curves, linked under the short names; the runs' own sessions are not doubled
-    assert "algorithm=fixmatch,K=2,seed=0/merged" in tab.runs
-    assert "algorithm=fixmatch,K=2,seed=0/replica0" in tab.runs
+    assert "fixmatch,K=2,seed=0/merged" in tab.runs
+    assert "fixmatch,K=2,seed=0/replica0" in tab.runs
     assert not any(run.endswith("/hparams") for run in tab.runs)
-    assert tab.scalar_tags["algorithm=fixmatch,K=2,seed=0/merged"] == ["test/top1"]
+    assert tab.scalar_tags["fixmatch,K=2,seed=0/merged"] == ["test/top1"]
 
 
 def test_report_view_is_rebuilt_not_added_to(four_run_sweep: Path, tmp_path: Path) -> None:

@@ -148,15 +148,23 @@ def _label_keys(runs: Sequence[Run], varying: list[str]) -> list[str]:
     """
     named = {key.split(".")[0] for key in varying if key in {f"{section}.name" for section in NAMED_SECTIONS}}
     kept = [key for key in varying if key.split(".")[0] not in named or key.endswith(".name")]
-    blocks = len({tuple(_value_id(run, k) for k in kept) for run in runs})
-    for key in varying:
-        if key in kept:
-            continue
-        refined = len({tuple(_value_id(run, k) for k in (*kept, key)) for run in runs})
-        if refined > blocks:
-            kept.append(key)
+    return sorted(splitting_keys(runs, varying, kept), key=_reader_order)
+
+
+def splitting_keys(runs: Sequence[Run], keys: Sequence[str], kept: Sequence[str] = ()) -> list[str]:
+    """`kept`, plus each of `keys` in turn that splits the runs further: with an empty `kept`,
+    the fewest keys (preferring earlier ones) that tell the same groups apart."""
+    chosen = list(kept)
+    blocks = _blocks(runs, chosen)
+    for key in keys:
+        if key not in chosen and (refined := _blocks(runs, [*chosen, key])) > blocks:
+            chosen.append(key)
             blocks = refined
-    return sorted(kept, key=_reader_order)
+    return chosen
+
+
+def _blocks(runs: Sequence[Run], keys: Sequence[str]) -> int:
+    return len({tuple(_value_id(run, key) for key in keys) for run in runs})
 
 
 def alias_note(keys: Sequence[str]) -> str:

@@ -1,14 +1,15 @@
 """`--tensorboard`: one TensorBoard log directory for a whole comparison.
 
     OUT/tensorboard/                       the experiment: which hparams vary, their values, metrics
-    OUT/tensorboard/K=2,merge=twa,seed=0/  a run's session (hparams, final/best/median, status)
+    OUT/tensorboard/acr,K=2,seed=0/        a run's session (hparams, final/best/median, status)
         replica0 -> RUN/tensorboard/replica0   its event streams, linked (so they keep updating)
         merged   -> RUN/tensorboard/merged
 
-Run names are the group label's short names plus the seed, so the part that tells runs apart
-comes first and fits in TensorBoard's run lists. The declaration lists the keys that name the
-groups with `differs` set, so the HParams tab shows them (it displays the first five that
-differ), each with a discrete domain of the values seen.
+Run names are the fewest group keys that tell the groups apart, then the seed, so the part
+that tells runs apart comes first and the stream name still fits in TensorBoard's run lists.
+The declaration lists the keys that name the groups with `differs` set, so the HParams tab
+shows them (it displays the first five that differ), each with a discrete domain of the values
+seen.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssl_imwa.report.groups import GroupSummary, aliases
+from ssl_imwa.report.groups import GroupSummary, aliases, splitting_keys
 from ssl_imwa.report.runs import COMPLETE, CRASHED, RUNNING, Run
 from ssl_imwa.tensorboard_hparams import (
     HParamValue,
@@ -42,8 +43,7 @@ def write_view(summaries: Sequence[GroupSummary], directory: Path) -> str:
         directory.unlink()
     elif directory.exists():
         shutil.rmtree(directory)  # links inside are removed, never followed
-    runs = [(run_name(summary, run), run) for summary in summaries for run in summary.group.runs]
-    runs = _unique(runs)
+    runs = _unique(run_names(summaries))
     declared = _declared_keys(summaries, [run for _, run in runs])
     kinds = {key: declared_type(values) for key, values, _ in declared}
     write_experiment(directory, declared, description=f"{len(runs)} runs compared by python -m ssl_imwa.report")
@@ -61,12 +61,23 @@ def write_view(summaries: Sequence[GroupSummary], directory: Path) -> str:
         f"{', '.join(key for key, _, differs in declared if differs) or 'nothing'} differ)"
 
 
-def run_name(summary: GroupSummary, run: Run) -> str:
-    """`K=2,merge=twa,seed=0`: the group's short label, then the seed; a path-safe directory name."""
-    names = aliases(list(summary.group.settings))
-    parts = [f"{names[key]}={value}" for key, value in summary.group.settings.items()]
-    parts.append(f"seed={hparam_value(run.config.get('seed'))}")
-    return ",".join(parts).replace("/", "_").replace(" ", "")
+def run_names(summaries: Sequence[GroupSummary]) -> list[tuple[str, Run]]:
+    """`acr,K=2,seed=0` per run: the fewest group keys that tell the groups apart (in reader
+    order, short names, the value alone for algorithm/dataset/model), then the seed. The HParams
+    tab has every differing key; a run name must fit TensorBoard's run lists with the stream
+    (`/merged`, `/replica0`) after it. Path-safe directory names."""
+    runs = [run for summary in summaries for run in summary.group.runs]
+    keys = list(summaries[0].group.settings) if summaries else []
+    names = aliases(keys)
+    naming = splitting_keys(runs, keys)
+    named = []
+    for summary in summaries:
+        settings = summary.group.settings
+        parts = [settings[key] if key.endswith(".name") else f"{names[key]}={settings[key]}" for key in naming]
+        for run in summary.group.runs:
+            name = ",".join([*parts, f"seed={hparam_value(run.config.get('seed'))}"])
+            named.append((name.replace("/", "_").replace(" ", ""), run))
+    return named
 
 
 def _unique(named: list[tuple[str, Run]]) -> list[tuple[str, Run]]:
