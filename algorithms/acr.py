@@ -56,6 +56,7 @@ class ACRConfig(AlgorithmConfig):
             expect_range(f"algorithm.{key}", getattr(self, key))
         expect_range("algorithm.estimate_momentum", self.estimate_momentum, 0, 1)
         expect_range("algorithm.estimate_start_epoch", self.estimate_start_epoch, 0)
+        resolve_steps(self.epoch_length, 1, "algorithm.epoch_length", minimum=1)
 
 
 def anchor_distances(estimate: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ class ACR(Algorithm):
     def __init__(self, cfg: ACRConfig, num_classes: int, labeled_counts: list[int], total_steps: int,
                  device: torch.device | str = "cpu") -> None:
         super().__init__(cfg, num_classes, labeled_counts, total_steps, device)
-        self.epoch_length = resolve_steps(cfg.epoch_length, total_steps, "algorithm.epoch_length")
+        self.epoch_length = resolve_steps(cfg.epoch_length, total_steps, "algorithm.epoch_length", minimum=1)
         if self.epoch_length < 1:
             raise ValueError("algorithm.epoch_length must be at least one step")
         if cfg.estimate_start_epoch < 0:

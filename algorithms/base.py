@@ -39,10 +39,12 @@ class AlgorithmConfig:
         expect_choice("algorithm.ema.buffers", self.ema.buffers, BUFFER_POLICIES)
 
 
-def resolve_steps(value: StepCount, total_steps: int, key: str) -> int:
-    """A step-based schedule value: an int >= 0 is a step count; a float in (0, 1) a fraction of the run.
+def resolve_steps(value: StepCount, total_steps: int, key: str, minimum: int = 0) -> int:
+    """A step-based schedule value: an int >= minimum is a step count; a float in (0, 1) a fraction of
+    the run (at least 1 step).
 
     Fractions let a short run keep a paper's proportions (DASO's 5,000 of 250,000 steps = 0.02).
+    A config's validate() calls it with total_steps=1 to check the value before any data loads.
     """
     if isinstance(value, bool):
         raise TypeError(f"{key}={value!r}: expected a step count (int) or a fraction of train.iterations (float)")
@@ -51,8 +53,8 @@ def resolve_steps(value: StepCount, total_steps: int, key: str) -> int:
             raise ValueError(f"{key}={value}: a fractional value must lie in (0, 1)")
         return max(1, round(value * total_steps))
     steps = int(value)
-    if steps < 0:
-        raise ValueError(f"{key}={value}: expected a non-negative step count")
+    if steps < minimum:
+        raise ValueError(f"{key}={value}: expected a step count >= {minimum} or a fraction in (0, 1)")
     return steps
 
 
@@ -127,7 +129,9 @@ class Algorithm:
         """Strong views per unlabeled image that the data stream must provide."""
         return 1
 
-    def uses_unlabeled(self) -> bool:
+    @classmethod
+    def uses_unlabeled(cls) -> bool:
+        """A class property: config validation asks it before any algorithm is built."""
         return True
 
     def build_heads(self, feature_dim: int, num_classes: int) -> dict[str, nn.Module]:

@@ -57,6 +57,8 @@ class DASOConfig(AlgorithmConfig):
         for key in ("proto_temperature", "dist_temperature"):
             expect_range(f"algorithm.{key}", getattr(self, key), 0, low_open=True)
         expect_range("algorithm.interp_alpha", self.interp_alpha, 0, 1)
+        resolve_steps(self.warmup_steps, 1, "algorithm.warmup_steps")
+        resolve_steps(self.dist_update_period, 1, "algorithm.dist_update_period", minimum=1)
 
 
 class FeatureQueue:
@@ -216,7 +218,8 @@ class DASO(Algorithm):
                  device: torch.device | str = "cpu") -> None:
         super().__init__(cfg, num_classes, labeled_counts, total_steps, device)
         self.warmup_steps = resolve_steps(cfg.warmup_steps, total_steps, "algorithm.warmup_steps")
-        self.dist_update_period = resolve_steps(cfg.dist_update_period, total_steps, "algorithm.dist_update_period")
+        self.dist_update_period = resolve_steps(cfg.dist_update_period, total_steps, "algorithm.dist_update_period",
+                                                minimum=1)
         if self.dist_update_period < 1:
             raise ValueError("algorithm.dist_update_period must be at least one step")
         self.queue = FeatureQueue(num_classes, cfg.queue_size, self.device)

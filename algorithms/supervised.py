@@ -23,7 +23,8 @@ class Supervised(Algorithm):
     def num_strong_views(self) -> int:
         return 0
 
-    def uses_unlabeled(self) -> bool:
+    @classmethod
+    def uses_unlabeled(cls) -> bool:
         return False
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:

@@ -85,13 +85,16 @@ def validate(cfg: DictConfig) -> DictConfig:
     ValueError naming the key and what was expected.
     """
     from algorithms import get_algorithm, load_plugins
+    from ssl_imwa.models import list_models
 
     # A required value left unset ('???' in a config file) would otherwise take the schema's default.
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{', '.join(missing)}: required, but no value was given (set it on the command line, "
                          f"e.g. {missing[0]}=...)")
-    typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    # Merged as plain data: a section that already carries its dataclass type (as Hydra composes it)
+    # would otherwise accept a key added with `+train.bogus=1` without a word.
+    typed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OmegaConf.to_container(cfg)))
     load_plugins(list(typed.plugins))
     algorithm_cls = get_algorithm(typed.algorithm.name)
     typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
@@ -102,6 +105,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     expect_positive("train.iterations", train.iterations)
     expect_positive("train.batch_size", train.batch_size)
     expect_positive("train.mu", train.mu, allow_zero=True)
+    if algorithm_cls.uses_unlabeled() and train.mu < 1:
+        raise ValueError(f"train.mu={train.mu}: {typed.algorithm.name} learns from unlabeled images, so each step "
+                         "needs mu * batch_size of them: expected train.mu >= 1")
+    if typed.model.name not in list_models():
+        raise ValueError(f"model.name='{typed.model.name}': expected one of {', '.join(list_models())}")
+    expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
     expect_positive("train.eval_every", train.eval_every)
     expect_positive("train.lr", train.lr)
     expect_range("train.momentum", train.momentum, 0, 1, high_open=True)

@@ -217,8 +217,8 @@ class Orchestrator:
         if self.comm.world_size == 1:
             payload, source = self._newest_intact()
             if payload is None:
-                raise FileNotFoundError(f"checkpoint {latest} does not exist: nothing to resume (run without "
-                                        "resume=true)")
+                self._start_again_or_refuse(latest)
+                return
             self._restore(payload, source)
             return
         payload, problem, newest = None, None, latest
@@ -230,8 +230,8 @@ class Orchestrator:
         everyone = self.comm.all_gather_object({"episode": episode, "problem": problem}, "resume agreement")
         self._raise_if_any([entry["problem"] for entry in everyone])
         if all(entry["episode"] is None for entry in everyone):
-            raise FileNotFoundError(f"no process has a checkpoint in {self.checkpoint_dir} (latest.rank<r>.pt): "
-                                    "nothing to resume (run without resume=true)")
+            self._start_again_or_refuse(self.checkpoint_dir / "latest.rank<r>.pt")
+            return
         common = min(entry["episode"] or 0 for entry in everyone)
         source: Path | None = newest
         if episode is None or episode > common:
@@ -254,6 +254,18 @@ class Orchestrator:
                      common + 1)
             return
         self._restore(payload, source)
+
+    def _start_again_or_refuse(self, latest: Path) -> None:
+        """No checkpoint at all. A run that started here (its config.yaml is written before the first
+        step) was stopped before its first checkpoint: nothing is lost by starting it again, and
+        training is deterministic, so that is the resume. Anywhere else there is nothing to resume."""
+        if not (self.checkpoint_dir.parent / "config.yaml").is_file():
+            raise FileNotFoundError(f"checkpoint {latest} does not exist: nothing to resume (run without "
+                                    "resume=true)")
+        log.warning("%s was stopped before its first checkpoint: starting it again from step 0",
+                    self.checkpoint_dir.parent)
+        if self.comm.is_main:
+            self._truncate_metrics(0)
 
     def _newest_intact(self) -> tuple[dict[str, Any] | None, Path]:
         """This process's latest checkpoint or, when that is missing or unreadable, its newest readable

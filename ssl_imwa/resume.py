@@ -28,6 +28,9 @@ def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
     run_dir = Path(str(cfg.run_dir))
     record = run_dir / "config.yaml"
     if not record.is_file():
+        if not (run_dir / "checkpoints").is_dir():  # said before any data loads
+            raise FileNotFoundError(f"{run_dir} holds no run (no config.yaml, no checkpoints/): nothing to resume "
+                                    "(run without resume=true, or point hydra.run.dir at the run to continue)")
         return cfg
     saved = OmegaConf.load(record)
     typed = {override.split("=", 1)[0].lstrip("+~"): override.split("=", 1)[1]
@@ -44,9 +47,9 @@ def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
         if group in choices and choices[group] != choice:
             conflicts.append(f"{group}: run was launched with {group}={choices[group]}, command line has {choice}")
     if conflicts:
-        raise RuntimeError(f"resume=true continues {run_dir} as its config.yaml records it; these cannot change "
-                           "on resume (start a new run to change them):\n  " + "\n  ".join(conflicts) +
-                           f"\nkeys a resume may change: {', '.join(LAUNCH_KEYS[2:])}")
+        raise RuntimeError(f"resume=true continues {run_dir} as its config.yaml records it, so these cannot change "
+                           f"(start a new run to change them): {'; '.join(conflicts)}\n"
+                           f"keys a resume may change: {', '.join(LAUNCH_KEYS[2:])}")
     for key in LAUNCH_KEYS:
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     return saved

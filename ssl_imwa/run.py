@@ -237,9 +237,6 @@ def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Commu
     # Algorithm state is per replica: each replica gets its own instance.
     algorithms = {k: algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations,
                                    device) for k in local}
-    if algorithms[local[0]].uses_unlabeled() and cfg.train.mu < 1:
-        raise ValueError(f"train.mu={cfg.train.mu}: {cfg.algorithm.name} learns from unlabeled images, so each step "
-                         "needs mu * batch_size of them: expected train.mu >= 1")
     initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
     replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
     return replicas, initial_model, algorithm_cls

@@ -111,6 +111,9 @@ class Trainer:
         batch = self._prepare(next(replica.stream))
         with self.autocast():
             outputs = replica.algorithm.losses(batch, replica.model, replica.teacher.module, step)
+        if "loss" not in outputs:  # a plugin's contract, checked on the host: no device sync
+            raise ValueError(f"algorithm '{replica.algorithm.name}': losses() returned {sorted(outputs)}, expected a "
+                             "'loss' entry (the scalar tensor to minimise) beside any terms to log")
         loss = outputs["loss"]
         replica.optimizer.zero_grad(set_to_none=True)
         if replica.scaler is not None:

@@ -1,0 +1,180 @@
+"""Bad inputs, tried as a user would: does each fail early, in a line or two, naming the key or path?
+
+Every case launches `python main.py experiment=quickstart <case>` in a fresh process (a few seconds
+each, about 4 minutes for the battery on 2 CPU cores) and records:
+- `failed`: the exit status is not 0;
+- `early`: the run directory holds no checkpoint and no evaluation (no training happened);
+- `short`: an error message of at most two lines (log lines of work done before it are not counted);
+- `named`: the output contains the key, value or path the case is about.
+A case passes when all four hold. The table goes to stdout, and to `--out` as markdown.
+
+    python bench/fault_battery.py --out docs/fault_battery.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["experiment=quickstart", "train.iterations=20", "train.eval_every=10", "train.num_threads=1",
+        "train.progress=false"]
+
+SYNTAX_PLUGIN = "import torch\ndef losses(:\n"
+NO_LOSSES_PLUGIN = ("from algorithms.base import Algorithm\nfrom algorithms.fixmatch import FixMatchConfig\n"
+                    "from algorithms.registry import register_algorithm\n\n@register_algorithm('no_losses')\n"
+                    "class NoLosses(Algorithm):\n    Config = FixMatchConfig\n")
+
+
+@dataclass(frozen=True)
+class Case:
+    arguments: tuple[str, ...]
+    names: str          # what the message must contain
+    prepare: str = ""   # "complete": the run directory holds a finished run; "corrupt": one with a broken latest.pt
+
+
+def _cases() -> list[Case]:
+    c = lambda names, *arguments, prepare="": Case(tuple(arguments), names, prepare)
+    return [
+        # unknown keys, wrong types, unknown choices
+        c("train.foo", "train.foo=1"), c("bogus", "+train.bogus=1"), c("train.lr", "train.lr=fast"),
+        c("nope", "algorithm=nope"), c("nope", "dataset=nope"), c("resnet999", "model.name=resnet999"),
+        c("nope", "algorithm.name=nope"), c("train.schedule", "train.schedule=linear"),
+        c("train.precision", "train.precision=fp8"), c("imwa.merge", "imwa.merge=greedy"),
+        c("imwa.momentum", "imwa.momentum=bogus"), c("imwa.twa.parameterisation", "imwa.twa.parameterisation=bogus"),
+        c("imwa.twa.data", "imwa.twa.data=bogus"), c("imwa.twa.bn", "imwa.twa.bn=bogus"),
+        c("dataset.unlabeled", "dataset.unlabeled=bogus"), c("dataset.protocol", "dataset.protocol=bogus"),
+        c("algorithm.weak_pass", "algorithm.weak_pass=bogus"), c("algorithm.ema.buffers", "algorithm.ema.buffers=bogus"),
+        c("device", "device=tpu"),
+        # values out of range
+        c("algorithm.threshold", "algorithm.threshold=1.5"), c("algorithm.threshold", "algorithm.threshold=-0.5"),
+        c("algorithm.lambda_u", "algorithm.lambda_u=-1"), c("algorithm.temperature", "algorithm.temperature=0"),
+        c("algorithm.ema.decay", "algorithm.ema.decay=1.5"), c("train.momentum", "train.momentum=1.5"),
+        c("train.weight_decay", "train.weight_decay=-1"), c("model.bn_momentum", "model.bn_momentum=2"),
+        c("train.mu", "train.mu=0"), c("train.lr", "train.lr=inf"), c("train.lr", "train.lr=nan"),
+        c("train.lr", "train.lr=-1"), c("train.eval_batch_size", "train.eval_batch_size=0"),
+        c("train.num_threads", "train.num_threads=-1"), c("train.batch_size", "train.batch_size=0"),
+        c("train.iterations", "train.iterations=0"), c("train.eval_every", "train.eval_every=0"),
+        c("train.checkpoint_every", "train.checkpoint_every=-1"), c("train.log_every", "train.log_every=0"),
+        c("train.stop_at", "train.stop_at=-1"), c("imwa.k", "imwa.k=0"), c("imwa.episodes", "imwa.episodes=0"),
+        c("imwa.episodes", "imwa.episodes=40"), c("imwa.episodes", "imwa.episodes=3"),
+        c("imwa.timeout_s", "imwa.timeout_s=0"), c("imwa.twa.steps", "imwa.merge=twa", "imwa.twa.steps=0"),
+        c("imwa.twa.lr", "imwa.merge=twa", "imwa.twa.lr=-1"),
+        c("imwa.twa.batch_size", "imwa.merge=twa", "imwa.twa.batch_size=0"),
+        c("dataset.imbalance", "dataset.imbalance=0.5"), c("dataset.n_max", "dataset.n_max=0"),
+        c("dataset.n_max", "dataset.n_max=100000"), c("dataset.m_max", "dataset.m_max=-1"),
+        c("dataset.val_per_class", "dataset.val_per_class=-1"),
+        c("dataset.val_per_class", "dataset.val_per_class=1000"), c("dataset.image_size", "dataset.image_size=0"),
+        c("dataset.cutout_fraction", "dataset.cutout_fraction=1.5"),
+        c("dataset.crop_pad_fraction", "dataset.crop_pad_fraction=-0.1"), c("seed", "seed=-1"),
+        c("cuda:7", "device=cuda:7"),
+        c("algorithm.queue_size", "algorithm=daso", "algorithm.queue_size=0"),
+        c("algorithm.proto_temperature", "algorithm=daso", "algorithm.proto_temperature=0"),
+        c("algorithm.warmup_steps", "algorithm=daso", "algorithm.warmup_steps=-1"),
+        c("algorithm.dist_update_period", "algorithm=daso", "algorithm.dist_update_period=0"),
+        c("algorithm.interp_alpha", "algorithm=daso", "algorithm.interp_alpha=2"),
+        c("algorithm.estimate_momentum", "algorithm=acr", "algorithm.estimate_momentum=1.5"),
+        c("algorithm.epoch_length", "algorithm=acr", "algorithm.epoch_length=0"),
+        c("algorithm.tau_max", "algorithm=acr", "algorithm.tau_max=-1"),
+        # data that is not there
+        c("dataset.root", "dataset=imagefolder"), c("/nonexistent", "dataset=imagefolder", "dataset.root=/nonexistent"),
+        c("/nonexistent", "dataset=cifar10_lt", "dataset.root=/nonexistent", "model=small_cnn"),
+        c("/nonexistent", "dataset=stl10_lt", "dataset.root=/nonexistent", "model=small_cnn"),
+        c("/nonexistent", "dataset=cifar10_jpeg_lt", "dataset.root=/nonexistent", "model=small_cnn"),
+        # plugins
+        c("no_such_module", "plugins=[no_such_module]"), c("syntax_plugin.py:2", "plugins=[syntax_plugin]"),
+        c("does not define losses", "plugins=[no_losses_plugin]", "algorithm.name=no_losses"),
+        # resume and run directories
+        c("nothing to resume", "resume=true"),
+        c("train.lr", "resume=true", "train.lr=0.1", prepare="complete"),
+        c("resume=true", prepare="complete"),
+        c("latest.pt", "resume=true", prepare="corrupt"),
+        c("/sys/ssl_imwa_battery", "hydra.run.dir=/sys/ssl_imwa_battery/run"),
+    ]
+
+
+def _prepare(run_dir: Path, kind: str, env: dict[str, str]) -> None:
+    if not kind:
+        return
+    subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, f"hydra.run.dir={run_dir}"], env=env,
+                   capture_output=True, check=True, timeout=600)
+    if kind == "corrupt":
+        for merge in (run_dir / "checkpoints").glob("merge_*.pt"):
+            merge.unlink()
+        (run_dir / "checkpoints" / "latest.pt").write_bytes(b"half a checkpoint")
+
+
+def _message_lines(output: str) -> list[str]:
+    """The error message: from the `error:` line on (log lines of the work before it are not part of
+    it), or, for Hydra's own messages, every line that is not a log line."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    starts = [index for index, line in enumerate(lines) if line.startswith("error:")]
+    if starts:
+        return lines[starts[0]:]
+    return [line for line in lines if not line.startswith("[20")]
+
+
+def run_case(case: Case, run_dir: Path, env: dict[str, str]) -> dict[str, object]:
+    _prepare(run_dir, case.prepare, env)
+    trained_before = len(list(run_dir.glob("checkpoints/*.pt"))) if run_dir.exists() else 0
+    given_dir = [argument for argument in case.arguments if argument.startswith("hydra.run.dir=")]
+    arguments = [*BASE, *case.arguments, *([] if given_dir else [f"hydra.run.dir={run_dir}"])]
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *arguments], env=env, capture_output=True,
+                            text=True, timeout=600, check=False)
+    seconds = time.perf_counter() - started
+    output = (result.stdout + result.stderr).strip()
+    lines = _message_lines(output)
+    metrics = run_dir / "metrics.jsonl"
+    trained = (len(list(run_dir.glob("checkpoints/*.pt"))) > trained_before
+               or (not case.prepare and metrics.exists() and metrics.stat().st_size > 0))
+    verdict = {"failed": result.returncode != 0, "early": not trained, "short": len(lines) <= 2,
+               "named": case.names in output}
+    return {**verdict, "passed": all(verdict.values()), "seconds": seconds, "lines": len(lines),
+            "first_line": lines[0] if lines else ""}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
+    parser.add_argument("--only", type=int, nargs="*", help="case numbers to run (default: all)")
+    args = parser.parse_args()
+    cases = _cases()
+    chosen = args.only or list(range(1, len(cases) + 1))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fault_battery_") as scratch:
+        plugins = Path(scratch) / "plugins"
+        plugins.mkdir()
+        (plugins / "syntax_plugin.py").write_text(SYNTAX_PLUGIN)
+        (plugins / "no_losses_plugin.py").write_text(NO_LOSSES_PLUGIN)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(plugins)])}
+        env.pop("HYDRA_FULL_ERROR", None)
+        for number in chosen:
+            case = cases[number - 1]
+            row = run_case(case, Path(scratch) / f"case{number:02d}", env)
+            rows.append((number, case, row))
+            print(f"{number:2d} {'pass' if row['passed'] else 'FAIL'} {' '.join(case.arguments):55s} "
+                  f"{row['first_line'][:110]}", flush=True)
+    passed = sum(row["passed"] for _, _, row in rows)
+    summary = f"{passed} of {len(rows)} bad inputs fail early, in at most two lines, naming the key or path"
+    print(summary)
+    if args.out:
+        table = ["| # | input | failed | early | ≤2 lines | named | first line |", "|---|---|---|---|---|---|---|"]
+        mark = lambda flag: "yes" if flag else "**no**"
+        for number, case, row in rows:
+            given = " ".join(case.arguments) + (f" (on a {case.prepare} run)" if case.prepare else "")
+            first = str(row["first_line"]).replace("|", "\\|")
+            table.append(f"| {number} | `{given}` | {mark(row['failed'])} | {mark(row['early'])} | "
+                         f"{mark(row['short'])} ({row['lines']}) | {mark(row['named'])} | {first} |")
+        args.out.write_text("# Fault battery: bad inputs\n\nGenerated by `python bench/fault_battery.py --out "
+                            f"{args.out}` (base: `{' '.join(BASE)}`).\n\n**{summary}.**\n\n" + "\n".join(table) + "\n")
+    return 0 if passed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

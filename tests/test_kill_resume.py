@@ -1,0 +1,116 @@
+"""SIGKILL at a random moment, then resume: bitwise the uninterrupted run.
+
+The kill points are drawn from a seed (`SSL_IMWA_KILL_SEED`, else the day's number), so each CI day
+tries a handful of different ones; the test id names the draw, and the seed reproduces it. A kill
+lands either at the start of a training step (the n-th step of the run, counting every replica's)
+or halfway through writing the n-th checkpoint.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.utils import (
+    ROOT,
+    assert_bitwise_equal,
+    checkpoint_tensors,
+    read_metrics,
+    train_run,
+)
+
+TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
+        "train.log_every=5", "train.num_threads=1", "train.checkpoint_every=3"]
+TWA = ["imwa.merge=twa", "dataset.val_per_class=10", "dataset.m_max=60", "imwa.twa.steps=10",
+       "imwa.twa.batch_size=32", "imwa.twa.include_start=true", "imwa.twa.accept=false"]
+CONFIGS = {
+    "fixmatch": TINY,
+    "daso": [*TINY, "algorithm=daso", "algorithm.warmup_steps=4", "algorithm.dist_update_period=3",
+             "algorithm.queue_size=8"],
+    "acr": [*TINY, "algorithm=acr", "train.mu=2", "algorithm.epoch_length=4", "algorithm.estimate_start_epoch=1"],
+    "imwa_uniform": [*TINY, "imwa.k=2", "imwa.episodes=2"],
+    "imwa_twa": [*TINY, "imwa.k=2", "imwa.episodes=2", *TWA],
+}
+DRAWS_PER_RUN = 4
+SEED = int(os.environ.get("SSL_IMWA_KILL_SEED", int(time.time()) // 86400))
+
+KILL_PLUGIN = '''
+"""Kills this process (SIGKILL) where SSL_IMWA_KILL says: "step:<n>" or "write:<n>"; inert without it."""
+import io
+import os
+import signal
+
+import torch
+
+from ssl_imwa.trainer import Trainer
+
+plan = os.environ.get("SSL_IMWA_KILL")
+if plan:
+    kind, count = plan.split(":")
+    remaining = [int(count)]
+
+    def due() -> bool:
+        remaining[0] -= 1
+        return remaining[0] == 0
+
+    if kind == "step":
+        real_step = Trainer.step
+
+        def step(self, replica, at):
+            if due():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_step(self, replica, at)
+
+        Trainer.step = step
+    else:
+        real_save = torch.save
+
+        def save(obj, stream, *args, **kwargs):
+            if not due():
+                return real_save(obj, stream, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            stream.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = save
+'''
+
+
+def _draws() -> list[tuple[str, str, int]]:
+    """(config, kill kind, n) for this run's seed."""
+    rng = random.Random(SEED)
+    draws = []
+    for _ in range(DRAWS_PER_RUN):
+        config = rng.choice(sorted(CONFIGS))
+        steps = 40 if config.startswith("imwa") else 20
+        kind = rng.choice(["step", "write"])
+        draws.append((config, kind, rng.randint(2, steps - 1) if kind == "step" else rng.randint(1, 6)))
+    return draws
+
+
+@pytest.mark.parametrize("config, kind, count", _draws(), ids=lambda value: str(value))
+def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             config: str, kind: str, count: int) -> None:
+    draw = f"{config}, kill at {kind} {count} (SSL_IMWA_KILL_SEED={SEED})"
+    (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
+    overrides = [*CONFIGS[config], "plugins=[kill_plugin]"]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    full = train_run(tmp_path, overrides, "full")
+    killed = tmp_path / "killed"
+    env = {**os.environ, "SSL_IMWA_KILL": f"{kind}:{count}",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={killed}",
+                             "train.progress=false"], env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == -signal.SIGKILL, f"{draw}: the run was not killed\n{result.stderr[-2000:]}"
+    # A kill before the first checkpoint leaves nothing to restore: the resume starts the run again.
+    train_run(tmp_path, [*overrides, "resume=true"], "killed")
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(killed))
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert strip(read_metrics(full)) == strip(read_metrics(killed)), draw
