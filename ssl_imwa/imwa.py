@@ -32,6 +32,7 @@ from ssl_imwa.evaluation import Evaluator
 from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult
 from ssl_imwa.metrics import median_of_last
+from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, lr_at
 
 log = logging.getLogger("ssl_imwa")
@@ -74,8 +75,9 @@ class Orchestrator:
 
     def __init__(self, cfg: Config, replicas: list[Replica], trainer: Trainer, evaluator: Evaluator,
                  logger: RunLogger, fingerprint: dict[str, Any], split_counts: dict[str, list[int]],
-                 merger: Merger, comm: Communicator) -> None:
+                 merger: Merger, comm: Communicator, stop: StopRequests | None = None) -> None:
         self.cfg = cfg
+        self.stop = stop or StopRequests()
         self.replicas = replicas
         self.k = cfg.imwa.k
         self.trainer = trainer
@@ -381,6 +383,10 @@ class Orchestrator:
             if train.stop_at and done == train.stop_at:
                 self._save("latest.pt")
                 return False
+            if self.stop.signal_name:
+                self._save("latest.pt")
+                raise Terminated(f"stopped by {self.stop.signal_name} after step {done} of replica {replica.index}, "
+                                 f"with a checkpoint there; continue with resume=true hydra.run.dir={self.cfg.run_dir}")
         return True
 
     def _merge(self, start: dict[str, Any]) -> MergeResult:

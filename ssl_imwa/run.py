@@ -1,14 +1,11 @@
 """Build data, algorithm and replicas from a validated config, then hand them to the orchestrator."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import ctypes
 import logging
 import os
-import signal
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +31,7 @@ from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
 from ssl_imwa.resume import LAUNCH_KEYS, resumed_config
 from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
+from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
 from ssl_imwa.twa import TWAConfig, build_candidates, stratified_halves, twa_merge
 
@@ -176,29 +174,6 @@ def build_merger(cfg: Config, algorithm: Algorithm, comm: Communicator, data: SS
     return twa
 
 
-class Terminated(SystemExit):
-    """SIGTERM or SIGHUP arrived: the run stops as after Ctrl-C, recording why."""
-
-
-@contextlib.contextmanager
-def terminated_as_an_exception() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into `Terminated` while training (main thread only), so the run's
-    status says it stopped instead of staying 'running'. Checkpoints are atomic either way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: object) -> None:
-        raise Terminated(f"terminated by {signal.Signals(signum).name} (resume with resume=true)")
-
-    previous = {number: signal.signal(number, terminate) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
 def agree_on_run_dir(run_dir: Path, comm: Communicator) -> Path:
     """Process 0's run directory, for every process.
 
@@ -294,15 +269,21 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator)
     if not comm.is_main:
         log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)
-
-    data = build_data(cfg.dataset)
-    replicas, initial_model, algorithm_cls = build_replicas(cfg, data, device, comm)
+    try:
+        data = build_data(cfg.dataset)
+        replicas, initial_model, algorithm_cls = build_replicas(cfg, data, device, comm)
+    except BaseException as error:  # a failed start (missing data, ...) is recorded for the report too
+        if comm.is_main and not cfg.resume:
+            RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
+        comm.close()
+        raise
     trainer = Trainer(cfg.train, device)
     evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
     logger = RunLogger(run_dir, data.class_names)
     merger = build_merger(cfg, replicas[0].algorithm, comm, data, copy.deepcopy(initial_model), device)
+    stop = StopRequests()
     orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,
-                                comm)
+                                comm, stop)
     if cfg.resume:
         orchestrator.resume()
     if comm.is_main:  # after a resume has been accepted: a refused one leaves the run's record as it was
@@ -311,18 +292,22 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator)
              cfg.algorithm.name, cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
              comm.world_size)
     try:
-        with terminated_as_an_exception():
+        with stop:
             results = orchestrator.run()
     except BaseException as error:
         if comm.is_main:
-            # Terminated (a scheduler's preemption, torchrun's teardown): resume=true continues it.
-            state = "stopped" if isinstance(error, Terminated) else "failed"
+            # A stop that was asked for (Ctrl-C, a scheduler's SIGTERM, torchrun's teardown) is 'stopped'
+            # even when it surfaces as another process's broken connection: resume=true continues it.
+            state = "stopped" if isinstance(error, Terminated) or stop.signal_name else "failed"
             logger.status(state, error=f"{type(error).__name__}: {error}")
         logger.close()
         comm.close()
         raise
     comm.close()
-    if results is not None:
+    if results is None:
+        log.info("stopped at train.stop_at=%d with a checkpoint there; continue with: python main.py resume=true "
+                 "hydra.run.dir=%s", cfg.train.stop_at, run_dir)
+    else:
         logger.results(results)
         logger.hparams(_hparams(cfg), {"final_top1": results["final"]["top1"],
                                        "final_balanced_acc": results["final"]["balanced_acc"]})

@@ -35,7 +35,7 @@ CONFIGS = {
     "imwa_uniform": [*TINY, "imwa.k=2", "imwa.episodes=2"],
     "imwa_twa": [*TINY, "imwa.k=2", "imwa.episodes=2", *TWA],
 }
-DRAWS_PER_RUN = 4
+DRAWS_PER_RUN = 2
 SEED = int(os.environ.get("SSL_IMWA_KILL_SEED", int(time.time()) // 86400))
 
 KILL_PLUGIN = '''

@@ -189,42 +189,46 @@ def test_a_refused_resume_leaves_a_finished_run_as_it_was(tmp_path: Path) -> Non
     assert {name: (run_dir / name).read_text() for name in record} == record
 
 
-TERMINATED_PLUGIN = """
+STOPPED_PLUGIN = """
 import os
 import signal
 from algorithms.fixmatch import FixMatch
 from algorithms.registry import register_algorithm
 
-@register_algorithm("terminated_at_step_3")
-class TerminatedAtStep3(FixMatch):
+@register_algorithm("signalled_at_step_3")
+class SignalledAtStep3(FixMatch):
     def losses(self, batch, model, teacher, step):
-        if step == 3 and os.environ.get("SSL_IMWA_TEST_TERMINATE"):
-            os.kill(os.getpid(), signal.SIGTERM)
+        if step == 3 and os.environ.get("SSL_IMWA_TEST_SIGNAL"):
+            os.kill(os.getpid(), getattr(signal, os.environ["SSL_IMWA_TEST_SIGNAL"]))
         return super().losses(batch, model, teacher, step)
 """
 
 
-def test_sigterm_stops_the_run_with_its_status_and_resume_finishes_it(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """A preempted run said 'running' for ever; now 'stopped', and it resumes to the uninterrupted result."""
-    from ssl_imwa.run import Terminated
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_current_step_with_a_checkpoint_and_resume_finishes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_name: str) -> None:
+    """A scheduler's SIGTERM or a Ctrl-C during step 4 (index 3): the step ends, a checkpoint is written
+    at it (not only at the last periodic one, step 2), the status says 'stopped', and the resume
+    reaches the uninterrupted result bitwise."""
+    from ssl_imwa.stopping import Terminated
 
-    (tmp_path / "terminated_plugin.py").write_text(TERMINATED_PLUGIN)
+    (tmp_path / "stopped_plugin.py").write_text(STOPPED_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    overrides = [*TINY, "plugins=[terminated_plugin]", "algorithm.name=terminated_at_step_3",
+    overrides = [*TINY, "plugins=[stopped_plugin]", "algorithm.name=signalled_at_step_3",
                  "train.checkpoint_every=2"]
     full = train_run(tmp_path, overrides, "full")
-    monkeypatch.setenv("SSL_IMWA_TEST_TERMINATE", "1")
-    with pytest.raises(Terminated, match="SIGTERM"):
+    monkeypatch.setenv("SSL_IMWA_TEST_SIGNAL", signal_name)
+    with pytest.raises(Terminated, match=rf"stopped by {signal_name} after step 4 of replica 0, with a checkpoint "
+                                         r"there; continue with resume=true hydra.run.dir="):
         train_run(tmp_path, overrides)
-    monkeypatch.delenv("SSL_IMWA_TEST_TERMINATE")
+    monkeypatch.delenv("SSL_IMWA_TEST_SIGNAL")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert status["status"] == "stopped" and "SIGTERM" in status["error"]
+    assert status["status"] == "stopped" and signal_name in status["error"]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["progress"][
+        "replica_steps"] == {0: 4}
     # A kill during a checkpoint write leaves a temporary file: the resume removes it.
     stale = tmp_path / "run" / "checkpoints" / "latest.pt.x1y2.tmp"
     stale.write_bytes(b"half a checkpoint")
-    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=False)["progress"][
-        "replica_steps"] == {0: 2}
     train_run(tmp_path, [*overrides, "resume=true"])
     assert not stale.exists()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "complete"

@@ -1,0 +1,49 @@
+"""Ctrl-C and a scheduler's SIGTERM stop a run at the next step boundary, with a checkpoint there."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType, TracebackType
+from typing import Self
+
+log = logging.getLogger("ssl_imwa")
+
+GRACEFUL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(SystemExit):
+    """The run stopped on a signal; its message (printed on exit, status 1) says how to continue."""
+
+
+class StopRequests:
+    """While active, SIGINT, SIGTERM and SIGHUP ask the run to stop instead of killing it mid-step.
+
+    The first signal is remembered (`signal_name`); the training loop sees it after the current
+    step, writes a checkpoint at that step and raises `Terminated`, so a stop loses at most the step
+    in progress. A second signal stops at once (the last checkpoint stays the resume point), for
+    a run stuck where no step ends. Only the main thread can take signals; elsewhere this is inert.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {number: signal.signal(number, self._handle) for number in GRACEFUL_SIGNALS}
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        name = signal.Signals(number).name
+        if self.signal_name is not None:
+            raise Terminated(f"stopped at once by a second {name}; resume=true continues from the last checkpoint")
+        self.signal_name = name
+        log.warning("%s: stopping after the current step, with a checkpoint there (send it again to stop at once)",
+                    name)
