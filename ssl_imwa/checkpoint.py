@@ -79,6 +79,9 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
             torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        # mkstemp makes the file private (0600); a checkpoint gets the mode of any other file the
+        # user writes (0644 or 0640 under the usual umasks), so a labmate can load it.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except OSError as error:
         if temporary is not None:
@@ -92,6 +95,12 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:

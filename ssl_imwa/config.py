@@ -64,7 +64,8 @@ class Config:
     # None: deterministic on CPU, fast on CUDA (cuDNN autotuning, non-deterministic kernels allowed);
     # true/false ask for one or the other on any device (docs/performance.md).
     deterministic: bool | None = None
-    run_dir: str = "."
+    # Hydra's output directory (configs/config.yaml); None only where Hydra has none, as in `--cfg job`.
+    run_dir: str | None = None
     plugins: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

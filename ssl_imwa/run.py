@@ -223,6 +223,9 @@ def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | N
     `command_line`: the overrides typed for this launch; a resume takes the run's own saved
     config and only these (ssl_imwa.resume).
     """
+    if cfg.get("run_dir") is None:
+        raise ValueError("run_dir is not set: main.py takes it from Hydra's output directory (hydra.run.dir); "
+                         "a run started from Python needs run_dir=<path>")
     run_dir = Path(cfg.run_dir)
     if cfg.get("resume", False):
         cfg = resumed_config(cfg, command_line)

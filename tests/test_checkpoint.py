@@ -1,5 +1,6 @@
 """Checkpoint files: a digest that catches silent damage, and storage faults named with path and errno."""
 import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,12 @@ def test_a_bug_while_writing_is_not_dressed_up_as_a_storage_fault(tmp_path: Path
     with pytest.raises(OSError, match="bad file descriptor"):
         save_atomic(_payload(), tmp_path / "latest.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_gets_the_mode_the_umask_gives_any_file(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        save_atomic(_payload(), tmp_path / "latest.pt")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "latest.pt").stat().st_mode & 0o777 == 0o640  # was 0600: a labmate could not read it

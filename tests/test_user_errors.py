@@ -106,3 +106,10 @@ def test_losses_without_a_loss_entry_names_what_it_returned(tmp_path: Path, monk
     with pytest.raises(ValueError, match=r"algorithm 'total_not_loss': losses\(\) returned \[.*'total'.*\], "
                                          r"expected a 'loss' entry"):
         train_run(tmp_path, [*TINY, "plugins=[lossless_plugin]", "algorithm.name=total_not_loss"])
+
+
+def test_the_resolved_config_prints_without_a_run_directory(tmp_path: Path) -> None:
+    """`main.py --cfg job --resolve` has no output directory: run_dir resolves to null, not a crash."""
+    result = _main(["experiment=quickstart", "--cfg", "job", "--resolve"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "run_dir: null" in result.stdout and "name: fixmatch" in result.stdout
