@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ssl_imwa.checkpoint import (
     FORMAT_VERSION,
@@ -36,6 +38,8 @@ from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, lr_at
 
 log = logging.getLogger("ssl_imwa")
+# Teacher top-1 this far (absolute) below its student's at the first evaluation: worth a warning.
+TEACHER_LAG_WARNING = 0.15
 SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
 # (this process's replica states, their indices, the episode's start state, episode) -> merged state
 Merger = Callable[[list[dict[str, Any]], list[int], dict[str, Any], int], MergeResult]
@@ -78,6 +82,8 @@ class Orchestrator:
                  merger: Merger, comm: Communicator, stop: StopRequests | None = None) -> None:
         self.cfg = cfg
         self.stop = stop or StopRequests()
+        self.watch_teacher = not cfg.algorithm.ema.warmup
+        self.steps_at_launch, self.launch_clock = 0, time.perf_counter()  # for the ETA
         self.replicas = replicas
         self.k = cfg.imwa.k
         self.trainer = trainer
@@ -377,6 +383,9 @@ class Orchestrator:
                 self._ensure_finite([replica])
                 test = self._evaluate(replica.teacher.module, "replica", replica.index, done)
                 progress.set_postfix(top1=f"{test['top1']:.3f}", bal=f"{test['balanced_acc']:.3f}", refresh=False)
+                self._log_evaluation(replica, done, test)
+                if self.watch_teacher and self.comm.is_main:
+                    self._warn_if_the_teacher_lags(replica, done, test)
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or (
                     not train.checkpoint_every and evaluated):
                 self._save("latest.pt")
@@ -388,6 +397,37 @@ class Orchestrator:
                 raise Terminated(f"stopped by {self.stop.signal_name} after step {done} of replica {replica.index}, "
                                  f"with a checkpoint there; continue with resume=true hydra.run.dir={self.cfg.run_dir}")
         return True
+
+    def _log_evaluation(self, replica: Replica, done: int, test: dict[str, Any]) -> None:
+        """One line per evaluation: what a log file (no progress bar) shows of a run's progress."""
+        total = len(self.replicas) * self.cfg.train.iterations
+        remaining = total - sum(self.replica_steps.values())
+        trained = total - remaining - self.steps_at_launch
+        elapsed = time.perf_counter() - self.launch_clock
+        eta = tqdm.format_interval(remaining * elapsed / trained) if trained else "?"
+        log.info("replica %d step %d/%d: top1 %.4f balanced %.4f | %.0f images/s | ETA %s", replica.index, done,
+                 self.cfg.train.iterations, test["top1"], test["balanced_acc"],
+                 self.state["images"] / max(self.state["train_seconds"], 1e-9), eta)
+
+    def _warn_if_the_teacher_lags(self, replica: Replica, done: int, test: dict[str, Any]) -> None:
+        """Compare the evaluated EMA teacher with its student, once it has lagged, or until the teacher
+        has seen one averaging horizon, 1 / (1 - decay) steps.
+
+        A teacher with decay 0.999 and no warm-up averages over ~1,000 steps, so a short run reports
+        near-chance accuracy while its student has learned: say so, with the fix, instead of letting
+        the run look broken. Only without EMA warm-up (which shortens the horizon early on); it costs
+        one extra evaluation of the student at each of those evaluations.
+        """
+        ema = self.cfg.algorithm.ema
+        horizon = round(1 / max(1 - ema.decay, 1e-9))
+        student = self.evaluator.evaluate(replica.model, "test")["top1"]
+        lagging = student - test["top1"] > TEACHER_LAG_WARNING
+        if lagging:
+            log.warning("at step %d the evaluated EMA teacher scores top1 %.3f, its student %.3f: with decay %s and "
+                        "no warm-up the teacher averages over about %d steps. For a run this short set "
+                        "algorithm.ema.warmup=true or a lower algorithm.ema.decay", done, test["top1"], student,
+                        ema.decay, horizon)
+        self.watch_teacher = not lagging and done < horizon
 
     def _merge(self, start: dict[str, Any]) -> MergeResult:
         indices = [replica.index for replica in self.replicas]
@@ -407,8 +447,12 @@ class Orchestrator:
         episodes = self.cfg.imwa.episodes
         if self.comm.is_main:
             self.logger.status("running")
+        # A bar only in a terminal: in a log file (SLURM, nohup) its carriage-return updates are noise,
+        # and the per-evaluation log lines say the same. In a terminal, log lines print above the bar.
+        bar = self.cfg.train.progress and self.comm.is_main and sys.stderr.isatty()
+        self.steps_at_launch, self.launch_clock = sum(self.replica_steps.values()), time.perf_counter()
         with tqdm(total=len(self.replicas) * self.cfg.train.iterations, initial=sum(self.replica_steps.values()),
-                  disable=not (self.cfg.train.progress and self.comm.is_main), dynamic_ncols=True) as progress:
+                  disable=not bar, dynamic_ncols=True) as progress, logging_redirect_tqdm():
             while self.episode < episodes:
                 episode_end = (self.episode + 1) * self.steps_per_episode
                 if self.episode_start is None:   # every replica holds it now: they start from one state

@@ -42,7 +42,7 @@ def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
         now, then = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
         if _plain(now) != _plain(then):
             conflicts.append(f"{key}: run has {_plain(then)!r}, command line has {_plain(now)!r}")
-    choices = _original_choices(run_dir)
+    choices = launch_choices(run_dir)
     for group, choice in typed.items():
         if group in choices and choices[group] != choice:
             conflicts.append(f"{group}: run was launched with {group}={choices[group]}, command line has {choice}")
@@ -59,7 +59,7 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def _original_choices(run_dir: Path) -> dict[str, str]:
+def launch_choices(run_dir: Path) -> dict[str, str]:
     """Config groups chosen at the run's first launch, from Hydra's record (empty without one)."""
     record = run_dir / ".hydra" / "hydra.yaml"
     if not record.is_file():

@@ -29,7 +29,7 @@ from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
 from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult, uniform_merge
 from ssl_imwa.models import create_model
-from ssl_imwa.resume import LAUNCH_KEYS, resumed_config
+from ssl_imwa.resume import LAUNCH_KEYS, launch_choices, resumed_config
 from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
@@ -291,8 +291,10 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator)
         orchestrator.resume()
     if comm.is_main:  # after a resume has been accepted: a refused one leaves the run's record as it was
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run dir %s | %s on %s | k=%d episodes=%d | %d steps per replica | %s, %d process(es)", run_dir,
-             cfg.algorithm.name, cfg.dataset.name, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
+    preset = launch_choices(run_dir).get("experiment", "none")
+    log.info("run dir %s | %s %s on %s (%s) | preset experiment=%s | k=%d episodes=%d | %d steps per replica | "
+             "device %s, %d process(es)", run_dir, "resuming" if cfg.resume else "starting", cfg.algorithm.name,
+             cfg.dataset.name, cfg.model.name, preset, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
              comm.world_size)
     try:
         with stop:

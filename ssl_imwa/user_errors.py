@@ -66,6 +66,9 @@ def short_user_errors() -> Iterator[None]:
     """Print a user's mistake as `error: <message>` and exit with status 1; re-raise anything else."""
     try:
         yield
+    except KeyboardInterrupt:  # outside training (which stops gracefully): while loading data, say
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as error:
         if os.environ.get(FULL_ERROR_VARIABLE) == "1" or not raised_on_purpose(error):
             raise
