@@ -12,8 +12,6 @@ from ssl_imwa.merge import MOMENTUM_POLICIES
 from ssl_imwa.twa import TWAConfig
 from ssl_imwa.validation import expect_choice, expect_positive, expect_range
 
-MERGE_STRATEGIES = ("uniform", "twa")
-
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -86,6 +84,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     ValueError naming the key and what was expected.
     """
     from algorithms import get_algorithm, load_plugins
+    from ssl_imwa.merge import list_merges
     from ssl_imwa.models import list_models
 
     # A required value left unset ('???' in a config file) would otherwise take the schema's default.
@@ -125,7 +124,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     expect_positive("imwa.timeout_s", typed.imwa.timeout_s)
     expect_positive("imwa.k", typed.imwa.k)
     expect_positive("imwa.episodes", typed.imwa.episodes)
-    expect_choice("imwa.merge", typed.imwa.merge, MERGE_STRATEGIES)
+    expect_choice("imwa.merge", typed.imwa.merge, tuple(list_merges()))  # after plugins: they may add one
     expect_choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
     twa = typed.imwa.twa
     expect_choice("imwa.twa.parameterisation", twa.parameterisation, ("simplex", "affine"))

@@ -94,6 +94,14 @@ class Communicator:
         self._guard(what, dist.all_gather_object, gathered, to_device(obj, torch.device("cpu")))
         return [to_device(item, self.device) for item in gathered]
 
+    def gather_object(self, obj: Any, what: str, dst: int = 0) -> list[Any] | None:
+        """Every process's `obj` on process `dst` (None elsewhere): for data only one process uses."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.rank == dst else None
+        self._guard(what, dist.gather_object, to_device(obj, torch.device("cpu")), gathered, dst)
+        return None if gathered is None else [to_device(item, self.device) for item in gathered]
+
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
         if self.world_size == 1:
             return obj
@@ -123,12 +131,13 @@ def init_communicator(device: torch.device, timeout_s: float) -> Communicator:
     return Communicator(rank, world_size, timeout_s, device)
 
 
-def average_across(local_states: list[dict[str, torch.Tensor]], total: int, comm: Communicator, what: str
-                   ) -> dict[str, torch.Tensor]:
+def average_across(local_states: list[dict[str, torch.Tensor]], total: int, comm: Communicator | None = None,
+                   what: str = "average") -> dict[str, torch.Tensor]:
     """Mean over all `total` replicas of the given state dicts, wherever they live.
 
     Floating tensors: local sum, one flat all-reduce (sum), divide by K. Integer tensors: copied
-    from replica 0, which process 0 holds. With one process this is the plain sum / K.
+    from replica 0, which process 0 holds. Without a communicator (or with one process) this is
+    the plain sum / K of the given states.
     """
     first = local_states[0]
     float_keys = [key for key, value in first.items() if value.is_floating_point()]
@@ -136,7 +145,7 @@ def average_across(local_states: list[dict[str, torch.Tensor]], total: int, comm
     for state in local_states[1:]:
         for key in float_keys:
             sums[key].add_(state[key])
-    if comm.world_size > 1 and float_keys:
+    if comm is not None and comm.world_size > 1 and float_keys:
         flat = torch.cat([sums[key].reshape(-1) for key in float_keys])  # promotes mixed float dtypes
         comm.all_reduce_sum_(flat, what)
         offset = 0
@@ -145,5 +154,6 @@ def average_across(local_states: list[dict[str, torch.Tensor]], total: int, comm
             sums[key] = flat[offset:offset + count].view_as(sums[key]).to(sums[key].dtype, copy=True)
             offset += count
     integers = {key: value.clone() for key, value in first.items() if key not in sums}
-    integers = comm.broadcast_object(integers, what)
+    if comm is not None:
+        integers = comm.broadcast_object(integers, what)
     return {key: sums[key].div_(total) if key in sums else integers[key] for key in first}

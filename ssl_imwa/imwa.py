@@ -13,7 +13,6 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from ssl_imwa.config import Config
 from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.evaluation import Evaluator
 from ssl_imwa.logging import RunLogger
-from ssl_imwa.merge import MergeResult
+from ssl_imwa.merge import MergeResult, MergeStrategy
 from ssl_imwa.metrics import median_of_last
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, lr_at
@@ -42,7 +41,6 @@ log = logging.getLogger("ssl_imwa")
 TEACHER_LAG_WARNING = 0.15
 SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
 # (this process's replica states, their indices, the episode's start state, episode) -> merged state
-Merger = Callable[[list[dict[str, Any]], list[int], dict[str, Any], int], MergeResult]
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -79,7 +77,7 @@ class Orchestrator:
 
     def __init__(self, cfg: Config, replicas: list[Replica], trainer: Trainer, evaluator: Evaluator,
                  logger: RunLogger, fingerprint: dict[str, Any], split_counts: dict[str, list[int]],
-                 merger: Merger, comm: Communicator, stop: StopRequests | None = None) -> None:
+                 merger: MergeStrategy, comm: Communicator, stop: StopRequests | None = None) -> None:
         self.cfg = cfg
         self.stop = stop or StopRequests()
         self.watch_teacher = not cfg.algorithm.ema.warmup
@@ -100,7 +98,7 @@ class Orchestrator:
         # The episode's common start point, which TWA may use as a candidate; checkpointed when it
         # does, since after a resume mid-episode no replica holds it any more.
         self.episode_start: dict[str, Any] | None = None
-        self.keeps_start = cfg.imwa.merge == "twa" and cfg.imwa.twa.include_start
+        self.keeps_start = merger.needs_episode_start
         # Per replica, on the device: the first step whose loss was not finite (-1: none yet).
         self.first_nonfinite: dict[int, torch.Tensor] = {}
         # Evaluations of this process's replicas not yet handed to process 0 (W > 1 only).

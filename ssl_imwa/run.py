@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from algorithms import Algorithm, get_algorithm
 from datasets import SSLData, build_data
-from datasets.transforms import normalize
 from ssl_imwa.config import Config, validate
 from ssl_imwa.distributed import (
     Communicator,
@@ -25,15 +24,14 @@ from ssl_imwa.distributed import (
 )
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.evaluation import Evaluator
-from ssl_imwa.imwa import Merger, Orchestrator, seed_everything
+from ssl_imwa.imwa import Orchestrator, seed_everything
 from ssl_imwa.logging import RunLogger
-from ssl_imwa.merge import MergeResult, uniform_merge
+from ssl_imwa.merge import MergeContext, create_merge
 from ssl_imwa.models import create_model
 from ssl_imwa.resume import LAUNCH_KEYS, launch_choices, resumed_config
 from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
-from ssl_imwa.twa import TWAConfig, build_candidates, stratified_halves, twa_merge
 
 log = logging.getLogger("ssl_imwa")
 
@@ -124,54 +122,6 @@ def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, 
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
     return Replica(index=index, model=model, teacher=EMATeacher(model, cfg.algorithm.ema),
                    optimizer=build_optimizer(model, cfg.train), algorithm=algorithm, stream=stream, scaler=scaler)
-
-
-def build_merger(cfg: Config, algorithm: Algorithm, comm: Communicator, data: SSLData,
-                 template: torch.nn.Module, device: torch.device) -> Merger:
-    """The merge strategy named by imwa.merge, bound to this run's settings and data."""
-    k = cfg.imwa.k
-
-    def uniform(states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int
-                ) -> MergeResult:
-        return uniform_merge(states, cfg.imwa.momentum, algorithm.merge_states, k, comm, indices)
-
-    if cfg.imwa.merge == "uniform":
-        return uniform
-    twa_cfg: TWAConfig = cfg.imwa.twa
-    prepare = lambda images: normalize(images, data.mean, data.std).to(device)
-    fit: tuple[torch.Tensor, torch.Tensor] | None = None
-    accept: tuple[torch.Tensor, torch.Tensor] | None = None
-    if data.val_images is not None:
-        val = (prepare(data.val_images), data.val_targets.to(device))
-        if twa_cfg.data == "twa-v":  # fit on one class-stratified half, accept on the other
-            first, second = stratified_halves(data.val_targets, cfg.seed)
-            fit, accept = (val[0][first], val[1][first]), (val[0][second], val[1][second])
-        else:
-            accept = val
-    if twa_cfg.data == "twa-t":  # the training objective's labeled images: no extra labels to fit
-        fit = (prepare(data.labeled_images), data.labeled_targets.to(device))
-    bn_images = None
-    if twa_cfg.bn == "recompute":
-        count = min(len(data.unlabeled_images), twa_cfg.bn_batches * twa_cfg.batch_size)
-        bn_images = prepare(data.unlabeled_images[torch.randperm(len(data.unlabeled_images),
-                                                                 generator=torch.Generator().manual_seed(cfg.seed))[:count]])
-
-    def twa(states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int) -> MergeResult:
-        uniform_part = uniform(states, indices, start, episode)
-        everything = [item for chunk in comm.all_gather_object(list(zip(indices, states)), "TWA state gather")
-                      for item in chunk]
-        ordered = [state for _, state in sorted(everything, key=lambda item: item[0])]
-        result = None
-        if comm.is_main:
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + episode)
-            result = twa_merge(build_candidates(ordered, start, twa_cfg), k, template, algorithm.eval_head, fit,
-                               accept, twa_cfg, bn_images, generator)
-            result = (result.student, result.teacher, result.report())
-        student, teacher, report = comm.broadcast_object(result, "TWA result broadcast")
-        return MergeResult(model=student, teacher=teacher, optimizer=uniform_part.optimizer,
-                           algorithm=uniform_part.algorithm, report={**report, "strategy": "twa"})
-
-    return twa
 
 
 def agree_on_run_dir(run_dir: Path, comm: Communicator) -> Path:
@@ -283,7 +233,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator)
     trainer = Trainer(cfg.train, device)
     evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
     logger = RunLogger(run_dir, data.class_names)
-    merger = build_merger(cfg, replicas[0].algorithm, comm, data, copy.deepcopy(initial_model), device)
+    merger = create_merge(cfg.imwa.merge, MergeContext(cfg, replicas[0].algorithm.merge_states, algorithm_cls.eval_head,
+                                                       comm, data, copy.deepcopy(initial_model), device))
     stop = StopRequests()
     orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,
                                 comm, stop)

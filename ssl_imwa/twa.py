@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ssl_imwa.merge import average_tensors
+from datasets.transforms import normalize
+from ssl_imwa.merge import (
+    MergeContext,
+    MergeResult,
+    MergeStrategy,
+    average_tensors,
+    merge_optimizers_and_algorithms,
+    register_merge,
+)
 from ssl_imwa.metrics import classification_metrics
 
 PARAMETERISATIONS = ("simplex", "affine")
@@ -303,3 +311,60 @@ def twa_merge(candidates: list[Candidate], num_replicas: int, template: nn.Modul
         fit_loss_start=fit_loss_start, fit_loss_end=fit_loss_end, labels_consumed=labels_consumed,
         seconds=time.perf_counter() - started,
     )
+
+
+@register_merge("twa")
+class TWAMerge(MergeStrategy):
+    """`imwa.merge=twa`: coefficients learned on a labeled split (imwa.twa.*), then accepted or not.
+
+    The fit and acceptance splits, and the unlabeled images for BN re-estimation, are prepared once
+    per run. The students' and teachers' states go to process 0 only, which learns the merge and
+    broadcasts it; momentum and the algorithm's state merge as in the uniform strategy.
+    """
+
+    def __init__(self, context: MergeContext) -> None:
+        super().__init__(context)
+        cfg, data = context.cfg, context.data
+        self.twa_cfg: TWAConfig = cfg.imwa.twa
+        prepare = lambda images: normalize(images, data.mean, data.std).to(context.device)
+        self.fit: tuple[Tensor, Tensor] | None = None
+        self.accept: tuple[Tensor, Tensor] | None = None
+        if data.val_images is not None:
+            val = (prepare(data.val_images), data.val_targets.to(context.device))
+            if self.twa_cfg.data == "twa-v":  # fit on one class-stratified half, accept on the other
+                first, second = stratified_halves(data.val_targets, cfg.seed)
+                self.fit, self.accept = (val[0][first], val[1][first]), (val[0][second], val[1][second])
+            else:
+                self.accept = val
+        if self.twa_cfg.data == "twa-t":  # the training objective's labeled images: no extra labels to fit
+            self.fit = (prepare(data.labeled_images), data.labeled_targets.to(context.device))
+        self.bn_images: Tensor | None = None
+        if self.twa_cfg.bn == "recompute":
+            count = min(len(data.unlabeled_images), self.twa_cfg.bn_batches * self.twa_cfg.batch_size)
+            order = torch.randperm(len(data.unlabeled_images), generator=torch.Generator().manual_seed(cfg.seed))
+            self.bn_images = prepare(data.unlabeled_images[order[:count]])
+
+    @property
+    def needs_episode_start(self) -> bool:
+        return self.twa_cfg.include_start
+
+    def __call__(self, states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int
+                 ) -> MergeResult:
+        context, cfg = self.context, self.context.cfg
+        optimizer, algorithm = merge_optimizers_and_algorithms(states, indices, cfg.imwa.momentum,
+                                                               context.merge_algorithm_states, cfg.imwa.k, context.comm)
+        shipped = [(index, {"model": state["model"], "teacher": state["teacher"]})
+                   for index, state in zip(indices, states)]
+        gathered = context.comm.gather_object(shipped, "TWA candidate gather")
+        result = None
+        if gathered is not None:  # process 0
+            ordered = [state for _, state in sorted((item for chunk in gathered for item in chunk),
+                                                    key=lambda item: item[0])]
+            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + episode)
+            merged = twa_merge(build_candidates(ordered, start, self.twa_cfg), cfg.imwa.k, context.template,
+                               context.algorithm_eval_head, self.fit, self.accept, self.twa_cfg, self.bn_images,
+                               generator)
+            result = (merged.student, merged.teacher, merged.report())
+        student, teacher, report = context.comm.broadcast_object(result, "TWA result broadcast")
+        return MergeResult(model=student, teacher=teacher, optimizer=optimizer, algorithm=algorithm,
+                           report={**report, "strategy": "twa"})

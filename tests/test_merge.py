@@ -45,3 +45,35 @@ def test_merging_one_replica_is_identity() -> None:
     result = uniform_merge([state], "average", mean_of_states)
     assert torch.equal(result.model["w"], state["model"]["w"])
     assert torch.equal(result.optimizer["state"][0]["momentum_buffer"], state["optimizer"]["state"][0]["momentum_buffer"])
+
+
+FIRST_REPLICA_MERGE = '''
+from ssl_imwa.merge import MergeResult, MergeStrategy, merge_optimizers_and_algorithms, register_merge
+
+
+@register_merge("first_replica")
+class FirstReplica(MergeStrategy):
+    """Every replica restarts from replica 0 (a degenerate 'soup' of one ingredient)."""
+
+    def __call__(self, states, indices, start, episode):
+        context = self.context
+        optimizer, algorithm = merge_optimizers_and_algorithms(
+            states, indices, "keep", context.merge_algorithm_states, context.cfg.imwa.k, context.comm)
+        first = states[indices.index(0)]
+        return MergeResult(first["model"], first["teacher"], optimizer, algorithm,
+                           {"strategy": "first_replica", "seconds": 0.0})
+'''
+
+
+def test_a_new_merge_strategy_is_one_module(tmp_path, monkeypatch) -> None:
+    """Registered from a plugin module and chosen by imwa.merge, without touching the engine."""
+    from tests.utils import read_metrics, read_results, train_run
+
+    (tmp_path / "first_replica_merge.py").write_text(FIRST_REPLICA_MERGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_dir = train_run(tmp_path, [
+        "experiment=quickstart", "train.iterations=10", "train.eval_every=10", "train.batch_size=16", "train.mu=2",
+        "train.num_threads=1", "imwa.k=2", "plugins=[first_replica_merge]", "imwa.merge=first_replica"])
+    assert read_results(run_dir)["imwa"]["per_episode"][0]["strategy"] == "first_replica"
+    evaluations = {(row["source"], row["replica"]): row["per_class"] for row in read_metrics(run_dir)}
+    assert evaluations[("merged", None)] == evaluations[("replica", 0)] != evaluations[("replica", 1)]
