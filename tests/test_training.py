@@ -46,9 +46,12 @@ def test_same_seed_same_numbers_and_other_seed_differs(tmp_path: Path) -> None:
     assert any(not torch.equal(first[key], other[key]) for key in first)
 
 
-def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     full = train_run(tmp_path, TINY, "full")
-    stopped = train_run(tmp_path, [*TINY, "train.stop_at=13", "train.checkpoint_every=0"], "split")
+    with caplog.at_level(logging.INFO, logger="ssl_imwa"):
+        stopped = train_run(tmp_path, [*TINY, "train.stop_at=13", "train.checkpoint_every=0"], "split")
+    assert f"stopped at train.stop_at=13 with a checkpoint there; continue with: python main.py resume=true " \
+           f"hydra.run.dir={stopped}" in caplog.text
     assert not (stopped / "results.json").exists()
     train_run(tmp_path, [*TINY, "resume=true"], "split")
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
@@ -102,6 +105,15 @@ def test_a_resume_with_another_thread_count_says_so_and_records_both(tmp_path: P
     assert "written with 1 CPU threads, this resume uses 2" in caplog.text
     assert "train.num_threads=1 continues it bitwise" in caplog.text
     assert read_results(tmp_path / "run")["cpu_threads"] == [1, 2]
+
+
+def test_a_run_that_fails_before_training_records_why(tmp_path: Path) -> None:
+    """Missing data is found after the run directory is claimed: status.json still says what failed,
+    so a sweep's report can tell this job apart from one still running."""
+    with pytest.raises(FileNotFoundError, match="/nonexistent/train not found"):
+        train_run(tmp_path, [*TINY, "dataset=imagefolder", "dataset.root=/nonexistent"])
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "/nonexistent/train not found" in status["error"]
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
