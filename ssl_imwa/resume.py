@@ -48,8 +48,8 @@ def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
             conflicts.append(f"{group}: run was launched with {group}={choices[group]}, command line has {choice}")
     if conflicts:
         raise RuntimeError(f"resume=true continues {run_dir} as its config.yaml records it, so these cannot change "
-                           f"(start a new run to change them): {'; '.join(conflicts)}\n"
-                           f"keys a resume may change: {', '.join(LAUNCH_KEYS[2:])}")
+                           f"(start a new run to change them): {'; '.join(conflicts)}. A resume may change only "
+                           f"{', '.join(LAUNCH_KEYS[2:])}")
     for key in LAUNCH_KEYS:
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     return saved

@@ -46,7 +46,11 @@ def raised_on_purpose(error: BaseException) -> bool:
 
 
 def message_of(error: BaseException) -> str:
-    """The message a user reads: a KeyError's own text, not its repr in quotes."""
+    """The message a user reads: a KeyError's own text, not its repr in quotes; an OmegaConf error's
+    first line (the key is in it; the indented lines after it repeat the key and the schema type)."""
+    if isinstance(error, OmegaConfBaseException):
+        key = getattr(error, "full_key", None)
+        return str(error).splitlines()[0] + (f" (key {key})" if key else "")
     if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
         return error.args[0]
     return str(error) or type(error).__name__
