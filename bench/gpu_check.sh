@@ -43,6 +43,6 @@ fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 # The script keeps to its own budget (480 s); the timeout is only a backstop inside the tool's 600 s,
 # so that log.txt and the smoke.json written after each section still come back.
-timeout -k 10 560 python3 bench/gpu_smoke.py --device cuda --out "$OUT" --work /tmp/gpu_smoke_runs "$@" 2>&1 \
+timeout -k 10 560 python3 -m bench.gpu_smoke --device cuda --out "$OUT" --work /tmp/gpu_smoke_runs "$@" 2>&1 \
     | tee "$OUT/log.txt"
 exit "${PIPESTATUS[0]}"

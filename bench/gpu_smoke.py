@@ -1,6 +1,6 @@
 """One command that checks the project on a real GPU, and runs end to end on the CPU in CI.
 
-    python bench/gpu_smoke.py --out DIR [--device cuda|cpu] [--quick] [--budget-s 480] [--work DIR]
+    python -m bench.gpu_smoke --out DIR [--device cuda|cpu] [--quick] [--budget-s 480] [--work DIR]
 
 Writes DIR/smoke.json (every figure and every check with pass/fail, rewritten after each section
 so a killed run keeps what it measured) and DIR/summary.md (Markdown, ready to paste into
@@ -64,8 +64,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python bench/gpu_smoke.py`
 
 from bench._common import (
     ROOT,
@@ -1106,7 +1104,7 @@ def render_summary(payload: dict[str, Any]) -> str:
     total = payload["checks_total"]
     failed = payload["failed_checks"]
     lines = [f"## GPU smoke check: {payload['device_name']}", "",
-             f"`python bench/gpu_smoke.py --device {payload['device'].split(':')[0]}{' --quick' if payload['quick'] else ''}`"
+             f"`python -m bench.gpu_smoke --device {payload['device'].split(':')[0]}{' --quick' if payload['quick'] else ''}`"
              f", {payload['started']}, device `{payload['device']}` ({payload['device_name']}), torch "
              f"{versions.get('torch', torch.__version__)}, CUDA {versions.get('cuda')}, Python "
              f"{versions.get('python', platform.python_version())}; {payload['wall_s']:.0f} s"

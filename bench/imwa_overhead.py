@@ -1,6 +1,6 @@
 """IMWA's overhead: K=2, E=4 on one process against two plain K=1 runs back to back.
 
-    python bench/imwa_overhead.py --steps 400 [--dataset-root /tmp/cifar10]
+    python -m bench.imwa_overhead --steps 400 [--dataset-root /tmp/cifar10]
 
 Both arms do the same replica-steps (2 x T). The overhead is what IMWA adds: merges, switching
 between resident replicas, the merged model's evaluations and the merge checkpoints. Times are
@@ -17,10 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from bench._common import header
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(overrides: list[str], run_dir: Path) -> tuple[dict, float]:

@@ -1,6 +1,6 @@
 """Regenerate docs/results.md (tables and small PNG plots) from the CPU study's run directories.
 
-    python bench/make_results.py /tmp/study
+    python -m bench.make_results /tmp/study      (from the repository root)
 
 It runs `python -m ssl_imwa.report` on each section of the study (imwa/, algorithms/ plus the
 consistent-data baselines, precision/) into docs/results/<section>/, adds the seed-by-seed
@@ -15,10 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from bench.study_tables import main as study_tables
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = {
     "imwa": ("IMWA study (issue 4)", ["imwa"]),
@@ -52,7 +51,7 @@ def main(study: str) -> None:
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):
                 study_tables([name, str(table_input)])
-            parts.append(f"\nSeed by seed (`python bench/study_tables.py {name} {table_input}`), "
+            parts.append(f"\nSeed by seed (`python -m bench.study_tables {name} {table_input}`), "
                          "final balanced accuracy of the EMA teacher on the 10,000 test images (%):\n\n"
                          + buffer.getvalue())
         parts.append("\nThe report command's table (`--metric balanced_acc`):\n\n" + report(study_dir, name, patterns))

@@ -1,7 +1,7 @@
 """Seed-by-seed tables of the CPU study (docs/results.md).
 
-    python bench/study_tables.py imwa /tmp/study/imwa
-    python bench/study_tables.py algorithms /tmp/study
+    python -m bench.study_tables imwa /tmp/study/imwa
+    python -m bench.study_tables algorithms /tmp/study
 
 `imwa`: each arm's balanced accuracy per seed with mean ± sample std, each arm's difference from
 the plain FixMatch K=1 run of the same seed, every MWA/IMWA replica's own accuracy beside the
@@ -129,7 +129,7 @@ def algorithm_tables(study: Path) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] not in ("imwa", "algorithms"):
-        sys.exit("usage: python bench/study_tables.py imwa STUDY/imwa | algorithms STUDY")
+        sys.exit("usage: python -m bench.study_tables imwa STUDY/imwa | algorithms STUDY")
     if argv[0] == "imwa":
         imwa_tables(collect(Path(argv[1])))
     else:

@@ -1,6 +1,6 @@
 """Steady-state speed of a full FixMatch training step, and of the data pipeline on its own.
 
-    python bench/train_step.py --model wrn28_2 --batch 64 --mu 2 --precision bf16 --channels-last
+    python -m bench.train_step --model wrn28_2 --batch 64 --mu 2 --precision bf16 --channels-last
 
 The step is forward (one concatenated batch), losses, backward, SGD, EMA update — the trainer's
 real `Trainer.step` on a resident synthetic batch, so only compute is measured. The data part
@@ -19,14 +19,10 @@ fp32, whatever PyTorch's defaults); peak memory is then the GPU's (`max_memory_a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python bench/train_step.py`
 
 from algorithms.fixmatch import FixMatch, FixMatchConfig
 from bench._common import header, peak_memory_mb, reset_peak_memory, synchronize

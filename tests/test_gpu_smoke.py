@@ -27,7 +27,7 @@ SPEED_CONFIGS = ("fp32", "tf32", "bf16", "bf16_channels_last")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("gpu_smoke")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--device", "cpu", "--quick",
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_smoke", "--device", "cpu", "--quick",
                              "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
                             check=False)
     assert (out / "smoke.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
