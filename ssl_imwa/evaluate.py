@@ -14,15 +14,17 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
-from algorithms import get_algorithm
-from datasets import build_data
+from algorithms import Algorithm, get_algorithm
+from datasets import SSLData, build_data
 from ssl_imwa.checkpoint import load_checkpoint
-from ssl_imwa.config import register_configs, validate
+from ssl_imwa.config import Config, register_configs, validate
 from ssl_imwa.run import (
     build_evaluator,
     build_initial_model,
@@ -46,10 +48,29 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
     return path
 
 
-def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequence[str] | None = None,
-                        model: str = "teacher", split: str = "test", replica: int = 0,
-                        device: str | None = None) -> dict[str, dict[str, Any]]:
-    """Metrics of each requested head (default: the algorithm's evaluation head), by head name."""
+@dataclass
+class SavedRun:
+    """A run directory rebuilt as the run built it: config, data, algorithm and one checkpoint's payload.
+
+    Shared by `evaluate_checkpoint` and the Python API's `load_run`, so both rebuild models one way.
+    """
+
+    cfg: Config
+    data: SSLData
+    algorithm_cls: type[Algorithm]
+    algorithm: Algorithm
+    payload: dict[str, Any]
+    device: torch.device
+
+    def network(self, replica: int, model: str) -> torch.nn.Module:
+        """Replica `replica`'s EMA teacher (`model="teacher"`) or student weights, in eval mode."""
+        network = build_initial_model(self.cfg, self.data, self.algorithm, self.device)
+        network.load_state_dict(self.payload["replicas"][replica]["teacher" if model == "teacher" else "model"])
+        return network.eval()
+
+
+def read_run_config(run_dir: Path, device: str | None = None) -> Config:
+    """The run's validated config.yaml; `device` (e.g. cpu) replaces the device it trained on."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist: {run_dir} is not a run directory")
@@ -57,30 +78,42 @@ def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequen
     cfg = validate(OmegaConf.load(config_file))
     if device is not None:
         cfg.device = device
-    torch_device = configure_torch(cfg)
+    return cfg
+
+
+def open_run(run_dir: Path, cfg: Config, checkpoint: str, device: torch.device) -> SavedRun:
+    """Load `checkpoint` (validated against `cfg`, as a resume is) and rebuild the run's data and algorithm."""
     payload = load_checkpoint(checkpoint_path(run_dir, checkpoint), fingerprint(cfg))
-    if not 0 <= replica < len(payload["replicas"]):
-        raise ValueError(f"--replica {replica}: the checkpoint holds {len(payload['replicas'])} replica(s) on this "
-                         f"process (0..{len(payload['replicas']) - 1})")
+    data = build_data(cfg.dataset)
+    algorithm_cls = get_algorithm(cfg.algorithm.name)
+    algorithm = algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations, device)
+    return SavedRun(cfg, data, algorithm_cls, algorithm, payload, device)
+
+
+def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequence[str] | None = None,
+                        model: str = "teacher", split: str = "test", replica: int = 0,
+                        device: str | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics of each requested head (default: the algorithm's evaluation head), by head name."""
     if model not in ("teacher", "student"):
         raise ValueError(f"--model must be 'teacher' or 'student', got {model!r}")
     if split not in ("test", "val"):
         raise ValueError(f"--split must be 'test' or 'val', got {split!r}")
-
-    data = build_data(cfg.dataset)
-    algorithm_cls = get_algorithm(cfg.algorithm.name)
-    algorithm = algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations,
-                              torch_device)
-    network = build_initial_model(cfg, data, algorithm, torch_device)
-    network.load_state_dict(payload["replicas"][replica]["teacher" if model == "teacher" else "model"])
+    cfg = read_run_config(run_dir, device)
+    saved = open_run(run_dir, cfg, checkpoint, configure_torch(cfg))
+    replicas = len(saved.payload["replicas"])
+    if not 0 <= replica < replicas:
+        raise ValueError(f"--replica {replica}: the checkpoint holds {replicas} replica(s) on this "
+                         f"process (0..{replicas - 1})")
+    network = saved.network(replica, model)
     available = list(network.heads)
-    chosen = [algorithm_cls.eval_head] if not heads else (available if list(heads) == ["all"] else list(heads))
+    eval_head = saved.algorithm_cls.eval_head
+    chosen = [eval_head] if not heads else (available if list(heads) == ["all"] else list(heads))
     unknown = [head for head in chosen if head not in available]
     if unknown:
         raise ValueError(f"--head {unknown}: this {cfg.algorithm.name} model has heads {available} (or 'all')")
-    if split == "val" and data.val_images is None:
+    if split == "val" and saved.data.val_images is None:
         raise ValueError(f"--split val: run {run_dir} has no validation split (dataset.val_per_class is 0)")
-    return build_evaluator(cfg, data, algorithm_cls.eval_head, torch_device).evaluate_heads(network, split, chosen)
+    return build_evaluator(cfg, saved.data, eval_head, saved.device).evaluate_heads(network, split, chosen)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
