@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,20 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def link_atomic(source: Path, target: Path) -> None:
+    """Make `target` the same file as `source` (a hard link, renamed into place atomically): the same
+    state saved under two names is written once. Where the file system has no hard links, a copy."""
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.link.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+            raise
+        shutil.copyfile(source, temporary)
+    os.replace(temporary, target)
 
 
 def _current_umask() -> int:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -24,15 +22,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ssl_imwa.checkpoint import (
     FORMAT_VERSION,
     CorruptCheckpoint,
+    link_atomic,
     load_checkpoint,
     save_atomic,
 )
 from ssl_imwa.config import Config
 from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.evaluation import Evaluator
-from ssl_imwa.logging import RunLogger
 from ssl_imwa.merge import MergeResult, MergeStrategy
 from ssl_imwa.metrics import median_of_last
+from ssl_imwa.rng import rng_state, set_rng_state
+from ssl_imwa.run_logger import RunLogger
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, lr_at
 
@@ -40,36 +40,12 @@ log = logging.getLogger("ssl_imwa")
 # Teacher top-1 this far (absolute) below its student's at the first evaluation: worth a warning.
 TEACHER_LAG_WARNING = 0.15
 SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
-# (this process's replica states, their indices, the episode's start state, episode) -> merged state
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Global RNG states; on a GPU only this process's own (reading every GPU's would create a
-    CUDA context on each of them from every process)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def host_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
     """A step's logged values as Python floats in one device-to-host transfer (float64: exact)."""
     values = torch.stack([value.detach().reshape(()).double() for value in outputs.values()]).tolist()
     return dict(zip(outputs, values))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Orchestrator:
@@ -190,7 +166,7 @@ class Orchestrator:
                     f"{where}: weights are not finite after step {self.replica_steps[replica.index]}; stopped, "
                     "nothing after the last good checkpoint was written")
 
-    def _save(self, name: str) -> None:
+    def _save(self, name: str) -> Path:
         self._ensure_finite(self.replicas)
         self._elapsed()
         payload = {
@@ -198,10 +174,12 @@ class Orchestrator:
             "fingerprint": self.fingerprint,
             "progress": {"episode": self.episode, "replica_steps": dict(self.replica_steps)},
             "replicas": [replica.state_dict() for replica in self.replicas],
-            "run_state": {**self.state, "pending": self.pending, "rng": _rng_state(self.trainer.device)},
+            "run_state": {**self.state, "pending": self.pending, "rng": rng_state(self.trainer.device)},
             "episode_start": self.episode_start if self.keeps_start else None,
         }
-        save_atomic(payload, self.checkpoint_dir / self._checkpoint_name(name))
+        path = self.checkpoint_dir / self._checkpoint_name(name)
+        save_atomic(payload, path)
+        return path
 
     def resume(self) -> None:
         """Restore every replica, the episode cursor and the run's history from the newest common state.
@@ -329,7 +307,7 @@ class Orchestrator:
         self.episode = payload["progress"]["episode"]
         self.replica_steps = dict(payload["progress"]["replica_steps"])
         run_state = dict(payload["run_state"])
-        _set_rng_state(run_state.pop("rng"), self.trainer.device)
+        set_rng_state(run_state.pop("rng"), self.trainer.device)
         self.pending = run_state.pop("pending")
         start = payload.get("episode_start")
         self.episode_start = None if start is None else to_device(start, self.trainer.device)
@@ -483,8 +461,8 @@ class Orchestrator:
                      self.cfg.imwa.episodes, report["strategy"], report["seconds"], test["top1"],
                      test["balanced_acc"])
         self.episode += 1
-        self._save(f"merge_{self.episode:03d}.pt")
-        self._save("latest.pt")
+        merge_checkpoint = self._save(f"merge_{self.episode:03d}.pt")
+        link_atomic(merge_checkpoint, self.checkpoint_dir / self._checkpoint_name("latest.pt"))
 
     def results(self) -> dict[str, Any]:
         evaluations = self.state["evaluations"]

@@ -24,11 +24,12 @@ from ssl_imwa.distributed import (
 )
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.evaluation import Evaluator
-from ssl_imwa.imwa import Orchestrator, seed_everything
-from ssl_imwa.logging import RunLogger
+from ssl_imwa.imwa import Orchestrator
 from ssl_imwa.merge import MergeContext, create_merge
 from ssl_imwa.models import create_model
 from ssl_imwa.resume import LAUNCH_KEYS, launch_choices, resumed_config
+from ssl_imwa.rng import seed_everything
+from ssl_imwa.run_logger import RunLogger
 from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer

@@ -25,7 +25,7 @@ from tensorboard.plugins.hparams import (
 )
 
 from ssl_imwa import report
-from ssl_imwa.logging import RunLogger, command_line_hparams
+from ssl_imwa.run_logger import RunLogger, command_line_hparams
 from ssl_imwa.tensorboard_hparams import METRICS, _write_events
 from tests.utils import train_run
 
