@@ -94,14 +94,29 @@ def _draws() -> list[tuple[str, str, int]]:
     return draws
 
 
+_REFERENCES: dict[str, Path] = {}
+
+
+def _reference_run(config: str, overrides: list[str], factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The uninterrupted run of `config`, trained once per session (draws often share a config)."""
+    if config not in _REFERENCES:
+        base = factory.mktemp(f"reference_{config}")
+        (base / "kill_plugin.py").write_text(KILL_PLUGIN)
+        monkeypatch.syspath_prepend(str(base))
+        _REFERENCES[config] = train_run(base, overrides, "full")
+    return _REFERENCES[config]
+
+
 @pytest.mark.parametrize("config, kind, count", _draws(), ids=lambda value: str(value))
 def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path_factory: pytest.TempPathFactory,
                                                              config: str, kind: str, count: int) -> None:
     draw = f"{config}, kill at {kind} {count} (SSL_IMWA_KILL_SEED={SEED})"
     (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
     overrides = [*CONFIGS[config], "plugins=[kill_plugin]"]
     monkeypatch.syspath_prepend(str(tmp_path))
-    full = train_run(tmp_path, overrides, "full")
+    full = _reference_run(config, overrides, tmp_path_factory, monkeypatch)
     killed = tmp_path / "killed"
     env = {**os.environ, "SSL_IMWA_KILL": f"{kind}:{count}",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}

@@ -28,7 +28,7 @@ def _without_times(records: list[dict]) -> list[dict]:
 
 
 def test_quickstart_learns(tmp_path: Path) -> None:
-    run_dir = train_run(tmp_path, ["experiment=quickstart", "train.iterations=300", "train.num_threads=2"])
+    run_dir = train_run(tmp_path, ["experiment=quickstart", "train.iterations=200", "train.num_threads=2"])
     results = read_results(run_dir)
     # 10 classes: chance is 0.1
     assert results["final"]["balanced_acc"] > 0.5, results["final"]
