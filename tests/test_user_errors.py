@@ -47,16 +47,27 @@ def _main(arguments: list[str], tmp_path: Path, **environment: str) -> subproces
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_a_bad_value_is_two_lines_and_the_traceback_is_one_switch_away(tmp_path: Path) -> None:
+def test_a_bad_value_is_two_lines(tmp_path: Path) -> None:
     arguments = [*TINY, "algorithm.threshold=1.5", f"hydra.run.dir={tmp_path / 'run'}"]
     short = _main(arguments, tmp_path)
     assert short.returncode == 1
     lines = (short.stdout + short.stderr).strip().splitlines()
     assert lines == ["error: algorithm.threshold=1.5: expected a finite value in [0, 1]",
                      "(HYDRA_FULL_ERROR=1 shows the traceback)"], lines
-    full = _main([*arguments[:-1], f"hydra.run.dir={tmp_path / 'run2'}"], tmp_path, HYDRA_FULL_ERROR="1")
-    assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
-    assert "ValueError: algorithm.threshold=1.5" in full.stderr
+
+
+def test_hydra_full_error_lets_the_traceback_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_imwa.user_errors import short_user_errors
+
+    def refuse() -> None:
+        raise ValueError("train.lr=-1: expected a finite value in (0, inf)")
+
+    with pytest.raises(SystemExit) as stopped, short_user_errors():
+        refuse()
+    assert stopped.value.code == 1
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(ValueError, match="train.lr=-1"), short_user_errors():
+        refuse()
 
 
 def test_an_unwritable_run_directory_is_named_before_hydra_starts(tmp_path: Path,
