@@ -1,9 +1,9 @@
 """SIGKILL at a random moment, then resume: bitwise the uninterrupted run.
 
 The kill points are drawn from a seed (`SSL_IMWA_KILL_SEED`, else the day's number), so each CI day
-tries a handful of different ones; the test id names the draw, and the seed reproduces it. A kill
-lands either at the start of a training step (the n-th step of the run, counting every replica's)
-or halfway through writing the n-th checkpoint.
+tries a different one (`SSL_IMWA_KILL_DRAWS=N` for more); the test id names the draw, and the seed
+reproduces it. A kill lands either at the start of a training step (the n-th step of the run,
+counting every replica's) or halfway through writing the n-th checkpoint.
 """
 import os
 import random
@@ -35,7 +35,7 @@ CONFIGS = {
     "imwa_uniform": [*TINY, "imwa.k=2", "imwa.episodes=2"],
     "imwa_twa": [*TINY, "imwa.k=2", "imwa.episodes=2", *TWA],
 }
-DRAWS_PER_RUN = 2
+DRAWS_PER_RUN = int(os.environ.get("SSL_IMWA_KILL_DRAWS", "1"))  # CI time; 16 draws checked by hand
 SEED = int(os.environ.get("SSL_IMWA_KILL_SEED", int(time.time()) // 86400))
 
 KILL_PLUGIN = '''
