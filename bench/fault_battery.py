@@ -30,8 +30,8 @@ HYDRA_NOTE = ("An unknown key without `+`, a value of the wrong type and an unkn
               "prints its own message (3 to 8 lines, naming the key or option), which is why such cases can "
               "miss the two-line mark.")
 SYNTAX_PLUGIN = "import torch\ndef losses(:\n"
-NO_LOSSES_PLUGIN = ("from algorithms.base import Algorithm\nfrom algorithms.fixmatch import FixMatchConfig\n"
-                    "from algorithms.registry import register_algorithm\n\n@register_algorithm('no_losses')\n"
+NO_LOSSES_PLUGIN = ("from ssl_imwa.algorithm import Algorithm\nfrom ssl_imwa.algorithms.fixmatch import FixMatchConfig\n"
+                    "from ssl_imwa.algorithm import register_algorithm\n\n@register_algorithm('no_losses')\n"
                     "class NoLosses(Algorithm):\n    Config = FixMatchConfig\n")
 
 

@@ -9,7 +9,7 @@ docs/performance.md), prints the summary, and exits 1 if any check failed or a s
 tail and the next section runs):
 
 1. versions: torch, CUDA, cuDNN, the GPUs, Python, the CPU, hydra-core and omegaconf;
-2. stream parity: `datasets.TrainStream` with one seed on the CPU and on the device gives bitwise
+2. stream parity: `ssl_imwa.data.TrainStream` with one seed on the CPU and on the device gives bitwise
    the same batches (every key, mu > 0, 1 and 2 strong views; on --device cpu: CPU against CPU);
 3. syncs: steady-state `Trainer.step`s of FixMatch, DASO (past its warm-up) and ACR (estimating)
    under `torch.cuda.set_sync_debug_mode("warn")`, warnings counted per step and per source line;
@@ -76,10 +76,12 @@ from bench._common import (
     synchronize,
     tensor_differences,
 )
+from ssl_imwa.algorithm import AlgorithmContext
 from ssl_imwa.sync_audit import SyncAudit, repository_frame
 
 THIS_FILE = Path(__file__).resolve()
 LABELED_COUNTS = [500, 300, 180, 110, 65, 40, 24, 14, 8, 5]  # a long tail over 10 classes
+UNLABELED_SIZE = 8 * sum(LABELED_COUNTS)  # told to the algorithms; the built-ins do not use it
 ALGORITHMS = ("fixmatch", "daso", "acr")
 TAIL_CHARS = 3000
 
@@ -243,7 +245,7 @@ def random_pool(labeled: int, unlabeled: int, seed: int = 0, size: int = 32) -> 
 
 def make_stream(pool: dict[str, torch.Tensor], device: torch.device, batch: int, mu: int, num_strong: int,
                 seed: int = 0) -> Any:
-    from datasets import TrainStream
+    from ssl_imwa.data import TrainStream
 
     return TrainStream(**pool, batch_size=batch, mu=mu, num_strong=num_strong, mean=[0.4914, 0.4822, 0.4465],
                        std=[0.2471, 0.2435, 0.2616], pad=4, hflip=True, cutout=16, seed=seed, replica=0,
@@ -256,19 +258,19 @@ def build_algorithm(name: str, total_steps: int, warmup: int, device: torch.devi
     ACR's epoch is longer than the whole check, so its one epoch start (a once-per-500-steps event in
     a real run) falls in the warm-up.
     """
+    context = AlgorithmContext(LABELED_COUNTS, total_steps, num_unlabeled=UNLABELED_SIZE, device=device)
     if name == "fixmatch":
-        from algorithms.fixmatch import FixMatch, FixMatchConfig
+        from ssl_imwa.algorithms.fixmatch import FixMatch, FixMatchConfig
 
-        return FixMatch(FixMatchConfig(), 10, LABELED_COUNTS, total_steps, device)
+        return FixMatch(FixMatchConfig(), context)
     if name == "daso":
-        from algorithms.daso import DASO, DASOConfig
+        from ssl_imwa.algorithms.daso import DASO, DASOConfig
 
-        cfg = DASOConfig(warmup_steps=max(1, warmup // 2), dist_update_period=4)
-        return DASO(cfg, 10, LABELED_COUNTS, total_steps, device)
+        return DASO(DASOConfig(warmup_steps=max(1, warmup // 2), dist_update_period=4), context)
     if name == "acr":
-        from algorithms.acr import ACR, ACRConfig
+        from ssl_imwa.algorithms.acr import ACR, ACRConfig
 
-        return ACR(ACRConfig(epoch_length=100_000, estimate_start_epoch=0), 10, LABELED_COUNTS, total_steps, device)
+        return ACR(ACRConfig(epoch_length=100_000, estimate_start_epoch=0), context)
     raise ValueError(name)
 
 

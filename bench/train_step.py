@@ -4,7 +4,7 @@
 
 The step is forward (one concatenated batch), losses, backward, SGD, EMA update — the trainer's
 real `Trainer.step` on a resident synthetic batch, so only compute is measured. The data part
-times `datasets.TrainStream` (sampling, weak + strong augmentation, normalisation) on random
+times `ssl_imwa.data.TrainStream` (sampling, weak + strong augmentation, normalisation) on random
 uint8 images. Compare the two images/s figures to see which one limits a run.
 
 `--ceiling` adds the two upper bounds a step is judged against on this machine: the bare model's
@@ -24,10 +24,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from algorithms.fixmatch import FixMatch, FixMatchConfig
 from bench._common import header, peak_memory_mb, reset_peak_memory, synchronize
-from datasets import TrainStream
+from ssl_imwa.algorithm import AlgorithmContext
+from ssl_imwa.algorithms.fixmatch import FixMatch, FixMatchConfig
 from ssl_imwa.config import TrainConfig
+from ssl_imwa.data import TrainStream
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.models import create_model
 from ssl_imwa.run import tune_glibc_malloc
@@ -63,7 +64,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         model.compile()
-    algorithm = FixMatch(FixMatchConfig(weak_pass=args.weak_pass), 10, [500, 50, 5, 500, 50, 5, 500, 50, 5, 5], cfg.iterations, device)
+    algorithm = FixMatch(FixMatchConfig(weak_pass=args.weak_pass), AlgorithmContext(
+        labeled_counts=[500, 50, 5, 500, 50, 5, 500, 50, 5, 5], total_steps=cfg.iterations,
+        num_unlabeled=args.mu * args.batch, device=device))
     unlabeled = args.mu * args.batch
     shape = (3, args.size, args.size)
     batch = {"x": torch.randn(args.batch, *shape, device=device),

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from omegaconf import DictConfig
 
-    from datasets import SSLData
+    from ssl_imwa.data import SSLData
 
 # The checkout's config tree, the one main.py reads (the package is installed editable: pip install -e .).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -103,7 +103,7 @@ class LoadedRun:
         evaluation does, so the predictions on the test images reproduce the run's top-1."""
         import torch
 
-        from datasets.transforms import normalize
+        from ssl_imwa.data.transforms import normalize
         from ssl_imwa.trainer import autocast_factory
 
         if model not in ("teacher", "student"):

@@ -7,7 +7,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from datasets.config import DatasetConfig
+from ssl_imwa.data.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
 from ssl_imwa.twa import TWAConfig
 from ssl_imwa.validation import expect_choice, expect_positive, expect_range
@@ -83,7 +83,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     Unknown keys and wrong types raise OmegaConf errors that name the key; bad values raise
     ValueError naming the key and what was expected.
     """
-    from algorithms import get_algorithm, load_plugins
+    from ssl_imwa.algorithm import get_algorithm, load_plugins
+    from ssl_imwa.data.build import validate_dataset
     from ssl_imwa.merge import list_merges
     from ssl_imwa.models import list_models
 
@@ -110,6 +111,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                          "needs mu * batch_size of them: expected train.mu >= 1")
     if typed.model.name not in list_models():
         raise ValueError(f"model.name='{typed.model.name}': expected one of {', '.join(list_models())}")
+    validate_dataset(OmegaConf.to_object(typed.dataset))  # after plugins: they may register a dataset
     expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
     expect_positive("train.eval_every", train.eval_every)
     expect_positive("train.lr", train.lr)

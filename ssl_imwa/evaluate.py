@@ -21,18 +21,19 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from algorithms import Algorithm, get_algorithm
-from datasets import SSLData, build_data
+from ssl_imwa.algorithm import Algorithm
 from ssl_imwa.checkpoint import load_checkpoint
 from ssl_imwa.config import Config, register_configs, validate
+from ssl_imwa.data import SSLData, build_data
+from ssl_imwa.keys import SUMMARY_METRICS
 from ssl_imwa.run import (
+    build_algorithm,
     build_evaluator,
     build_initial_model,
     configure_torch,
     fingerprint,
 )
 
-SUMMARY = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
 # Table headers: the first column is the model head (`--head`), so the head/medium/tail class
 # groups get their own names rather than a second column called `head`.
 HEADERS = ("top1", "balanced_acc", "macro_f1", "head classes", "medium classes", "tail classes")
@@ -85,9 +86,8 @@ def open_run(run_dir: Path, cfg: Config, checkpoint: str, device: torch.device) 
     """Load `checkpoint` (validated against `cfg`, as a resume is) and rebuild the run's data and algorithm."""
     payload = load_checkpoint(checkpoint_path(run_dir, checkpoint), fingerprint(cfg))
     data = build_data(cfg.dataset)
-    algorithm_cls = get_algorithm(cfg.algorithm.name)
-    algorithm = algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations, device)
-    return SavedRun(cfg, data, algorithm_cls, algorithm, payload, device)
+    algorithm = build_algorithm(cfg, data, device)
+    return SavedRun(cfg, data, type(algorithm), algorithm, payload, device)
 
 
 def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequence[str] | None = None,
@@ -147,7 +147,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table, one row per model head, metrics in percent."""
     lines = ["| model head | " + " | ".join(HEADERS) + " |", "|---|" + "---|" * len(HEADERS)]
     for head, metrics in results.items():
-        lines.append(f"| {head} | " + " | ".join(f"{100 * metrics[key]:.2f}" for key in SUMMARY) + " |")
+        lines.append(f"| {head} | " + " | ".join(f"{100 * metrics[key]:.2f}" for key in SUMMARY_METRICS) + " |")
     return "\n".join(lines)
 
 

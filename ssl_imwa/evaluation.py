@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets import eval_batches
+from ssl_imwa.data import eval_batches
 from ssl_imwa.metrics import class_groups, classification_metrics
 
 

@@ -29,6 +29,7 @@ from ssl_imwa.checkpoint import (
 from ssl_imwa.config import Config
 from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.evaluation import Evaluator
+from ssl_imwa.keys import SUMMARY_METRICS
 from ssl_imwa.merge import MergeResult, MergeStrategy
 from ssl_imwa.metrics import median_of_last
 from ssl_imwa.rng import rng_state, set_rng_state
@@ -39,7 +40,6 @@ from ssl_imwa.trainer import Replica, Trainer, lr_at
 log = logging.getLogger("ssl_imwa")
 # Teacher top-1 this far (absolute) below its student's at the first evaluation: worth a warning.
 TEACHER_LAG_WARNING = 0.15
-SUMMARY_KEYS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
 
 
 def host_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -119,7 +119,7 @@ class Orchestrator:
         for split in ("test", "val") if "val" in self.evaluator.splits else ("test",):
             metrics = self.evaluator.evaluate(module, split)
             record = {"step": step, "source": source, "replica": replica, "episode": self.episode + 1,
-                      "split": split, **{key: metrics[key] for key in (*SUMMARY_KEYS, "per_class")},
+                      "split": split, **{key: metrics[key] for key in (*SUMMARY_METRICS, "per_class")},
                       "time_s": self._elapsed()}
             self.logger.evaluation_scalars(record, metrics["confusion"])
             self._keep(record)
@@ -129,7 +129,7 @@ class Orchestrator:
             if best is None or results["val"]["top1"] > best["val_top1"]:
                 test = results["test"]
                 self.state["best"] = {"step": step, "val_top1": results["val"]["top1"],
-                                      **{key: test[key] for key in (*SUMMARY_KEYS, "per_class")}}
+                                      **{key: test[key] for key in (*SUMMARY_METRICS, "per_class")}}
                 self._save("best.pt")
         if self.comm.is_main:
             self.logger.status("running")
@@ -451,12 +451,14 @@ class Orchestrator:
         self.episode_start = None
         report = merge.report if merge else {"strategy": "identity (k=1)", "seconds": 0.0}
         if self.comm.is_main:
-            test = self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end)
+            # K=1 has no merge: its model is replica 0's, evaluated at this very step a moment ago.
+            test = (self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end) if merge
+                    else self._evaluation_at(episode_end))
             self.logger.scalars("merged", {key: value for key, value in report.items()
                                            if isinstance(value, (int, float)) and not isinstance(value, bool)},
                                 episode_end, prefix="merge")
             self.state["merges"].append({"episode": self.episode + 1, "step": episode_end, **report,
-                                         **{key: test[key] for key in SUMMARY_KEYS}})
+                                         **{key: test[key] for key in SUMMARY_METRICS}})
             log.info("episode %d/%d merged (%s, %.2f s): top1 %.4f balanced %.4f", self.episode + 1,
                      self.cfg.imwa.episodes, report["strategy"], report["seconds"], test["top1"],
                      test["balanced_acc"])
@@ -464,11 +466,16 @@ class Orchestrator:
         merge_checkpoint = self._save(f"merge_{self.episode:03d}.pt")
         link_atomic(merge_checkpoint, self.checkpoint_dir / self._checkpoint_name("latest.pt"))
 
+    def _evaluation_at(self, step: int) -> dict[str, Any]:
+        """Replica 0's test evaluation record at `step` (K=1)."""
+        return next(entry for entry in reversed(self.state["evaluations"]) if entry["split"] == "test"
+                    and entry["source"] == "replica" and entry["replica"] == 0 and entry["step"] == step)
+
     def results(self) -> dict[str, Any]:
         evaluations = self.state["evaluations"]
         tests = [entry for entry in evaluations if entry["split"] == "test"]
         representative = [entry for entry in tests if self._representative(entry["source"], entry["replica"])]
-        final = [entry for entry in tests if entry["source"] == "merged"][-1]
+        final = representative[-1]
         replicas_final = []
         for index in range(self.k):
             own = [entry for entry in tests if entry["source"] == "replica" and entry["replica"] == index]
@@ -476,7 +483,7 @@ class Orchestrator:
         seconds = self.state["train_seconds"]
         return {
             "status": "complete",
-            "final": {key: final[key] for key in (*SUMMARY_KEYS, "per_class", "step")},
+            "final": {key: final[key] for key in (*SUMMARY_METRICS, "per_class", "step")},
             "best": ({**self.state["best"], "selected_on": "val"} if self.state["best"] else None),
             "median_last20": {key: median_of_last([entry[key] for entry in representative])
                               for key in ("top1", "balanced_acc")},

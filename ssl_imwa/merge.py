@@ -20,8 +20,8 @@ from ssl_imwa.distributed import Communicator, average_across
 from ssl_imwa.registry import Registry
 
 if TYPE_CHECKING:
-    from datasets import SSLData
     from ssl_imwa.config import Config
+    from ssl_imwa.data import SSLData
 
 MOMENTUM_POLICIES = ("average", "keep", "reset")
 MergeAlgorithmStates = Callable[[list[dict[str, Any]]], dict[str, Any]]

@@ -7,13 +7,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_imwa.keys import LAUNCH_KEYS
+
 # Config groups (`algorithm=acr`) are choices, compared with the original launch's, not values.
 CONFIG_GROUPS = tuple(sorted(path.name for path in (Path(__file__).resolve().parents[1] / "configs").iterdir()
                              if path.is_dir()))
-# How this launch runs, not what it computes: always this launch's values (typed or default), never
-# part of what a checkpoint must match.
-LAUNCH_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads",
-               "train.checkpoint_every", "train.log_every", "imwa.timeout_s")
 
 
 def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from algorithms import Algorithm, get_algorithm
-from datasets import SSLData, build_data
+from ssl_imwa.algorithm import Algorithm, AlgorithmContext, get_algorithm
 from ssl_imwa.config import Config, validate
+from ssl_imwa.data import SSLData, build_data
 from ssl_imwa.distributed import (
     Communicator,
     init_communicator,
@@ -25,9 +25,10 @@ from ssl_imwa.distributed import (
 from ssl_imwa.ema import EMATeacher
 from ssl_imwa.evaluation import Evaluator
 from ssl_imwa.imwa import Orchestrator
+from ssl_imwa.keys import LAUNCH_KEYS
 from ssl_imwa.merge import MergeContext, create_merge
 from ssl_imwa.models import create_model
-from ssl_imwa.resume import LAUNCH_KEYS, launch_choices, resumed_config
+from ssl_imwa.resume import launch_choices, resumed_config
 from ssl_imwa.rng import seed_everything
 from ssl_imwa.run_logger import RunLogger
 from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
@@ -148,11 +149,17 @@ def log_secondary_process(run_dir: Path, rank: int) -> None:
     to_console = logging.StreamHandler()
     to_console.setLevel(logging.WARNING)
     to_console.setFormatter(logging.Formatter(f"[rank {rank}][%(levelname)s] %(message)s"))
-    for name in ("ssl_imwa", "datasets"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(to_file)
-        logger.addHandler(to_console)
+    logger = logging.getLogger("ssl_imwa")  # ssl_imwa.data and the algorithms' loggers are its children
+    logger.setLevel(logging.INFO)
+    logger.addHandler(to_file)
+    logger.addHandler(to_console)
+
+
+def build_algorithm(cfg: Config, data: SSLData, device: torch.device) -> Algorithm:
+    """The configured algorithm, told what it needs about the run (its AlgorithmContext)."""
+    context = AlgorithmContext(labeled_counts=tuple(data.counts["labeled"]), total_steps=cfg.train.iterations,
+                               num_unlabeled=len(data.unlabeled_images), device=device)
+    return get_algorithm(cfg.algorithm.name)(cfg.algorithm, context)
 
 
 def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Communicator
@@ -160,9 +167,8 @@ def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Commu
     """This process's replicas, all on `device`, and a copy of the shared initial model."""
     algorithm_cls = get_algorithm(cfg.algorithm.name)
     local = comm.local_replicas(cfg.imwa.k)
-    # Algorithm state is per replica: each replica gets its own instance.
-    algorithms = {k: algorithm_cls(cfg.algorithm, data.num_classes, data.counts["labeled"], cfg.train.iterations,
-                                   device) for k in local}
+    # Algorithm state is per replica: each local replica gets its own instance.
+    algorithms = {k: build_algorithm(cfg, data, device) for k in local}
     initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
     replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
     return replicas, initial_model, algorithm_cls

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_imwa.keys import SUMMARY_METRICS
 from ssl_imwa.tensorboard_hparams import hparam_value, metric_values, write_session
 
 log = logging.getLogger("ssl_imwa")
@@ -125,7 +126,7 @@ class RunLogger:
         name = "merged" if record["source"] == "merged" else f"replica{record['replica']}"
         writer = self.writer(name)
         split, step = record["split"], record["step"]
-        for key in ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail"):
+        for key in SUMMARY_METRICS:
             if not math.isnan(record[key]):
                 writer.add_scalar(f"{split}/{key}", record[key], step)
         for index, value in enumerate(record["per_class"]):

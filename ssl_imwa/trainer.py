@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms import Algorithm
+from ssl_imwa.algorithm import Algorithm
 from ssl_imwa.config import TrainConfig
 from ssl_imwa.ema import EMATeacher
 
@@ -61,7 +61,7 @@ class Replica:
     teacher: EMATeacher
     optimizer: torch.optim.SGD
     algorithm: Algorithm
-    stream: Any  # datasets.TrainStream
+    stream: Any  # ssl_imwa.data.TrainStream
     scaler: torch.amp.GradScaler | None
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from datasets.transforms import normalize
+from ssl_imwa.data.transforms import normalize
 from ssl_imwa.merge import (
     MergeContext,
     MergeResult,

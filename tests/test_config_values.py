@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from datasets import build_data
 from ssl_imwa.config import validate
+from ssl_imwa.data import build_data
 from ssl_imwa.validation import expect_range
-from tests.utils import compose_config, train_run
+from tests.utils import CONFIG_DIR, compose_config, train_run
 
 BAD_VALUES = [
     (["algorithm.threshold=1.5"], "algorithm.threshold=1.5"),
@@ -34,6 +34,11 @@ BAD_VALUES = [
     (["model.bn_momentum=2"], "model.bn_momentum=2"),
     (["imwa.timeout_s=0"], "imwa.timeout_s=0"),
     (["imwa.twa.steps=0"], "imwa.twa.steps=0"),
+    # the dataset's own checks run in the same pass, before any file is read
+    (["dataset.protocol=bogus"], "dataset.protocol='bogus'"),
+    (["dataset.n_max=0"], "dataset.n_max=0"),
+    (["dataset.image_size=2"], "dataset.image_size=2"),
+    (["dataset.unlabeled=unknown"], "dataset.unlabeled='unknown'"),
 ]
 
 
@@ -79,3 +84,16 @@ def test_a_semi_supervised_algorithm_without_unlabeled_images_names_train_mu(tmp
     supervised = train_run(tmp_path, ["experiment=quickstart", "algorithm=supervised", "train.mu=0",
                                       "train.iterations=4", "train.eval_every=4"], "supervised")
     assert (supervised / "results.json").is_file()
+
+
+def test_launch_keys_have_one_definition_that_every_consumer_uses() -> None:
+    """Hydra's sweep directory names, the report's grouping and a resume all skip exactly LAUNCH_KEYS."""
+    import yaml
+
+    from ssl_imwa.keys import LAUNCH_KEYS
+    from ssl_imwa.report import is_bookkeeping_key
+
+    root_config = yaml.safe_load((CONFIG_DIR / "config.yaml").read_text())
+    assert sorted(root_config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]) == sorted(LAUNCH_KEYS)
+    assert all(is_bookkeeping_key(key) for key in LAUNCH_KEYS)
+    assert not is_bookkeeping_key("train.lr") and not is_bookkeeping_key("imwa.k")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms import forward_concat, get_algorithm
-from algorithms.daso import (
+from ssl_imwa.algorithm import forward_concat, get_algorithm
+from ssl_imwa.algorithms.daso import (
     DASO,
     DASOConfig,
     FeatureQueue,
@@ -23,6 +23,7 @@ from algorithms.daso import (
 from ssl_imwa.models import create_model
 from tests.test_fixmatch import audit_steps, meta_batch, meta_setup
 from tests.utils import (
+    algorithm_context,
     assert_bitwise_equal,
     checkpoint_algorithm_state,
     checkpoint_tensors,
@@ -69,7 +70,7 @@ def test_losses_match_hand_computation() -> None:
     # q_w = softmax(2, 0); L_align = -(q_w . log_softmax(0, 2)) = log(1 + e^2) - 2 / (1 + e^2) = 1.8885222.
     # L_x = (log(1 + e^-1) + log(1 + e^-2)) / 2 = 0.2200948. m_hat is uniform, so v = 1 and p' = q_w,
     # whose maximum 0.881 is below the threshold: L_u = 0.
-    algorithm = DASO(DASOConfig(warmup_steps=0, proto_temperature=0.5), 2, [2, 1], total_steps=10)
+    algorithm = DASO(DASOConfig(warmup_steps=0, proto_temperature=0.5), algorithm_context([2, 1], 10))
     batch = make_batch(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), [0, 1], torch.tensor([[1.0, 0.0]]),
                        torch.tensor([[0.0, 1.0]]))
     out = algorithm.losses(batch, Passthrough(), Passthrough(), step=0)
@@ -112,7 +113,7 @@ def test_unseen_class_has_zero_prototype_and_zero_cosine() -> None:
 
 
 def test_histogram_is_replaced_every_period() -> None:
-    algorithm = DASO(DASOConfig(warmup_steps=100, dist_update_period=2), 3, [3, 2, 1], total_steps=100)
+    algorithm = DASO(DASOConfig(warmup_steps=100, dist_update_period=2), algorithm_context([3, 2, 1], 100))
     labeled = torch.eye(3)
     to_classes_001 = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]])
     to_class_2 = torch.tensor([[0, 0, 5.0]] * 3)
@@ -127,16 +128,16 @@ def test_histogram_is_replaced_every_period() -> None:
 
 
 def test_warmup_steps_accept_a_fraction_of_the_run() -> None:
-    assert DASO(DASOConfig(warmup_steps=0.02), 3, [3, 2, 1], total_steps=250_000).warmup_steps == 5000
+    assert DASO(DASOConfig(warmup_steps=0.02), algorithm_context([3, 2, 1], 250_000)).warmup_steps == 5000
 
 
 def test_warmup_is_exactly_fixmatch() -> None:
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=3, in_channels=1)
     batch = image_batch(torch.Generator().manual_seed(1))
-    daso = DASO(DASOConfig(warmup_steps=5, threshold=0.0), 3, [3, 2, 1], total_steps=10)
+    daso = DASO(DASOConfig(warmup_steps=5, threshold=0.0), algorithm_context([3, 2, 1], 10))
     fixmatch_cls = get_algorithm("fixmatch")
-    fixmatch = fixmatch_cls(fixmatch_cls.Config(threshold=0.0), 3, [3, 2, 1], total_steps=10)
+    fixmatch = fixmatch_cls(fixmatch_cls.Config(threshold=0.0), algorithm_context([3, 2, 1], 10))
     daso_out = daso.losses(batch, copy.deepcopy(model), copy.deepcopy(model).eval(), step=4)
     fixmatch_out = fixmatch.losses(batch, copy.deepcopy(model), copy.deepcopy(model).eval(), step=4)
     assert daso_out["loss_u"].item() > 0
@@ -151,7 +152,7 @@ def test_teacher_forward_leaves_student_bn_statistics_untouched() -> None:
     teacher_buffers = copy.deepcopy(dict(teacher.named_buffers()))
     reference = copy.deepcopy(student)
     batch = image_batch(torch.Generator().manual_seed(2))
-    DASO(DASOConfig(warmup_steps=0), 3, [3, 2, 1], total_steps=10).losses(batch, student, teacher, step=0)
+    DASO(DASOConfig(warmup_steps=0), algorithm_context([3, 2, 1], 10)).losses(batch, student, teacher, step=0)
     # The student's statistics are those of exactly one forward over (x, u_weak, u_strong).
     forward_concat(reference, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
     for name, buffer in reference.named_buffers():
@@ -167,13 +168,13 @@ def test_state_round_trip_gives_identical_next_losses() -> None:
     teacher = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(3)
     batches = [image_batch(generator) for _ in range(5)]
-    original = DASO(config, 3, [3, 2, 1], total_steps=10)
+    original = DASO(config, algorithm_context([3, 2, 1], 10))
     for step in range(2):
         original.losses(batches[step], model, teacher, step)
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
-    restored = DASO(config, 3, [3, 2, 1], total_steps=10)
+    restored = DASO(config, algorithm_context([3, 2, 1], 10))
     restored.load_state_dict(torch.load(buffer))
     restored_model = copy.deepcopy(model)
     for step in range(2, 5):
@@ -184,24 +185,24 @@ def test_state_round_trip_gives_identical_next_losses() -> None:
 
 
 def test_merge_averages_histograms_and_rebuilds_queues_from_newest_features() -> None:
-    algorithm = DASO(DASOConfig(queue_size=4), 2, [2, 1], total_steps=10)
+    algorithm = DASO(DASOConfig(queue_size=4), algorithm_context([2, 1], 10))
     # Replica A: class 0 ring [a0, a1, a2, a3] with pointer 2, so newest first: 11, 10, 13, 12.
-    state_a = {"queue_features": torch.tensor([[[10.0], [11.0], [12.0], [13.0]], [[5.0], [0.0], [0.0], [0.0]]]),
-               "queue_fill": torch.tensor([4, 1]), "queue_pointer": torch.tensor([2, 1]),
+    state_a = {"queue.features": torch.tensor([[[10.0], [11.0], [12.0], [13.0]], [[5.0], [0.0], [0.0], [0.0]]]),
+               "queue.fill": torch.tensor([4, 1]), "queue.pointer": torch.tensor([2, 1]),
                "pl_dist": torch.tensor([0.6, 0.4], dtype=torch.float64),
                "pl_counts": torch.tensor([3.0, 1.0], dtype=torch.float64)}
     # Replica B: class 0 holds 20, 21, 22 (newest 22); class 1 is empty.
-    state_b = {"queue_features": torch.tensor([[[20.0], [21.0], [22.0], [0.0]], [[0.0], [0.0], [0.0], [0.0]]]),
-               "queue_fill": torch.tensor([3, 0]), "queue_pointer": torch.tensor([3, 0]),
+    state_b = {"queue.features": torch.tensor([[[20.0], [21.0], [22.0], [0.0]], [[0.0], [0.0], [0.0], [0.0]]]),
+               "queue.fill": torch.tensor([3, 0]), "queue.pointer": torch.tensor([3, 0]),
                "pl_dist": torch.tensor([0.2, 0.8], dtype=torch.float64),
                "pl_counts": torch.tensor([1.0, 5.0], dtype=torch.float64)}
     merged = algorithm.merge_states([state_a, state_b])
     torch.testing.assert_close(merged["pl_dist"], torch.tensor([0.4, 0.6], dtype=torch.float64))
     torch.testing.assert_close(merged["pl_counts"], torch.tensor([2.0, 3.0], dtype=torch.float64))
     # L/K = 2 newest per replica, oldest first, replicas interleaved: A's 10, B's 21, A's 11, B's 22.
-    assert merged["queue_features"][0, :, 0].tolist() == [10.0, 21.0, 11.0, 22.0]
-    assert merged["queue_fill"].tolist() == [4, 1] and merged["queue_pointer"].tolist() == [0, 1]
-    assert merged["queue_features"][1, 0, 0].item() == 5.0
+    assert merged["queue.features"][0, :, 0].tolist() == [10.0, 21.0, 11.0, 22.0]
+    assert merged["queue.fill"].tolist() == [4, 1] and merged["queue.pointer"].tolist() == [0, 1]
+    assert merged["queue.features"][1, 0, 0].item() == 5.0
     algorithm.load_state_dict(merged)
     torch.testing.assert_close(algorithm.queue.prototypes(), torch.tensor([[16.0], [5.0]]))
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets import DatasetConfig, build_data, register_dataset
-from datasets.build import DATASETS, DatasetParts
-from datasets.readers import (
+from ssl_imwa.data import DatasetConfig, build_data, register_dataset
+from ssl_imwa.data.build import DATASETS, DatasetParts
+from ssl_imwa.data.readers import (
     ImageArray,
     read_cifar,
     read_digits,
@@ -39,7 +39,7 @@ def test_cifar10_through_build_data(
     cfg = DatasetConfig(
         name="cifar10", root=str(fake_cifar10_root.root), n_max=6, m_max=4, imbalance=3, val_per_class=2
     )
-    with caplog.at_level(logging.INFO, logger="datasets"):
+    with caplog.at_level(logging.INFO, logger="ssl_imwa.data"):
         data = build_data(cfg)
     assert data.counts["labeled"] == [6, 5, 4, 4, 3, 3, 2, 2, 2, 2]
     assert data.counts["unlabeled"] == [4, 3, 3, 2, 2, 2, 1, 1, 1, 1]
@@ -127,7 +127,7 @@ def test_digits_partition_is_fixed_and_stratified() -> None:
 
 
 def test_register_dataset_adds_a_reader(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("datasets.build.DATASETS", dict(DATASETS))  # leave the real registry untouched
+    monkeypatch.setattr("ssl_imwa.data.build.DATASETS", dict(DATASETS))  # leave the real registry untouched
     rng = np.random.default_rng(0)
 
     def parts(count: int) -> ImageArray:

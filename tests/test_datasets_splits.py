@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import (
+from ssl_imwa.data import (
     DatasetConfig,
     build_data,
     long_tailed_counts,

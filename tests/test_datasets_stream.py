@@ -6,9 +6,9 @@ import hashlib
 import pytest
 import torch
 
-from datasets import DatasetConfig, TrainStream, build_data, eval_batches
-from datasets.stream import InfiniteSampler
-from datasets.transforms import normalize
+from ssl_imwa.data import DatasetConfig, TrainStream, build_data, eval_batches
+from ssl_imwa.data.stream import InfiniteSampler
+from ssl_imwa.data.transforms import normalize
 from ssl_imwa.sync_audit import SyncAudit
 
 META = torch.device("meta")

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from datasets import transforms
-from datasets.transforms import ParameterBuffer, normalize, strong_augment, weak_augment
+from ssl_imwa.data import transforms
+from ssl_imwa.data.transforms import (
+    ParameterBuffer,
+    normalize,
+    strong_augment,
+    weak_augment,
+)
 from ssl_imwa.sync_audit import SyncAudit
 
 

@@ -16,11 +16,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from algorithms import get_algorithm
 from ssl_imwa import distributed
+from ssl_imwa.algorithm import get_algorithm
 from ssl_imwa.distributed import Communicator, init_communicator, process_device
 from ssl_imwa.merge import gather_algorithm_states, uniform_merge
 from tests.utils import (
+    algorithm_context,
     assert_bitwise_equal,
     checkpoint_tensors,
     compose_config,
@@ -132,7 +133,7 @@ def test_merged_algorithm_states_come_back_on_the_local_gpu(monkeypatch: pytest.
     _fake_peer(monkeypatch, "cuda:1")
     local = torch.device("cuda", 0)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        instance = get_algorithm(algorithm)(cfg.algorithm, 10, [50, 30, 20, 12, 8, 5, 4, 3, 2, 1], 100, local)
+        instance = get_algorithm(algorithm)(cfg.algorithm, algorithm_context([50, 30, 20, 12, 8, 5, 4, 3, 2, 1], 100, local))
         states = gather_algorithm_states([(0, instance.state_dict())], Communicator(0, 2, device=local))
         assert len(states) == 2 and _devices(states) == {local}
         merged = instance.merge_states(states)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from algorithms.acr import BALANCED_HEAD
+from ssl_imwa.algorithms.acr import BALANCED_HEAD
 from ssl_imwa.evaluate import evaluate_checkpoint, format_table, main
 from tests.utils import read_results, train_run
 

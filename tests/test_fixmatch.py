@@ -6,10 +6,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from algorithms.base import Algorithm, AlgorithmConfig
-from algorithms.fixmatch import FixMatch, FixMatchConfig, pseudo_label_accuracy
+from ssl_imwa.algorithm import Algorithm, AlgorithmConfig
+from ssl_imwa.algorithms.common import pseudo_label_accuracy
+from ssl_imwa.algorithms.fixmatch import FixMatch, FixMatchConfig
 from ssl_imwa.models import create_model
 from ssl_imwa.sync_audit import SyncAudit
+from tests.utils import algorithm_context
 
 META = torch.device("meta")
 
@@ -17,7 +19,7 @@ META = torch.device("meta")
 def meta_setup(algorithm_cls: type[Algorithm], config: AlgorithmConfig) -> tuple[Algorithm, nn.Module, nn.Module]:
     """The algorithm, a small CNN with the algorithm's heads, and its teacher, all on the meta device."""
     num_classes = 4
-    algorithm = algorithm_cls(config, num_classes, [5, 3, 2, 1], total_steps=100, device=META)
+    algorithm = algorithm_cls(config, algorithm_context([5, 3, 2, 1], 100, META))
     model = create_model("small_cnn", num_classes, 3, 0.001)
     for name, head in algorithm.build_heads(model.feature_dim, num_classes).items():
         model.add_head(name, head)
@@ -26,7 +28,7 @@ def meta_setup(algorithm_cls: type[Algorithm], config: AlgorithmConfig) -> tuple
 
 
 def meta_batch(num_strong: int, batch_size: int = 8, mu: int = 2) -> dict[str, Any]:
-    """Meta tensors in the layout of datasets.stream.TrainStream.next."""
+    """Meta tensors in the layout of ssl_imwa.data.stream.TrainStream.next."""
     unlabeled = batch_size * mu
 
     def images(count: int) -> torch.Tensor:
@@ -78,7 +80,7 @@ def test_fixmatch_loss_matches_hand_computation() -> None:
         "u_weak": torch.zeros(3, 1, 2, 2), "u_strong": [torch.zeros(3, 1, 2, 2)],
         "u_target": torch.tensor([0, -1, 0]),
     }
-    algorithm = FixMatch(FixMatchConfig(threshold=0.95, lambda_u=2.0), 2, [10, 1], 100)
+    algorithm = FixMatch(FixMatchConfig(threshold=0.95, lambda_u=2.0), algorithm_context([10, 1], 100))
     out = algorithm.losses(batch, model, model, step=0)
 
     loss_x = (ce(labeled[0], 0) + ce(labeled[1], 0)) / 2
@@ -97,7 +99,7 @@ def test_pseudo_labels_carry_no_gradient() -> None:
     model = FixedLogits(logits)
     batch = {"x": torch.zeros(2, 1, 1, 1), "y": torch.tensor([1, 1]), "u_weak": torch.zeros(1, 1, 1, 1),
              "u_strong": [torch.zeros(1, 1, 1, 1)], "u_target": torch.tensor([-1])}
-    algorithm = FixMatch(FixMatchConfig(), 2, [1, 1], 10)
+    algorithm = FixMatch(FixMatchConfig(), algorithm_context([1, 1], 10))
     algorithm.losses(batch, model, model, 0)["loss"].backward()
     assert torch.count_nonzero(model.logits.grad[2]) == 0, "the weak view must not receive gradient"
     assert torch.count_nonzero(model.logits.grad[3]) == 2
@@ -109,8 +111,8 @@ def test_no_grad_weak_pass_gives_the_same_loss_without_bn() -> None:
     wrapped = lambda x: {"features": x, "logits": model(x)}
     batch = {"x": torch.randn(2, 1, 2, 2), "y": torch.tensor([0, 2]), "u_weak": torch.randn(5, 1, 2, 2) * 5,
              "u_strong": [torch.randn(5, 1, 2, 2)], "u_target": torch.full((5,), -1)}
-    joint = FixMatch(FixMatchConfig(threshold=0.5), 3, [1, 1, 1], 10).losses(batch, wrapped, wrapped, 0)
-    separate = FixMatch(FixMatchConfig(threshold=0.5, weak_pass="no_grad"), 3, [1, 1, 1], 10).losses(
+    joint = FixMatch(FixMatchConfig(threshold=0.5), algorithm_context([1, 1, 1], 10)).losses(batch, wrapped, wrapped, 0)
+    separate = FixMatch(FixMatchConfig(threshold=0.5, weak_pass="no_grad"), algorithm_context([1, 1, 1], 10)).losses(
         batch, wrapped, wrapped, 0)
     assert joint["mask_rate"] > 0
     for key in ("loss", "loss_x", "loss_u", "mask_rate"):

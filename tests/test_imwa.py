@@ -101,8 +101,8 @@ def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path) -> No
 
 DYING_PLUGIN = '''
 import os
-from algorithms.fixmatch import FixMatch
-from algorithms.registry import register_algorithm
+from ssl_imwa.algorithms.fixmatch import FixMatch
+from ssl_imwa.algorithm import register_algorithm
 
 @register_algorithm("dies_on_rank1")
 class DiesOnRank1(FixMatch):

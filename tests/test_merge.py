@@ -1,7 +1,7 @@
 """Merge arithmetic on hand-made state dicts."""
 import torch
 
-from algorithms.base import mean_of_states
+from ssl_imwa.algorithm import mean_of_states
 from ssl_imwa.merge import average_tensors, merge_optimizer_states, uniform_merge
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.utils import read_metrics, read_results, train_run
+from tests.utils import algorithm_context, read_metrics, read_results, train_run
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "adding_an_algorithm.md"
 
@@ -26,11 +26,11 @@ def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_example_loss_matches_hand_computation(plugin_module: str) -> None:
-    from algorithms import get_algorithm, load_plugins
+    from ssl_imwa.algorithm import get_algorithm, load_plugins
 
     load_plugins([plugin_module])
     cls = get_algorithm("teacher_pseudo_label")
-    algorithm = cls(cls.Config(threshold=0.9, lambda_u=1.0), 2, [3, 1], 10)
+    algorithm = cls(cls.Config(threshold=0.9, lambda_u=1.0), algorithm_context([3, 1], 10))
 
     class Model(torch.nn.Module):
         def __init__(self, logits: torch.Tensor) -> None:
@@ -59,4 +59,8 @@ def test_example_trains_as_external_plugin(tmp_path: Path, plugin_module: str) -
     assert read_results(run_dir)["final"]["top1"] >= 0.0
     config = (run_dir / "config.yaml").read_text()
     assert "name: teacher_pseudo_label" in config and "threshold: 0.8" in config and "lambda_u: 1.0" in config
-    assert len([r for r in read_metrics(run_dir) if r["split"] == "test"]) == 3  # steps 5, 10 and the merge
+    tests = [r for r in read_metrics(run_dir) if r["split"] == "test"]
+    assert [(r["step"], r["source"]) for r in tests] == [(5, "replica"), (10, "replica")]  # K=1: no merge to evaluate
+    results = read_results(run_dir)
+    assert results["final"]["per_class"] == tests[-1]["per_class"]
+    assert results["imwa"]["per_episode"][0]["top1"] == tests[-1]["top1"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-from datasets import build_data
 from ssl_imwa.config import validate
+from ssl_imwa.data import build_data
 from ssl_imwa.distributed import Communicator
 from ssl_imwa.run import build_replicas
 from ssl_imwa.sync_audit import SyncAudit

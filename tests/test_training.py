@@ -204,8 +204,8 @@ def test_a_refused_resume_leaves_a_finished_run_as_it_was(tmp_path: Path) -> Non
 STOPPED_PLUGIN = """
 import os
 import signal
-from algorithms.fixmatch import FixMatch
-from algorithms.registry import register_algorithm
+from ssl_imwa.algorithms.fixmatch import FixMatch
+from ssl_imwa.algorithm import register_algorithm
 
 @register_algorithm("signalled_at_step_3")
 class SignalledAtStep3(FixMatch):

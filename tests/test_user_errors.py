@@ -91,15 +91,15 @@ def test_an_unwritable_run_directory_is_named_before_hydra_starts(tmp_path: Path
 
 
 def test_plugin_faults_name_the_plugin_and_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from algorithms import load_plugins
+    from ssl_imwa.algorithm import load_plugins
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "broken_syntax_plugin.py").write_text("import torch\ndef losses(:\n")
     with pytest.raises(ImportError, match=r"'broken_syntax_plugin': .*broken_syntax_plugin.py:2: SyntaxError"):
         load_plugins(["broken_syntax_plugin"])
     (tmp_path / "no_losses_plugin.py").write_text(
-        "from algorithms.fixmatch import FixMatchConfig\nfrom algorithms.base import Algorithm\n"
-        "from algorithms.registry import register_algorithm\n\n"
+        "from ssl_imwa.algorithms.fixmatch import FixMatchConfig\nfrom ssl_imwa.algorithm import Algorithm\n"
+        "from ssl_imwa.algorithm import register_algorithm\n\n"
         "@register_algorithm('no_losses')\nclass NoLosses(Algorithm):\n    Config = FixMatchConfig\n")
     with pytest.raises(ImportError, match=r"no_losses_plugin.py:5: TypeError: algorithm 'no_losses' "
                                           r"\(no_losses_plugin.NoLosses\) does not define losses"):
@@ -108,7 +108,7 @@ def test_plugin_faults_name_the_plugin_and_the_line(tmp_path: Path, monkeypatch:
 
 def test_losses_without_a_loss_entry_names_what_it_returned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "lossless_plugin.py").write_text(
-        "from algorithms.fixmatch import FixMatch\nfrom algorithms.registry import register_algorithm\n\n"
+        "from ssl_imwa.algorithms.fixmatch import FixMatch\nfrom ssl_imwa.algorithm import register_algorithm\n\n"
         "@register_algorithm('total_not_loss')\nclass TotalNotLoss(FixMatch):\n"
         "    def losses(self, batch, model, teacher, step):\n"
         "        outputs = super().losses(batch, model, teacher, step)\n"

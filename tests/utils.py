@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from ssl_imwa.algorithm import AlgorithmContext
 from ssl_imwa.checkpoint import replica_tensors
 from ssl_imwa.config import register_configs
 
@@ -24,6 +25,12 @@ register_configs()
 def compose_config(overrides: list[str], run_dir: Path | str = ".") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[*overrides, f"run_dir={run_dir}", "train.progress=false"])
+
+
+def algorithm_context(labeled_counts: list[int], total_steps: int, device: torch.device | str = "cpu"
+                      ) -> AlgorithmContext:
+    """The context of an algorithm built by hand (the built-ins do not read the unlabeled set's size)."""
+    return AlgorithmContext(tuple(labeled_counts), total_steps, num_unlabeled=7 * sum(labeled_counts), device=device)
 
 
 def train_run(tmp_path: Path, overrides: list[str], name: str = "run") -> Path:

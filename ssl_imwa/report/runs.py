@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-METRICS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
+from ssl_imwa.keys import LAUNCH_KEYS, SUMMARY_METRICS
+
+METRICS = SUMMARY_METRICS
 SOURCES = ("replica", "merged")
 SPLITS = ("val", "test")
 COMPLETE, CRASHED, STOPPED, RUNNING = "complete", "crashed", "stopped", "running"
@@ -26,11 +28,11 @@ MEDIAN_WINDOW = 20
 # Files that only a run directory has; a directory with them but without config.yaml is reported.
 RUN_MARKERS = ("status.json", "metrics.jsonl", "results.json", ".hydra")
 HYDRA_SWEEP_RECORD = "multirun.yaml"  # sits next to the job dirs `multirun/<date>/<time>/*` matches
-# Keys that differ between runs without changing the experiment, so they must not split groups.
+# Keys that differ between runs without changing the experiment, so they must not split groups:
+# the launch keys, the seed (groups are across seeds) and anything naming a place on disk.
 IGNORED_TOP_LEVEL = ("seed", "hydra", "logging")
-# The keys configs/config.yaml keeps out of Hydra's override_dirname (besides resume, device).
-IGNORED_KEYS = ("train.progress", "train.num_threads")
-IGNORED_LEAVES = ("run_dir", "resume", "device", "dir", "path", "root")
+IGNORED_KEYS = LAUNCH_KEYS
+IGNORED_LEAVES = ("dir", "path", "root")
 IGNORED_LEAF_SUFFIXES = ("_dir", "_path", "_file", "_root")
 
 Skipped = tuple[Path, str]

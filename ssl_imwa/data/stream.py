@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets.transforms import (
+from ssl_imwa.data.transforms import (
     ParameterBuffer,
     apply_strong,
     apply_weak,

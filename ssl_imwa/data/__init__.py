@@ -3,11 +3,11 @@
 Knows nothing about training algorithms: callers say how many strong views they want.
 """
 
-from datasets.build import SSLData, build_data, register_dataset
-from datasets.config import DatasetConfig
-from datasets.counts import long_tailed_counts, unlabeled_counts
-from datasets.splits import make_split
-from datasets.stream import TrainStream, eval_batches
+from ssl_imwa.data.build import SSLData, build_data, register_dataset
+from ssl_imwa.data.config import DatasetConfig
+from ssl_imwa.data.counts import long_tailed_counts, unlabeled_counts
+from ssl_imwa.data.splits import make_split
+from ssl_imwa.data.stream import TrainStream, eval_batches
 
 __all__ = [
     "DatasetConfig",

@@ -1,4 +1,4 @@
-"""DASO on FixMatch (Oh et al., CVPR 2022), Oh et al., CVPR 2022.
+"""DASO on FixMatch (Oh et al., CVPR 2022).
 
 Linear pseudo-labels are biased toward head classes; DASO blends them with semantic
 pseudo-labels (similarity to class prototypes, which are balanced by construction), and
@@ -8,26 +8,27 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import (
+from ssl_imwa.algorithm import (
     Algorithm,
     AlgorithmConfig,
+    AlgorithmContext,
     Batch,
     StepCount,
     mean_of_states,
+    register_algorithm,
     resolve_steps,
 )
-from algorithms.fixmatch import (
+from ssl_imwa.algorithms.common import (
     confident_pseudo_labels,
     masked_consistency,
     pseudo_label_accuracy,
 )
-from algorithms.registry import register_algorithm
 from ssl_imwa.ema import EMAConfig
 from ssl_imwa.validation import expect_range
 
@@ -61,7 +62,7 @@ class DASOConfig(AlgorithmConfig):
         resolve_steps(self.dist_update_period, 1, "algorithm.dist_update_period", minimum=1)
 
 
-class FeatureQueue:
+class FeatureQueue(nn.Module):
     """Per-class ring buffers of labeled features; their means are the class prototypes.
 
     A fixed size per class keeps the prototypes balanced however skewed the labeled set is.
@@ -69,14 +70,19 @@ class FeatureQueue:
     the newest entry sits just before it.
     """
 
-    def __init__(self, num_classes: int, size: int, device: torch.device) -> None:
+    features: torch.Tensor
+    fill: torch.Tensor
+    pointer: torch.Tensor
+
+    def __init__(self, num_classes: int, size: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
         if size < 1:
             raise ValueError(f"algorithm.queue_size={size}: expected a positive size")
         self.size = size
         # The feature dimension is learnt from the first push (shape [C, L, 0] until then).
-        self.features = torch.zeros(num_classes, size, 0, device=device)
-        self.fill = torch.zeros(num_classes, dtype=torch.long, device=device)
-        self.pointer = torch.zeros(num_classes, dtype=torch.long, device=device)
+        self.register_buffer("features", torch.zeros(num_classes, size, 0, device=device))
+        self.register_buffer("fill", torch.zeros(num_classes, dtype=torch.long, device=device))
+        self.register_buffer("pointer", torch.zeros(num_classes, dtype=torch.long, device=device))
 
     @torch.no_grad()
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -119,18 +125,16 @@ class FeatureQueue:
         slots = (self.pointer[cls] - count + torch.arange(count, device=self.fill.device)) % self.size
         return self.features[cls, slots]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"queue_features": self.features, "queue_fill": self.fill, "queue_pointer": self.pointer}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        features = state["queue_features"]
-        if tuple(features.shape[:2]) != tuple(self.features.shape[:2]):
-            raise ValueError(f"DASO queue state has shape {tuple(features.shape)}, expected "
-                             f"[{self.features.shape[0]}, {self.size}, D] (num_classes, algorithm.queue_size, D)")
-        device = self.features.device
-        self.features = features.to(device=device, dtype=torch.float32).clone()
-        self.fill = state["queue_fill"].to(device=device, dtype=torch.long).clone()
-        self.pointer = state["queue_pointer"].to(device=device, dtype=torch.long).clone()
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A queue that never saw a feature adopts the checkpoint's feature dimension before the strict load."""
+        features = state_dict.get(prefix + "features")
+        if features is not None:
+            if tuple(features.shape[:2]) != tuple(self.features.shape[:2]):
+                raise ValueError(f"DASO queue state has shape {tuple(features.shape)}, expected "
+                                 f"[{self.features.shape[0]}, {self.size}, D] (num_classes, algorithm.queue_size, D)")
+            if self.features.shape[2] == 0:
+                self.features = self.features.new_zeros(features.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def merge_queues(queues: list[FeatureQueue]) -> FeatureQueue:
@@ -206,27 +210,33 @@ def semantic_alignment_loss(weak_semantic_probs: torch.Tensor, strong_prototype_
 
 @register_algorithm("daso")
 class DASO(Algorithm):
-    """State: the per-class feature queues, m_hat and the pseudo-label counts since its last refresh.
+    """State (buffers): the per-class feature queues, m_hat and the pseudo-label counts since its last refresh.
 
     Schedules (warm-up, refresh period) run on the trainer's global step, so no step counter is kept.
     """
 
     Config = DASOConfig
     cfg: DASOConfig
+    # Checkpoints before the queue became a submodule named its buffers queue_<name>.
+    renamed_state_keys: ClassVar[dict[str, str]] = {f"queue_{name}": f"queue.{name}" for name in ("features", "fill", "pointer")}
+    pl_dist: torch.Tensor
+    pl_counts: torch.Tensor
 
-    def __init__(self, cfg: DASOConfig, num_classes: int, labeled_counts: list[int], total_steps: int,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__(cfg, num_classes, labeled_counts, total_steps, device)
+    def __init__(self, cfg: DASOConfig, context: AlgorithmContext) -> None:
+        super().__init__(cfg, context)
+        total_steps = context.total_steps
         self.warmup_steps = resolve_steps(cfg.warmup_steps, total_steps, "algorithm.warmup_steps")
         self.dist_update_period = resolve_steps(cfg.dist_update_period, total_steps, "algorithm.dist_update_period",
                                                 minimum=1)
         if self.dist_update_period < 1:
             raise ValueError("algorithm.dist_update_period must be at least one step")
+        num_classes = self.num_classes
         self.queue = FeatureQueue(num_classes, cfg.queue_size, self.device)
         # m_hat, uniform until the first refresh (the official code starts from zeros, i.e. 0/0).
-        self.pl_dist = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=self.device)
+        self.register_buffer("pl_dist", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64,
+                                                   device=self.device))
         # Final pseudo-labels counted since the last refresh.
-        self.pl_counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
+        self.register_buffer("pl_counts", torch.zeros(num_classes, dtype=torch.float64, device=self.device))
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
         # The EMA teacher (eval mode, separate module) embeds the labeled batch, so the student's
@@ -276,18 +286,6 @@ class DASO(Algorithm):
             self.pl_dist = self.pl_counts / self.pl_counts.sum()
             self.pl_counts = torch.zeros_like(self.pl_counts)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.queue.state_dict(), "pl_dist": self.pl_dist, "pl_counts": self.pl_counts}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        missing = set(self.state_dict()) - set(state)
-        if missing:
-            raise KeyError(f"{self.name}: algorithm state lacks keys {sorted(missing)}")
-        self.queue.load_state_dict(state)
-        self.pl_dist = state["pl_dist"].to(device=self.device, dtype=torch.float64).clone()
-        self.pl_counts = state["pl_counts"].to(device=self.device, dtype=torch.float64).clone()
-
     def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """Histograms averaged; each class queue rebuilt from the K replicas' newest L/K features.
 
@@ -298,7 +296,8 @@ class DASO(Algorithm):
         queues = []
         for state in states:
             queue = FeatureQueue(self.num_classes, self.cfg.queue_size, self.device)
-            queue.load_state_dict(state)
+            queue.load_state_dict({key.removeprefix("queue."): value for key, value in state.items()
+                                   if key.startswith("queue.")})
             queues.append(queue)
         merged_queue = merge_queues(queues)
-        return {**merged_queue.state_dict(), **merged}
+        return {**{f"queue.{key}": value for key, value in merged_queue.state_dict().items()}, **merged}

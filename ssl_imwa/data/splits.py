@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datasets.config import PROTOCOLS
+from ssl_imwa.data.config import PROTOCOLS
 
 
 @dataclass

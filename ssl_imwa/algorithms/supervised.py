@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import Algorithm, AlgorithmConfig, Batch
-from algorithms.registry import register_algorithm
+from ssl_imwa.algorithm import Algorithm, AlgorithmConfig, Batch, register_algorithm
 
 
 @dataclass

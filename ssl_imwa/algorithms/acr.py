@@ -1,4 +1,4 @@
-"""ACR on FixMatch (Wei & Gan, CVPR 2023), Wei & Gan, CVPR 2023.
+"""ACR on FixMatch (Wei & Gan, CVPR 2023).
 
 A standard head learns the labeled (long-tailed) distribution and a balanced head the uniform
 one; the standard head's pseudo-labels are logit-adjusted by a strength tau that follows an
@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.base import (
+from ssl_imwa.algorithm import (
     Algorithm,
     AlgorithmConfig,
+    AlgorithmContext,
     Batch,
     StepCount,
     mean_of_states,
+    register_algorithm,
     resolve_steps,
 )
-from algorithms.fixmatch import masked_consistency, pseudo_label_accuracy
-from algorithms.registry import register_algorithm
+from ssl_imwa.algorithms.common import masked_consistency, pseudo_label_accuracy
 from ssl_imwa.ema import EMAConfig
 from ssl_imwa.validation import expect_range
 
@@ -92,11 +93,6 @@ def power(base: torch.Tensor, exponent: float | torch.Tensor) -> torch.Tensor:
     return result
 
 
-def as_scalar_tensor(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A 0-d float64 tensor on `device`, from a tensor or from the Python float an older checkpoint holds."""
-    return torch.as_tensor(value, dtype=torch.float64).to(device).reshape(()).clone()
-
-
 def confident_class_histogram(balanced_logits: torch.Tensor, is_labeled: torch.Tensor, threshold: float,
                               num_classes: int, one_unit_per_class: bool) -> torch.Tensor:
     """Class histogram of argmax f_b(u_w) over confident samples that are not also labeled images.
@@ -130,24 +126,31 @@ class ACR(Algorithm):
     cfg: ACRConfig
     eval_head = BALANCED_HEAD
 
-    def __init__(self, cfg: ACRConfig, num_classes: int, labeled_counts: list[int], total_steps: int,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__(cfg, num_classes, labeled_counts, total_steps, device)
-        self.epoch_length = resolve_steps(cfg.epoch_length, total_steps, "algorithm.epoch_length", minimum=1)
+    estimate: torch.Tensor
+    distance_sum: torch.Tensor
+    distance_steps: torch.Tensor
+    tau: torch.Tensor
+
+    def __init__(self, cfg: ACRConfig, context: AlgorithmContext) -> None:
+        super().__init__(cfg, context)
+        self.epoch_length = resolve_steps(cfg.epoch_length, context.total_steps, "algorithm.epoch_length", minimum=1)
         if self.epoch_length < 1:
             raise ValueError("algorithm.epoch_length must be at least one step")
         if cfg.estimate_start_epoch < 0:
             raise ValueError(f"algorithm.estimate_start_epoch={cfg.estimate_start_epoch!r}: expected an epoch index >= 0")
         # u_hat: the estimated unlabeled class distribution, uniform until estimation starts.
-        self.estimate = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64, device=self.device)
+        num_classes = self.num_classes
+        self.register_buffer("estimate", torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64,
+                                                    device=self.device))
         # This epoch's summed anchor distances and the number of steps that added to them. The count
         # and tau are 0-d float64 device tensors, updated with torch.where: no step waits for the GPU.
-        self.distance_sum = torch.zeros(3, dtype=torch.float64, device=self.device)
-        self.distance_steps = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.register_buffer("distance_sum", torch.zeros(3, dtype=torch.float64, device=self.device))
+        self.register_buffer("distance_steps", torch.zeros((), dtype=torch.float64, device=self.device))
         if cfg.follow_official_code:
-            self.tau = torch.full((), cfg.tau_max, dtype=torch.float64, device=self.device)
+            tau = torch.full((), cfg.tau_max, dtype=torch.float64, device=self.device)
         else:
-            self.tau = tau_from_distances(anchor_distances(self.estimate, self.labeled_prior), cfg.tau_max)
+            tau = tau_from_distances(anchor_distances(self.estimate, self.labeled_prior), cfg.tau_max)
+        self.register_buffer("tau", tau)
 
     def num_strong_views(self) -> int:
         return 2
@@ -222,20 +225,6 @@ class ACR(Algorithm):
         self.distance_sum = torch.where(found, self.distance_sum + anchor_distances(estimate, self.labeled_prior),
                                         self.distance_sum)
         self.distance_steps = torch.where(found, self.distance_steps + 1.0, self.distance_steps)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"estimate": self.estimate, "distance_sum": self.distance_sum,
-                "distance_steps": self.distance_steps, "tau": self.tau}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        missing = set(self.state_dict()) - set(state)
-        if missing:
-            raise KeyError(f"{self.name}: algorithm state lacks keys {sorted(missing)}")
-        self.estimate = state["estimate"].to(device=self.device, dtype=torch.float64).clone()
-        self.distance_sum = state["distance_sum"].to(device=self.device, dtype=torch.float64).clone()
-        self.distance_steps = as_scalar_tensor(state["distance_steps"], self.device)
-        self.tau = as_scalar_tensor(state["tau"], self.device)
 
     def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """The default mean, but tau and the step count summed in replica order as Python's sum did

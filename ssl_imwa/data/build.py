@@ -12,20 +12,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.config import PROTOCOLS, UNLABELED_SETTINGS, DatasetConfig
-from datasets.counts import long_tailed_counts, unlabeled_counts
-from datasets.readers import (
+from ssl_imwa.data.config import PROTOCOLS, UNLABELED_SETTINGS, DatasetConfig
+from ssl_imwa.data.counts import long_tailed_counts, unlabeled_counts
+from ssl_imwa.data.readers import (
     ImageArray,
     read_cifar,
     read_digits,
     read_image_folder,
     read_stl10,
 )
-from datasets.splits import Split, make_split
-from datasets.stream import TrainStream
-from datasets.transforms import DEFAULT_STATISTICS, Statistics
+from ssl_imwa.data.splits import Split, make_split
+from ssl_imwa.data.stream import TrainStream
+from ssl_imwa.data.transforms import DEFAULT_STATISTICS, Statistics
 
-logger = logging.getLogger("datasets")
+logger = logging.getLogger("ssl_imwa.data")
 
 CONVERSION_PIXELS = 1 << 24  # uint8 values converted at a time, so memory-mapped splits are never copied whole
 
@@ -189,8 +189,9 @@ class SSLData:
         )
 
 
-def _validate(cfg: DatasetConfig) -> DatasetEntry:
-    """Reject bad values before any file is read, naming the offending key."""
+def validate_dataset(cfg: DatasetConfig) -> DatasetEntry:
+    """Reject bad values before any file is read, naming the offending key (also part of the run's one
+    validation pass, `ssl_imwa.config.validate`)."""
     if cfg.name not in DATASETS:
         raise ValueError(f"dataset.name={cfg.name!r}: expected one of {', '.join(sorted(DATASETS))}")
     entry = DATASETS[cfg.name]
@@ -278,7 +279,7 @@ def _check_targets(parts: ImageArray, num_classes: int, what: str) -> None:
 
 def build_data(cfg: DatasetConfig) -> SSLData:
     """Read the dataset, split it (the DASO/ACR split protocols), convert every part to tensors once and log the counts."""
-    entry = _validate(cfg)
+    entry = validate_dataset(cfg)
     parts = entry.reader(cfg)
     class_names = list(parts.train.classes)
     num_classes = len(class_names)

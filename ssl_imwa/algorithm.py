@@ -1,0 +1,262 @@
+"""The algorithm contract: what an algorithm is, what it is told when built, and how it is found by name.
+
+An algorithm computes losses for one batch and owns its own state (DASO's queues, ACR's
+estimates) as buffers of an `nn.Module`, so `state_dict`, `load_state_dict` and `.to(device)`
+work as for any module. The trainer owns the loop, optimiser, EMA update, evaluation and
+checkpoints; the orchestrator owns replicas and merges. An algorithm never sees any of those.
+
+The built-in algorithms (`ssl_imwa/algorithms/`) are plugins like any other: this module never
+imports them by name; `load_builtin_algorithms` imports every module of that package, and
+`load_plugins` the modules a config names under `plugins`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ssl_imwa.ema import BUFFER_POLICIES, EMAConfig
+from ssl_imwa.registry import Registry
+from ssl_imwa.validation import expect_choice, expect_range
+
+Batch = dict[str, Any]
+Outputs = dict[str, torch.Tensor]
+StepCount = int | float
+
+WEAK_PASSES = ("joint", "no_grad")
+BUILTIN_PACKAGE = "ssl_imwa.algorithms"
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "???"
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    # joint: labeled, weak and strong views in one forward, so BN batch statistics cover the whole
+    # step (FixMatch and the official codes). no_grad: the weak view in its own forward without
+    # autograd (about 1.3-1.5x faster steps; BN then normalises the weak batch by its own
+    # statistics and its running stats are updated twice per step). docs/performance.md.
+    weak_pass: str = "joint"
+
+    def validate(self) -> None:
+        """Raise ValueError naming `algorithm.<key>` for a value out of range; subclasses add their keys."""
+        expect_choice("algorithm.weak_pass", self.weak_pass, WEAK_PASSES)
+        expect_range("algorithm.ema.decay", self.ema.decay, 0, 1, high_open=True)
+        expect_choice("algorithm.ema.buffers", self.ema.buffers, BUFFER_POLICIES)
+
+
+@dataclass(frozen=True)
+class AlgorithmContext:
+    """What an algorithm is told about its run when it is built.
+
+    One object instead of positional arguments, so a field can be added (with a default)
+    without touching any algorithm's constructor.
+    """
+
+    labeled_counts: Sequence[int]   # labeled images per class, in class order
+    total_steps: int                # train.iterations: schedules given as fractions resolve against it
+    num_unlabeled: int              # size of the unlabeled set (FlexMatch-style per-sample state needs it)
+    device: torch.device | str = "cpu"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labeled_counts)
+
+
+def resolve_steps(value: StepCount, total_steps: int, key: str, minimum: int = 0) -> int:
+    """A step-based schedule value: an int >= minimum is a step count; a float in (0, 1) a fraction of
+    the run (at least 1 step).
+
+    Fractions let a short run keep a paper's proportions (DASO's 5,000 of 250,000 steps = 0.02).
+    A config's validate() calls it with total_steps=1 to check the value before any data loads.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{key}={value!r}: expected a step count (int) or a fraction of train.iterations (float)")
+    if isinstance(value, float) and not value.is_integer():
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{key}={value}: a fractional value must lie in (0, 1)")
+        return max(1, round(value * total_steps))
+    steps = int(value)
+    if steps < minimum:
+        raise ValueError(f"{key}={value}: expected a step count >= {minimum} or a fraction in (0, 1)")
+    return steps
+
+
+def mean_of_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default merge: float tensors and floats averaged; anything else taken from the first state."""
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    merged: dict[str, Any] = {}
+    for key, first in states[0].items():
+        values = [state[key] for state in states]
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            merged[key] = torch.stack(values).mean(dim=0)
+        elif isinstance(first, float):
+            merged[key] = sum(values) / len(values)
+        elif isinstance(first, dict):
+            merged[key] = mean_of_states(values)
+        else:
+            merged[key] = first
+    return merged
+
+
+def forward_concat(model: nn.Module, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """One forward over the concatenated inputs (so BN sees the whole step's batch), split back.
+
+    Outputs are cast to float32 so losses are computed in full precision under autocast.
+    """
+    sizes = [tensor.shape[0] for tensor in inputs]
+    outputs = model(torch.cat(inputs))
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in inputs]
+    for key, value in outputs.items():
+        for index, chunk in enumerate(value.float().split(sizes)):
+            parts[index][key] = chunk
+    return parts
+
+
+class Algorithm(nn.Module):
+    """Base class of every SSL algorithm plugin.
+
+    Subclasses set `Config` (a dataclass deriving from AlgorithmConfig), register with
+    `@register_algorithm(name)`, implement `losses`, and keep any state that must survive a
+    checkpoint as registered buffers (`self.register_buffer(name, tensor)`).
+    """
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
+    # The head evaluation reads from the teacher's outputs.
+    eval_head: ClassVar[str] = "logits"
+    # Old checkpoint key -> current buffer name, for state written before a buffer was renamed.
+    renamed_state_keys: ClassVar[dict[str, str]] = {}
+
+    labeled_prior: torch.Tensor
+
+    def __init__(self, cfg: AlgorithmConfig, context: AlgorithmContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.context = context
+        self.num_classes = context.num_classes
+        self.total_steps = context.total_steps
+        counts = torch.tensor(list(context.labeled_counts), dtype=torch.float64)
+        # pi_l: the labeled class prior (float64 so log-adjustments are exact); derived, so not checkpointed.
+        self.register_buffer("labeled_prior", (counts / counts.sum()).to(context.device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the algorithm's state lives (follows `.to(device)`)."""
+        return self.labeled_prior.device
+
+    def forward_views(self, model: nn.Module, batch: Batch) -> tuple[Outputs, Outputs, list[Outputs]]:
+        """Model outputs for the labeled batch, the weak view and each strong view, per `cfg.weak_pass`."""
+        strong = batch["u_strong"][:self.num_strong_views()]
+        if self.cfg.weak_pass not in WEAK_PASSES:
+            raise ValueError(f"algorithm.weak_pass='{self.cfg.weak_pass}': expected one of {', '.join(WEAK_PASSES)}")
+        if self.cfg.weak_pass == "joint":
+            labeled, weak, *strong_outputs = forward_concat(model, [batch["x"], batch["u_weak"], *strong])
+            return labeled, weak, strong_outputs
+        with torch.no_grad():
+            (weak,) = forward_concat(model, [batch["u_weak"]])
+        labeled, *strong_outputs = forward_concat(model, [batch["x"], *strong])
+        return labeled, weak, strong_outputs
+
+    def num_strong_views(self) -> int:
+        """Strong views per unlabeled image that the data stream must provide."""
+        return 1
+
+    @classmethod
+    def uses_unlabeled(cls) -> bool:
+        """A class property: config validation asks it before any algorithm is built."""
+        return True
+
+    def build_heads(self, feature_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        """Extra heads beyond the standard 'logits' head."""
+        return {}
+
+    def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        """Losses for one batch at global step `step`; must contain 'loss' (the one to minimise)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """nn.Module's strict load, after renaming old keys (`renamed_state_keys`) and turning the plain
+        floats that older checkpoints hold (ACR's tau, for one) into tensors."""
+        state = {self.renamed_state_keys.get(key, key): value if isinstance(value, torch.Tensor)
+                 else torch.tensor(value, dtype=torch.float64) for key, value in state_dict.items()}
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    def merge_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """How K replicas' states combine at an IMWA merge (default: mean of float tensors)."""
+        return mean_of_states(states)
+
+
+_ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+
+
+def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: `@register_algorithm("fixmatch")` makes `algorithm=fixmatch` find the class."""
+
+    def decorator(cls: type[Algorithm]) -> type[Algorithm]:
+        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+            raise TypeError(f"@register_algorithm('{name}') decorates {cls!r}: expected a subclass of "
+                            "ssl_imwa.algorithm.Algorithm")
+        if cls.losses is Algorithm.losses:
+            raise TypeError(f"algorithm '{name}' ({cls.__module__}.{cls.__qualname__}) does not define "
+                            "losses(self, batch, model, teacher, step), which returns a dict with the 'loss' to "
+                            "minimise (docs/adding_an_algorithm.md)")
+        cls.name = name
+        return _ALGORITHMS.register(name)(cls)
+
+    return decorator
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    load_builtin_algorithms()
+    return _ALGORITHMS.get(name)
+
+
+def list_algorithms() -> list[str]:
+    load_builtin_algorithms()
+    return _ALGORITHMS.names()
+
+
+@functools.cache
+def load_builtin_algorithms() -> None:
+    """Import every module of `ssl_imwa.algorithms`, as `load_plugins` imports a user's: a new built-in
+    algorithm is one file there (plus its YAML), and no list names it."""
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    load_plugins([f"{BUILTIN_PACKAGE}.{module.name}" for module in pkgutil.iter_modules(package.__path__)])
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import each plugin module so its `@register_algorithm` runs.
+
+    Any error while importing one (a missing module, a syntax error, an exception in its body)
+    becomes an ImportError naming the module and the file and line where it went wrong.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            raise ImportError(f"plugins: could not import plugin module '{module}': {_where(error)}"
+                              f"{type(error).__name__}: {error}") from error
+
+
+def _where(error: Exception) -> str:
+    """`file:line: ` of the failing line inside the plugin: the innermost frame outside importlib and
+    the engine (empty for a module that was not found). Built-in algorithms count as plugins."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}: "
+    package = Path(__file__).resolve().parent
+    builtins = str(package / "algorithms")
+
+    def in_plugin(filename: str) -> bool:
+        return "importlib" not in filename and (not filename.startswith(str(package)) or filename.startswith(builtins))
+
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if in_plugin(frame.filename)]
+    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames and not isinstance(error, ModuleNotFoundError) else ""

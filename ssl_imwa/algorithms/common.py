@@ -1,0 +1,31 @@
+"""Pseudo-labelling pieces that FixMatch, DASO and ACR share (FixMatch: Sohn et al., NeurIPS 2020)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def confident_pseudo_labels(weak_logits: torch.Tensor, threshold: float, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pseudo labels, float mask, max probability) from detached weak-view logits."""
+    probs = torch.softmax(weak_logits.detach() / temperature, dim=1)
+    max_prob, labels = probs.max(dim=1)
+    return labels, max_prob.ge(threshold).float(), max_prob
+
+
+def masked_consistency(strong_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over all unlabeled samples of mask * CE(strong logits, pseudo label)."""
+    return (F.cross_entropy(strong_logits, labels, reduction="none") * mask).mean()
+
+
+def pseudo_label_accuracy(labels: torch.Tensor, mask: torch.Tensor, true_labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy of the masked pseudo-labels where the truth is known (diagnostic only; NaN if none).
+
+    Counts over the whole batch instead of a boolean-indexed subset, so a CUDA step never waits
+    for the device. On CPU correct / known is bitwise the subset's mean (both are float32(k) /
+    float32(n)); the NaN comes from torch.where because 0 / 0 gives one with the sign bit set.
+    """
+    known = (true_labels >= 0) & mask.bool()
+    known_count = known.sum().float()
+    accuracy = (known & (labels == true_labels)).sum().float() / known_count
+    return torch.where(known_count > 0, accuracy, float("nan"))

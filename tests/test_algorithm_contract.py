@@ -1,0 +1,92 @@
+"""The algorithm contract of ssl_imwa/algorithm.py: one-way imports, built-ins found like plugins,
+state as module buffers (strict loads, device moves) and checkpoints written before the move."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_imwa.algorithm import list_algorithms
+from ssl_imwa.algorithms.acr import ACR, ACRConfig
+from ssl_imwa.algorithms.daso import DASO, DASOConfig
+from tests.utils import ROOT, algorithm_context
+
+
+def imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_engine_never_imports_the_built_in_algorithms() -> None:
+    engine = [path for path in (ROOT / "ssl_imwa").rglob("*.py") if "algorithms" not in path.parts]
+    assert len(engine) > 20
+    offenders = {str(path.relative_to(ROOT)): sorted(name for name in imported_modules(path)
+                                                     if name.startswith("ssl_imwa.algorithms"))
+                 for path in engine}
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_every_module_of_the_built_in_package_is_loaded_as_a_plugin() -> None:
+    assert {"fixmatch", "daso", "acr", "supervised"} <= set(list_algorithms())
+
+
+def daso_with_state() -> DASO:
+    daso = DASO(DASOConfig(queue_size=4), algorithm_context([2, 1], 10))
+    daso.queue.push(torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 0]))
+    daso.pl_counts += torch.tensor([3.0, 1.0], dtype=torch.float64)
+    return daso
+
+
+def test_state_is_module_buffers_that_follow_the_device() -> None:
+    daso = daso_with_state()
+    assert set(daso.state_dict()) == {"queue.features", "queue.fill", "queue.pointer", "pl_dist", "pl_counts"}
+    acr = ACR(ACRConfig(), algorithm_context([9, 1], 10))
+    assert set(acr.state_dict()) == {"estimate", "distance_sum", "distance_steps", "tau"}
+    for algorithm in (daso.to("meta"), acr.to("meta")):
+        assert algorithm.device.type == "meta"
+        assert {tensor.device.type for tensor in algorithm.state_dict().values()} == {"meta"}
+
+
+def test_a_load_is_strict_and_names_the_key() -> None:
+    state = daso_with_state().state_dict()
+    with pytest.raises(RuntimeError, match='Unexpected key.*"stray"'):
+        DASO(DASOConfig(queue_size=4), algorithm_context([2, 1], 10)).load_state_dict({**state, "stray": torch.ones(1)})
+    del state["pl_counts"]
+    with pytest.raises(RuntimeError, match='Missing key.*"pl_counts"'):
+        DASO(DASOConfig(queue_size=4), algorithm_context([2, 1], 10)).load_state_dict(state)
+    with pytest.raises(ValueError, match="algorithm.queue_size"):
+        DASO(DASOConfig(queue_size=3), algorithm_context([2, 1], 10)).load_state_dict(daso_with_state().state_dict())
+
+
+def test_checkpoints_written_before_the_buffers_still_load() -> None:
+    """Older checkpoints named DASO's queue tensors queue_<name> and held ACR's tau and step count as floats."""
+    original = daso_with_state()
+    old = {key.replace("queue.", "queue_"): value for key, value in original.state_dict().items()}
+    restored = DASO(DASOConfig(queue_size=4), algorithm_context([2, 1], 10))
+    restored.load_state_dict(old)
+    for key, value in original.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+    acr = ACR(ACRConfig(), algorithm_context([9, 1], 10))
+    acr.load_state_dict({**acr.state_dict(), "tau": 0.1 + 0.2, "distance_steps": 3.0})
+    assert acr.tau.dtype == torch.float64 and acr.tau.item() == 0.1 + 0.2 and acr.distance_steps.item() == 3.0
+
+
+def test_packages_named_datasets_or_algorithms_elsewhere_do_not_shadow_ours(tmp_path: Path) -> None:
+    """Hugging Face's `datasets` (and any `algorithms`) on the path first: our modules live under ssl_imwa."""
+    for name in ("datasets", "algorithms"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the foreign {name} package was imported')\n")
+    code = ("import ssl_imwa.run, ssl_imwa.api, ssl_imwa.evaluate\n"
+            "from ssl_imwa.algorithm import list_algorithms\nprint(','.join(list_algorithms()))")
+    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "acr,daso,fixmatch,supervised"
