@@ -1,21 +1,37 @@
 #!/usr/bin/env bash
-# The CPU-scale real-data studies of docs/results.md, one run at a time (two runs on two cores
-# slow each other several-fold). Needs the CIFAR-10 JPEGs extracted to $DATA (default /tmp/cifar10):
-#   mkdir -p /tmp/cifar10 && tar -xzf cifar10-jpeg.tar.gz -C /tmp/cifar10
-# Usage: bench/cpu_study.sh OUT_DIR [section ...]
-#   sections: imwa0 imwa1 imwa2 (issue 4, per seed), algorithms0 algorithms1 (issue 3), precision
+# The CPU-scale real-data studies of docs/results.md, one run at a time per CPU core (two runs on two
+# cores with two threads each slow each other several-fold).
+#   STUDY=cifar10 (default): CIFAR-10-LT JPEGs at 32x32 (issues 3 and 4). Needs the JPEGs in $DATA
+#     (default /tmp/cifar10): mkdir -p /tmp/cifar10 && tar -xzf cifar10-jpeg.tar.gz -C /tmp/cifar10
+#   STUDY=digits: the regime where semi-supervision pays (issue 14): bundled digits at 8x8, no download,
+#     one thread per run ($THREADS, default 1), so two sections can run side by side on two cores.
+# Usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]
+#   sections: imwa0 imwa1 imwa2 (per seed), algorithms0 algorithms1 algorithms2, acr0 acr1 acr2 (ACR with
+#   the official code's estimate, issue 14 part 3), precision (cifar10 only)
 # A run whose results.json exists is skipped, so the script can be restarted.
 set -uo pipefail
-OUT=${1:?usage: bench/cpu_study.sh OUT_DIR [section ...]}
+OUT=${1:?usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]}
 shift
-SECTIONS=${*:-imwa0 algorithms0 imwa1 algorithms1 imwa2 precision}
-DATA=${DATA:-/tmp/cifar10}
+STUDY=${STUDY:-cifar10}
 cd "$(dirname "$0")/.."
-# The preset sets no recipe key; the study's common protocol departs from the recipes here, visibly:
+# A preset sets no recipe key; the studies' common protocol departs from the recipes here, visibly:
 # EMA 0.999 with warm-up and BN momentum 0.01 for every arm (the papers' 0.001 assumes 250k steps; after
 # 1,600 steps it would leave (1 - 0.001)^1600 = 20% of the initial running statistics in the model).
-COMMON=(experiment=cpu_cifar10_lt "dataset.root=$DATA" algorithm.ema.warmup=true model.bn_momentum=0.01
-        train.precision=bf16 train.channels_last=true train.eval_every=200 train.progress=false train.num_threads=2)
+case $STUDY in
+  cifar10)
+    DATA=${DATA:-/tmp/cifar10}
+    SECTIONS=${*:-imwa0 algorithms0 imwa1 algorithms1 imwa2 precision}
+    COMMON=(experiment=cpu_cifar10_lt "dataset.root=$DATA" algorithm.ema.warmup=true model.bn_momentum=0.01
+            train.precision=bf16 train.channels_last=true train.eval_every=200 train.progress=false train.num_threads=2)
+    LONG=3200 ;;  # the compute-matched K=1 arm: twice the 1,600 steps
+  digits)
+    SECTIONS=${*:-imwa0 algorithms0 acr0 imwa1 algorithms1 acr1 imwa2 algorithms2 acr2}
+    # fp32: this machine's AMD cores run bf16 at a sixth of the fp32 speed on 8x8 images (bench.train_step)
+    COMMON=(experiment=cpu_digits_lt algorithm.ema.warmup=true model.bn_momentum=0.01
+            train.progress=false "train.num_threads=${THREADS:-1}")
+    LONG=2000 ;;
+  *) echo "unknown STUDY=$STUDY (cifar10 or digits)"; exit 2 ;;
+esac
 
 run() {
   local name=$1; shift
@@ -25,16 +41,19 @@ run() {
     && echo "$(date '+%F %T') done  $name" || echo "$(date '+%F %T') FAILED $name (see $OUT/$name.log)"
 }
 
-imwa_arms() {  # issue 4: supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, IMWA with TWA, FixMatch K=1 3200 steps
+imwa_arms() {  # issue 4: supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, FixMatch K=1 with twice the steps, IMWA with TWA
   local s=$1
   run "imwa/supervised_s$s" algorithm=supervised seed="$s"
   run "imwa/fixmatch_k1_s$s" algorithm=fixmatch seed="$s"
   run "imwa/fixmatch_imwa_k2e4_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=4 seed="$s"
   run "imwa/fixmatch_mwa_k2e1_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=1 seed="$s"
-  run "imwa/fixmatch_k1_t3200_s$s" algorithm=fixmatch train.iterations=3200 seed="$s"
-  # TWA-v needs labeled held-out images: 20 per class, taken before the split (reported as consumed)
-  run "imwa/fixmatch_imwa_twa_k2e4_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=4 imwa.merge=twa \
-    dataset.val_per_class=20 imwa.twa.steps=50 seed="$s"
+  run "imwa/fixmatch_k1_t${LONG}_s$s" algorithm=fixmatch train.iterations=$LONG seed="$s"
+  # TWA-v needs labeled held-out images: 20 per class, taken before the split (reported as consumed).
+  # Not on digits: 20 per class would be more labels than the 36 the arms learn from.
+  if [ "$STUDY" = cifar10 ]; then
+    run "imwa/fixmatch_imwa_twa_k2e4_s$s" algorithm=fixmatch imwa.k=2 imwa.episodes=4 imwa.merge=twa \
+      dataset.val_per_class=20 imwa.twa.steps=50 seed="$s"
+  fi
 }
 
 algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabeled data
@@ -55,11 +74,20 @@ algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabe
   done
 }
 
+acr_official_arms() {  # issue 14 part 3: ACR with follow_official_code=true beside the default
+  local s=$1 u
+  for u in consistent reversed; do
+    run "algorithms/acr_official_${u}_s$s" algorithm=acr_short dataset.unlabeled=$u dataset.protocol=disjoint \
+      algorithm.follow_official_code=true seed="$s"
+  done
+}
+
 mkdir -p "$OUT/imwa" "$OUT/algorithms" "$OUT/precision"
 for section in $SECTIONS; do
   case $section in
     imwa0|imwa1|imwa2) imwa_arms "${section#imwa}" ;;
-    algorithms0|algorithms1) algorithm_arms "${section#algorithms}" ;;
+    algorithms0|algorithms1|algorithms2) algorithm_arms "${section#algorithms}" ;;
+    acr0|acr1|acr2) acr_official_arms "${section#acr}" ;;
     precision)  # bf16 + channels_last against fp32 on the same short run
       run precision/fixmatch_fp32 algorithm=fixmatch train.iterations=400 train.precision=fp32 train.channels_last=false
       run precision/fixmatch_bf16_cl algorithm=fixmatch train.iterations=400 ;;
