@@ -1,13 +1,16 @@
-"""Seed-by-seed tables of the CPU study (docs/results.md).
+"""Seed-by-seed tables of the CPU studies (docs/results.md).
 
     python -m bench.study_tables imwa /tmp/study/imwa
     python -m bench.study_tables algorithms /tmp/study
+    python -m bench.study_tables acr_tau /tmp/study
 
 `imwa`: each arm's balanced accuracy per seed with mean ± sample std, each arm's difference from
 the plain FixMatch K=1 run of the same seed, every MWA/IMWA replica's own accuracy beside the
 merged model's, and the merged model after each episode. `algorithms`: every algorithm on
 consistent and reversed unlabeled data, per seed, and its difference from supervised training on
 the same labels (the consistent supervised and FixMatch runs are the imwa/ runs of that seed).
+`acr_tau`: ACR with the paper's estimate (the default) beside the official code's, seed by seed:
+balanced accuracy and the adaptive tau read from each run's TensorBoard stream.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from pathlib import Path
 Runs = dict[str, dict[int, dict]]  # arm -> seed -> results.json
 
 IMWA_BASELINE = "fixmatch_k1"
-ALGORITHMS = ("supervised", "fixmatch", "daso", "acr")
+ALGORITHMS = ("supervised", "fixmatch", "daso", "acr", "acr_official")
 SETTINGS = ("consistent", "reversed")
 # the consistent-data baselines of the algorithm study are these imwa/ arms (same config)
 CONSISTENT_FROM_IMWA = {"supervised": "supervised_consistent", IMWA_BASELINE: "fixmatch_consistent"}
@@ -115,6 +118,8 @@ def algorithm_tables(study: Path) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for algorithm in ALGORITHMS:
+        if not any(runs.get(f"{algorithm}_{setting}") for setting in SETTINGS):
+            continue  # an arm this study did not run
         cells = [algorithm]
         for setting in SETTINGS:
             by_seed = runs.get(f"{algorithm}_{setting}", {})
@@ -127,13 +132,38 @@ def algorithm_tables(study: Path) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def tau_curve(run_dir: Path) -> list[float]:
+    """ACR's logged adaptive tau (train/tau of replica 0), in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard" / "replica0"), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.value for event in events.Scalars("train/tau")]
+
+
+def acr_tau_tables(study: Path) -> None:
+    runs = collect(study / "algorithms")
+    print("| setting | seed | paper (default): bal. acc | tau first / last / mean of last quarter "
+          "| official code: bal. acc | tau first / last / mean of last quarter | official − paper |")
+    print("|---|---|---|---|---|---|---|")
+    for setting in SETTINGS:
+        paper, official = runs.get(f"acr_{setting}", {}), runs.get(f"acr_official_{setting}", {})
+        for seed in sorted(paper.keys() & official.keys()):
+            cells = [setting, str(seed)]
+            for arm in (f"acr_{setting}", f"acr_official_{setting}"):
+                curve = tau_curve(study / "algorithms" / f"{arm}_s{seed}")
+                tail = curve[-max(1, len(curve) // 4):]
+                cells += [f"{accuracy(runs[arm][seed]):.2f}",
+                          f"{curve[0]:.3f} / {curve[-1]:.3f} / {statistics.mean(tail):.3f}"]
+            cells.append(f"{accuracy(official[seed]) - accuracy(paper[seed]):+.2f}")
+            print("| " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in ("imwa", "algorithms"):
-        sys.exit("usage: python -m bench.study_tables imwa STUDY/imwa | algorithms STUDY")
-    if argv[0] == "imwa":
-        imwa_tables(collect(Path(argv[1])))
-    else:
-        algorithm_tables(Path(argv[1]))
+    tables = {"imwa": lambda path: imwa_tables(collect(path)), "algorithms": algorithm_tables, "acr_tau": acr_tau_tables}
+    if len(argv) != 2 or argv[0] not in tables:
+        sys.exit("usage: python -m bench.study_tables imwa STUDY/imwa | algorithms STUDY | acr_tau STUDY")
+    tables[argv[0]](Path(argv[1]))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ class IMWAConfig:
     merge: str = "uniform"
     momentum: str = "average"   # optimiser momentum at a merge: average | keep | reset
     timeout_s: float = 600.0    # W > 1: a process that does not reach a merge within this fails the run
+    # merge_NNN.pt checkpoints kept on disk: 0 keeps all; otherwise the newest N (at least 2: a resume over
+    # several processes may need the merge before the newest, when one process was killed writing it)
+    keep_merges: int = 0
     twa: TWAConfig = field(default_factory=TWAConfig)  # used when merge == 'twa' (docs/twa.md)
 
 
@@ -126,6 +129,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     expect_positive("imwa.timeout_s", typed.imwa.timeout_s)
     expect_positive("imwa.k", typed.imwa.k)
     expect_positive("imwa.episodes", typed.imwa.episodes)
+    if typed.imwa.keep_merges < 0 or typed.imwa.keep_merges == 1:
+        raise ValueError(f"imwa.keep_merges={typed.imwa.keep_merges}: expected 0 (keep every merge_NNN.pt) or >= 2 "
+                         "(a resume over several processes may need the merge before the newest)")
     expect_choice("imwa.merge", typed.imwa.merge, tuple(list_merges()))  # after plugins: they may add one
     expect_choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
     twa = typed.imwa.twa

@@ -28,7 +28,7 @@ from ssl_imwa.checkpoint import (
 )
 from ssl_imwa.config import Config
 from ssl_imwa.distributed import Communicator, to_device
-from ssl_imwa.evaluation import Evaluator
+from ssl_imwa.evaluator import Evaluator
 from ssl_imwa.keys import SUMMARY_METRICS
 from ssl_imwa.merge import MergeResult, MergeStrategy
 from ssl_imwa.metrics import median_of_last
@@ -465,6 +465,13 @@ class Orchestrator:
         self.episode += 1
         merge_checkpoint = self._save(f"merge_{self.episode:03d}.pt")
         link_atomic(merge_checkpoint, self.checkpoint_dir / self._checkpoint_name("latest.pt"))
+        self._remove_old_merges()
+
+    def _remove_old_merges(self) -> None:
+        """imwa.keep_merges=N: only the newest N merge checkpoints stay (after the newest is safely written)."""
+        keep = self.cfg.imwa.keep_merges
+        for episode in range(1, self.episode - keep + 1 if keep else 1):
+            (self.checkpoint_dir / self._checkpoint_name(f"merge_{episode:03d}.pt")).unlink(missing_ok=True)
 
     def _evaluation_at(self, step: int) -> dict[str, Any]:
         """Replica 0's test evaluation record at `step` (K=1)."""

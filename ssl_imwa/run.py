@@ -23,7 +23,7 @@ from ssl_imwa.distributed import (
     world_size_from_environment,
 )
 from ssl_imwa.ema import EMATeacher
-from ssl_imwa.evaluation import Evaluator
+from ssl_imwa.evaluator import Evaluator
 from ssl_imwa.imwa import Orchestrator
 from ssl_imwa.keys import LAUNCH_KEYS
 from ssl_imwa.merge import MergeContext, create_merge

@@ -65,7 +65,7 @@ def image_batch(generator: torch.Generator, labeled: int = 6, unlabeled: int = 8
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=3, in_channels=1)
-    for name, head in ACR.build_heads(ACR(ACRConfig(), algorithm_context([3, 2, 1], 10)), model.feature_dim, 3).items():
+    for name, head in ACR.build_heads(ACR(ACRConfig(follow_official_code=False), algorithm_context([3, 2, 1], 10)), model.feature_dim, 3).items():
         model.add_head(name, head)
     return model
 
@@ -89,7 +89,7 @@ def test_pseudo_label_masks_use_or_and_targets_use_the_adjusted_logits() -> None
 
 
 def test_losses_match_hand_computation() -> None:
-    algorithm = ACR(ACRConfig(tau12=0.0), algorithm_context([9, 1], 10))
+    algorithm = ACR(ACRConfig(tau12=0.0, follow_official_code=False), algorithm_context([9, 1], 10))
     algorithm.tau = torch.tensor(1.0, dtype=torch.float64)
     # Labeled (2, 0 | 2, 0), y = 1: CE_s = log(1 + e^2) = 2.1269280; balanced logits + 2 log pi_l =
     # (1.7892790, -4.6051702): CE_b = log(1 + e^6.3944492) = 6.3961186.
@@ -109,7 +109,7 @@ def test_losses_match_hand_computation() -> None:
 
 
 def test_official_adjustment_is_log_of_prior_power_in_float64() -> None:
-    paper = ACR(ACRConfig(), algorithm_context([9, 1], 10))
+    paper = ACR(ACRConfig(follow_official_code=False), algorithm_context([9, 1], 10))
     official = ACR(ACRConfig(follow_official_code=True), algorithm_context([9, 1], 10))
     torch.testing.assert_close(paper.adjustment(2.0), torch.tensor([2 * math.log(0.9), 2 * math.log(0.1)]))
     assert official.adjustment(2.0).dtype == torch.float64
@@ -144,7 +144,7 @@ def test_estimate_histogram_excludes_labeled_images() -> None:
 
 
 def test_estimate_updates_only_from_the_start_epoch_and_tau_at_epoch_starts() -> None:
-    paper = ACR(ACRConfig(epoch_length=2, estimate_start_epoch=1), algorithm_context([9, 1], 10))
+    paper = ACR(ACRConfig(epoch_length=2, estimate_start_epoch=1, follow_official_code=False), algorithm_context([9, 1], 10))
     official = ACR(ACRConfig(epoch_length=2, estimate_start_epoch=1, follow_official_code=True), algorithm_context([9, 1], 10))
     initial_tau = float(paper.tau)
     # Unlabeled samples the balanced head confidently puts in class 1.
@@ -175,7 +175,7 @@ def test_estimate_updates_only_from_the_start_epoch_and_tau_at_epoch_starts() ->
 
 def test_initial_tau_paper_from_uniform_estimate_official_tau_max() -> None:
     prior = torch.tensor(CIFAR10_GAMMA100, dtype=torch.float64)
-    assert float(ACR(ACRConfig(), algorithm_context(CIFAR10_GAMMA100, 10)).tau) == pytest.approx(
+    assert float(ACR(ACRConfig(follow_official_code=False), algorithm_context(CIFAR10_GAMMA100, 10)).tau) == pytest.approx(
         float(tau_from_distances(anchor_distances(torch.full((10,), 0.1), prior / prior.sum()), 2.0)))
     assert float(ACR(ACRConfig(follow_official_code=True), algorithm_context(CIFAR10_GAMMA100, 10)).tau) == 2.0
 
@@ -206,7 +206,7 @@ def test_state_round_trip_gives_identical_next_losses(official: bool) -> None:
 
 
 def test_merge_averages_estimate_accumulators_and_tau() -> None:
-    algorithm = ACR(ACRConfig(), algorithm_context([9, 1], 10))
+    algorithm = ACR(ACRConfig(follow_official_code=False), algorithm_context([9, 1], 10))
     state_a = {"estimate": torch.tensor([0.7, 0.3], dtype=torch.float64),
                "distance_sum": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), "distance_steps": 4.0, "tau": 0.5}
     state_b = {"estimate": torch.tensor([0.5, 0.5], dtype=torch.float64),
@@ -238,7 +238,7 @@ def test_special_tau_gives_the_adjustment_of_a_python_float() -> None:
 
 def test_merge_of_five_replicas_keeps_the_taus_python_sum() -> None:
     # torch's mean adds five values in another order than Python's sum did when tau was a float.
-    algorithm = ACR(ACRConfig(), algorithm_context([9, 1], 10))
+    algorithm = ACR(ACRConfig(follow_official_code=False), algorithm_context([9, 1], 10))
     taus = [0.1, 0.2, 0.3, 0.9, 1.3]   # Python: 0.5599999999999999, torch.mean: 0.56
     state = algorithm.state_dict()
     merged = algorithm.merge_states([{**state, "tau": torch.tensor(tau, dtype=torch.float64)} for tau in taus])
@@ -247,7 +247,7 @@ def test_merge_of_five_replicas_keeps_the_taus_python_sum() -> None:
 
 def test_state_with_python_floats_loads() -> None:
     # Checkpoints written before tau and the step count became tensors hold Python floats.
-    algorithm = ACR(ACRConfig(), algorithm_context([9, 1], 10))
+    algorithm = ACR(ACRConfig(follow_official_code=False), algorithm_context([9, 1], 10))
     algorithm.load_state_dict({**algorithm.state_dict(), "tau": 0.25, "distance_steps": 3.0})
     assert algorithm.tau.dtype == torch.float64 and algorithm.tau.dim() == 0 and algorithm.tau.item() == 0.25
     assert algorithm.distance_steps.dtype == torch.float64 and algorithm.distance_steps.item() == 3.0

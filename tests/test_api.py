@@ -53,3 +53,27 @@ def test_importing_the_package_stays_cheap() -> None:
     code = "import sys, ssl_imwa; print(sorted({'torch', 'hydra'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_an_editable_install_trains_and_loads_from_anywhere(tmp_path: Path) -> None:
+    """`pip install -e .` into a fresh environment (with the system's pip and setuptools: offline), then the API from another directory, where packages
+    named `datasets` (Hugging Face's) and `algorithms` come first on the path: ours live under ssl_imwa."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-e", str(ROOT)], check=True, cwd=tmp_path)
+    for name in ("datasets", "algorithms"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the foreign {name} package was imported')\n")
+    code = ("import ssl_imwa\n"
+            f"results, run_dir = ssl_imwa.train({[*QUICK[:1], 'train.iterations=4', 'train.eval_every=4', *QUICK[3:]]!r}, "
+            "run_dir='run')\n"
+            "run = ssl_imwa.load_run(run_dir)\n"
+            "correct = (run.predict(run.data.test_images) == run.data.test_targets).sum().item()\n"
+            "accuracy = correct / len(run.data.test_targets)\n"
+            "print(ssl_imwa.__file__, accuracy == results['final']['top1'])")
+    result = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    location, same = result.stdout.split()
+    assert Path(location).is_relative_to(ROOT) and same == "True"

@@ -34,6 +34,7 @@ BAD_VALUES = [
     (["model.bn_momentum=2"], "model.bn_momentum=2"),
     (["imwa.timeout_s=0"], "imwa.timeout_s=0"),
     (["imwa.twa.steps=0"], "imwa.twa.steps=0"),
+    (["imwa.keep_merges=1"], "imwa.keep_merges=1"),
     # the dataset's own checks run in the same pass, before any file is read
     (["dataset.protocol=bogus"], "dataset.protocol='bogus'"),
     (["dataset.n_max=0"], "dataset.n_max=0"),

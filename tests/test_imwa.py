@@ -27,9 +27,13 @@ def _replica_part(tensors: dict[str, torch.Tensor], replica: int, part: str) -> 
 
 
 def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
+    """Also: imwa.keep_merges=2 leaves the two newest merge checkpoints, latest.pt one of them."""
     plain = checkpoint_tensors(train_run(tmp_path, TINY, "plain"))
-    episodic = checkpoint_tensors(train_run(tmp_path, [*TINY, "imwa.episodes=4"], "episodic"))
-    assert_bitwise_equal(plain, episodic)
+    episodic_dir = train_run(tmp_path, [*TINY, "imwa.episodes=4", "imwa.keep_merges=2"], "episodic")
+    assert_bitwise_equal(plain, checkpoint_tensors(episodic_dir))
+    checkpoints = episodic_dir / "checkpoints"
+    assert sorted(path.name for path in checkpoints.glob("merge_*.pt")) == ["merge_003.pt", "merge_004.pt"]
+    assert (checkpoints / "latest.pt").samefile(checkpoints / "merge_004.pt")
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ ALGORITHMS = {
     "fixmatch": [],
     "daso": ["algorithm=daso", "algorithm.warmup_steps=2", "algorithm.dist_update_period=3",
              "algorithm.queue_size=4"],
+    "acr_paper": ["algorithm=acr", "algorithm.epoch_length=3", "algorithm.estimate_start_epoch=1",
+                  "algorithm.follow_official_code=false"],
     "acr": ["algorithm=acr", "algorithm.epoch_length=3", "algorithm.estimate_start_epoch=1"],
-    "acr_official": ["algorithm=acr", "algorithm.epoch_length=3", "algorithm.estimate_start_epoch=1",
-                     "algorithm.follow_official_code=true"],
 }
 AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at 6 and 9
 

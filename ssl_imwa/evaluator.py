@@ -1,4 +1,5 @@
-"""Evaluation of a (teacher) model on the held-out splits."""
+"""The Evaluator used during training: a (teacher) model on the held-out splits. (`ssl_imwa.evaluate` is the
+command that evaluates a saved checkpoint again.)"""
 from __future__ import annotations
 
 import contextlib
