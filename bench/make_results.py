@@ -60,8 +60,8 @@ STUDIES = {
             "digits_algorithms": Section("Algorithms on consistent and reversed unlabeled data",
                                          ("algorithms", "imwa/supervised_s[0-9]", "imwa/fixmatch_k1_s[0-9]"),
                                          "algorithms"),
-            "digits_acr_tau": Section("ACR: the paper's estimate (default) against the official code's",
-                                      ("algorithms/acr_*",), "acr_tau"),
+            "digits_acr_tau": Section("ACR: the official code's estimate (the default) against the paper's",
+                                      ("algorithms/acr_*_s[0-9]",), "acr_tau"),
             "digits_imwa": Section("FixMatch K=1, MWA, IMWA and the compute-matched K=1", ("imwa",), "imwa", "imwa"),
         }),
     "cifar10": Study(
@@ -82,7 +82,8 @@ def report(study: Path, name: str, patterns: tuple[str, ...]) -> str:
     paths = [str(study / pattern) for pattern in patterns]
     subprocess.run([sys.executable, "-m", "ssl_imwa.report", *paths, "--out", str(out)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
-    table = (out / "report.md").read_text()
+    # the report's own headings sit two levels below this file's study and section headings
+    table = re.sub(r"^(#+) ", r"##\1 ", (out / "report.md").read_text(), flags=re.MULTILINE)
     images = [f"![{png.stem}](results/{name}/{png.name})" for png in sorted(out.glob("*.png"))]
     return table + "\n" + "\n\n".join(images) + "\n"
 

@@ -9,7 +9,7 @@ the plain FixMatch K=1 run of the same seed, every MWA/IMWA replica's own accura
 merged model's, and the merged model after each episode. `algorithms`: every algorithm on
 consistent and reversed unlabeled data, per seed, and its difference from supervised training on
 the same labels (the consistent supervised and FixMatch runs are the imwa/ runs of that seed).
-`acr_tau`: ACR with the paper's estimate (the default) beside the official code's, seed by seed:
+`acr_tau`: ACR with the paper's estimate beside the official code's (the default), seed by seed:
 balanced accuracy and the adaptive tau read from each run's TensorBoard stream.
 """
 from __future__ import annotations
@@ -143,8 +143,8 @@ def tau_curve(run_dir: Path) -> list[float]:
 
 def acr_tau_tables(study: Path) -> None:
     runs = collect(study / "algorithms")
-    print("| setting | seed | paper (default): bal. acc | tau first / last / mean of last quarter "
-          "| official code: bal. acc | tau first / last / mean of last quarter | official − paper |")
+    print("| setting | seed | paper's reading: bal. acc | tau first / last / mean of last quarter "
+          "| official code (default): bal. acc | tau first / last / mean of last quarter | official − paper |")
     print("|---|---|---|---|---|---|---|")
     for setting in SETTINGS:
         paper, official = runs.get(f"acr_{setting}", {}), runs.get(f"acr_official_{setting}", {})
