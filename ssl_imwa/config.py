@@ -88,7 +88,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     """
     from ssl_imwa.algorithm import get_algorithm, load_plugins
     from ssl_imwa.data.build import validate_dataset
-    from ssl_imwa.merge import list_merges
     from ssl_imwa.models import list_models
 
     # A required value left unset ('???' in a config file) would otherwise take the schema's default.
@@ -103,19 +102,27 @@ def validate(cfg: DictConfig) -> DictConfig:
     algorithm_cls = get_algorithm(typed.algorithm.name)
     typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
     OmegaConf.to_object(typed.algorithm).validate()
-    train = typed.train
+    _check_train(typed.train, algorithm_cls.uses_unlabeled(), typed.algorithm.name)
+    if typed.model.name not in list_models():
+        raise ValueError(f"model.name='{typed.model.name}': expected one of {', '.join(list_models())}")
+    expect_range("model.bn_momentum", typed.model.bn_momentum, 0, 1)
+    validate_dataset(OmegaConf.to_object(typed.dataset))  # after plugins: they may register a dataset
+    expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
+    _check_imwa(typed.imwa, typed.dataset.val_per_class, typed.train.iterations)
+    if not (typed.device == "cpu" or typed.device.startswith("cuda")):
+        raise ValueError(f"device='{typed.device}': expected 'cpu', 'cuda' or 'cuda:N'")
+    return typed
+
+
+def _check_train(train: DictConfig, uses_unlabeled: bool, algorithm: str) -> None:
     expect_choice("train.schedule", train.schedule, SCHEDULES)
     expect_choice("train.precision", train.precision, PRECISIONS)
     expect_positive("train.iterations", train.iterations)
     expect_positive("train.batch_size", train.batch_size)
     expect_positive("train.mu", train.mu, allow_zero=True)
-    if algorithm_cls.uses_unlabeled() and train.mu < 1:
-        raise ValueError(f"train.mu={train.mu}: {typed.algorithm.name} learns from unlabeled images, so each step "
+    if uses_unlabeled and train.mu < 1:
+        raise ValueError(f"train.mu={train.mu}: {algorithm} learns from unlabeled images, so each step "
                          "needs mu * batch_size of them: expected train.mu >= 1")
-    if typed.model.name not in list_models():
-        raise ValueError(f"model.name='{typed.model.name}': expected one of {', '.join(list_models())}")
-    validate_dataset(OmegaConf.to_object(typed.dataset))  # after plugins: they may register a dataset
-    expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
     expect_positive("train.eval_every", train.eval_every)
     expect_positive("train.lr", train.lr)
     expect_range("train.momentum", train.momentum, 0, 1, high_open=True)
@@ -125,29 +132,29 @@ def validate(cfg: DictConfig) -> DictConfig:
     expect_positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
     expect_positive("train.num_threads", train.num_threads, allow_zero=True)
     expect_range("train.stop_at", train.stop_at, 0, train.iterations)
-    expect_range("model.bn_momentum", typed.model.bn_momentum, 0, 1)
-    expect_positive("imwa.timeout_s", typed.imwa.timeout_s)
-    expect_positive("imwa.k", typed.imwa.k)
-    expect_positive("imwa.episodes", typed.imwa.episodes)
-    if typed.imwa.keep_merges < 0 or typed.imwa.keep_merges == 1:
-        raise ValueError(f"imwa.keep_merges={typed.imwa.keep_merges}: expected 0 (keep every merge_NNN.pt) or >= 2 "
+
+
+def _check_imwa(imwa: DictConfig, val_per_class: int, iterations: int) -> None:
+    from ssl_imwa.merge import list_merges
+
+    expect_positive("imwa.timeout_s", imwa.timeout_s)
+    expect_positive("imwa.k", imwa.k)
+    expect_positive("imwa.episodes", imwa.episodes)
+    if imwa.keep_merges < 0 or imwa.keep_merges == 1:
+        raise ValueError(f"imwa.keep_merges={imwa.keep_merges}: expected 0 (keep every merge_NNN.pt) or >= 2 "
                          "(a resume over several processes may need the merge before the newest)")
-    expect_choice("imwa.merge", typed.imwa.merge, tuple(list_merges()))  # after plugins: they may add one
-    expect_choice("imwa.momentum", typed.imwa.momentum, MOMENTUM_POLICIES)
-    twa = typed.imwa.twa
+    expect_choice("imwa.merge", imwa.merge, tuple(list_merges()))  # after plugins: they may add one
+    expect_choice("imwa.momentum", imwa.momentum, MOMENTUM_POLICIES)
+    twa = imwa.twa
     expect_choice("imwa.twa.parameterisation", twa.parameterisation, ("simplex", "affine"))
     expect_choice("imwa.twa.granularity", twa.granularity, ("model", "layer"))
     expect_choice("imwa.twa.data", twa.data, ("twa-v", "twa-t"))
     expect_choice("imwa.twa.bn", twa.bn, ("average", "recompute"))
     for key in ("steps", "lr", "batch_size", "bn_batches"):
         expect_positive(f"imwa.twa.{key}", twa[key])
-    if typed.imwa.merge == "twa" and typed.dataset.val_per_class == 0 and (twa.data == "twa-v" or twa.accept):
+    if imwa.merge == "twa" and val_per_class == 0 and (twa.data == "twa-v" or twa.accept):
         raise ValueError("imwa.merge=twa with imwa.twa.data=twa-v or imwa.twa.accept=true needs a labeled "
                          "held-out split: set dataset.val_per_class > 0 (those labels are reported as consumed)")
-    if train.iterations % typed.imwa.episodes:
-        raise ValueError(
-            f"train.iterations={train.iterations} is not divisible by imwa.episodes={typed.imwa.episodes}: "
-            "every episode must run the same number of steps")
-    if not (typed.device == "cpu" or typed.device.startswith("cuda")):
-        raise ValueError(f"device='{typed.device}': expected 'cpu', 'cuda' or 'cuda:N'")
-    return typed
+    if iterations % imwa.episodes:
+        raise ValueError(f"train.iterations={iterations} is not divisible by imwa.episodes={imwa.episodes}: "
+                         "every episode must run the same number of steps")
