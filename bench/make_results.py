@@ -34,6 +34,7 @@ run directories that `bench/cpu_study.sh` writes (the notes before each study's 
   IMWA and ACR's two τ estimates in it, 3 seeds;
 - **cifar10** (issues 3 and 4): CIFAR-10-LT at 32×32, where at this budget no semi-supervised
   arm clearly beats supervised training.
+- **USB parity** (issue 14, part 1): `docs/results/parity_usb.md`, from `bench/parity_usb.py`: FixMatch and DASO, ours against USB 0.3.2 on the same digits split and network, 3 seeds.
 """
 
 

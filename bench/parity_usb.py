@@ -1,0 +1,307 @@
+"""Whole-run parity with USB (microsoft/Semi-supervised-learning, PyPI `semilearn` 0.3.2).
+
+Runs USB's FixMatch and DASO and ours on the same digits-LT split (experiment=cpu_digits_lt:
+8x8 digits, gamma=10, N1=10, M1=100, consistent, split seed 0), the same small CNN, batch
+size, mu, lr schedule, EMA, threshold and steps, and scores both EMA teachers on the same test
+images with our metric code (balanced accuracy and top-1). Results: docs/results/parity_usb.md.
+
+Setup (USB lives outside the repository; torch comes from the system site packages):
+
+    python -m venv --system-site-packages /tmp/usb_venv
+    /tmp/usb_venv/bin/pip install --no-deps semilearn==0.3.2 tqdm scikit-image timm \
+        ruamel.yaml ruamel.yaml.clib tensorboard progress lazy_loader tifffile imageio networkx
+
+USB imports transformers, torchaudio, wandb and aim at import time but never uses them on the
+vision path; this driver writes empty stand-ins for them (--stubs) and puts them on sys.path.
+
+Run (one run at a time; --impl ours calls `python main.py`, --impl usb imports semilearn):
+
+    /tmp/usb_venv/bin/python bench/parity_usb.py run --impl usb --algo fixmatch --seeds 0 1 2
+    /tmp/usb_venv/bin/python bench/parity_usb.py run --impl ours --algo fixmatch --seeds 0 1 2
+    /tmp/usb_venv/bin/python bench/parity_usb.py report   # prints the markdown table
+
+Augmentation: USB's data pipeline (PIL RandAugment on 32-px RGB) is not used; both sides get
+batches from OUR weak/strong augmentation of the same uint8 images, so the comparison isolates
+the algorithm, optimizer, EMA and training loop. USB draws batch indices as its RandomSampler
+does (with replacement); ours uses its own stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+STUB_MODULES = {
+    "transformers": ["BertModel", "Wav2Vec2Model", "AutoFeatureExtractor", "BertTokenizer",
+                     "BertTokenizerFast", "HubertModel"],
+    "transformers.data": ["default_data_collator"],
+    "transformers.file_utils": ["PaddingStrategy"],
+    "transformers.tokenization_utils_base": ["PreTrainedTokenizerBase"],
+    "torchaudio": [],
+    "wandb": [],
+    "aim": [],
+}
+# The setting shared by both sides (experiment=cpu_digits_lt and the choices in the module docstring).
+STEPS, BATCH, LR, WD, THRESHOLD, EMA_DECAY, BN_MOMENTUM = 1000, 32, 0.03, 5e-4, 0.95, 0.999, 0.001
+MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2}
+DASO_WARMUP, DASO_PERIOD = 20, 1  # daso_short: 0.02 and 0.0004 of 1,000 steps (the period rounds up to 1)
+
+
+def write_stubs(stub_dir: Path) -> None:
+    """Empty modules for USB's import-time dependencies that the vision path never calls."""
+    for module, names in STUB_MODULES.items():
+        path = stub_dir.joinpath(*module.split("."))
+        path.mkdir(parents=True, exist_ok=True)
+        body = "".join(f"class {name}:\n    pass\n\n\n" for name in names if name[0].isupper())
+        body += "".join(f"def {name}(*args, **kwargs):\n    raise RuntimeError('stub')\n\n\n"
+                        for name in names if not name[0].isupper())
+        (path / "__init__.py").write_text(body or "\n")
+
+
+def build_split() -> Any:
+    """Our SSLData for experiment=cpu_digits_lt, rebuilt with the same functions main.py uses."""
+    sys.path.insert(0, str(REPO))
+    from ssl_imwa.data.build import build_data
+    from ssl_imwa.data.config import DatasetConfig
+
+    cfg = DatasetConfig(name="digits", protocol="disjoint", n_max=10, m_max=100, imbalance=10.0,
+                        unlabeled="consistent", val_per_class=0, split_seed=0, image_size=None, hflip=False)
+    return build_data(cfg)
+
+
+class USBNet(nn.Module):
+    """Our small CNN answering USB's contract: forward returns {'logits', 'feat'}; num_features."""
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        from ssl_imwa.models import create_model
+
+        self.net = create_model("small_cnn", num_classes=num_classes, in_channels=in_channels,
+                                bn_momentum=BN_MOMENTUM)
+        self.num_features = self.net.feature_dim
+
+        self.tap: Any = None  # set by the same-batch DASO variant (see run_usb)
+
+    def forward(self, x: torch.Tensor, only_feat: bool = False) -> Any:
+        out = self.net(x)
+        if self.tap is not None:
+            self.tap(x, out["features"])
+        return out["features"] if only_feat else {"logits": out["logits"], "feat": out["features"]}
+
+
+def usb_args(algo: str, seed: int, num_classes: int) -> SimpleNamespace:
+    """USB's settings as its argparse would give them, matched to ours."""
+    args: dict[str, Any] = {
+        "algorithm": "fixmatch", "num_classes": num_classes, "ema_m": EMA_DECAY, "epoch": 1, "num_train_iter": STEPS,
+        "num_eval_iter": STEPS, "num_log_iter": STEPS, "ulb_loss_ratio": 1.0, "use_cat": True, "amp": False, "clip_grad": 0.0,
+        "save_name": "parity", "save_dir": "/tmp/parity/usb_save", "resume": False, "gpu": None, "rank": 0, "distributed": False,
+        "world_size": 1, "optim": "SGD", "lr": LR, "momentum": 0.9, "weight_decay": WD, "layer_decay": 1.0, "num_warmup_iter": 0,
+        "use_pretrain": False, "pretrain_path": "", "batch_size": BATCH, "uratio": MU[algo], "eval_batch_size": 1000,
+        "use_wandb": False, "use_aim": False, "T": 1.0, "p_cutoff": THRESHOLD, "hard_label": True, "seed": seed, "net": "small_cnn",
+        "dataset": "digits", "lb_imb_ratio": 10, "ulb_imb_ratio": 10, "imb_algorithm": None,
+    }
+    if algo.startswith("daso"):
+        args.update(imb_algorithm="daso", daso_queue_len=256, daso_T_proto=0.05, daso_T_dist=1.5,
+                    daso_interp_alpha=0.5, daso_with_dist_aware=True, daso_assign_loss_ratio=1.0,
+                    daso_num_pl_dist_iter=DASO_PERIOD, daso_num_pretrain_iter=DASO_WARMUP)
+    return SimpleNamespace(**args)
+
+
+def run_usb(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
+    """Train USB's algorithm with our data, our net and USB's own step, hooks (update, EMA) and loop order."""
+    write_stubs(out / "stubs")
+    sys.path.insert(0, str(out / "stubs"))
+    torch.set_num_threads(threads)
+    import semilearn.core.algorithmbase as base
+    from semilearn.algorithms.fixmatch import FixMatch
+    from semilearn.core.utils import get_optimizer
+    from semilearn.imb_algorithms import get_imb_algorithm
+
+    from ssl_imwa.data.transforms import normalize, strong_augment, weak_augment
+    from ssl_imwa.metrics import class_groups, classification_metrics
+
+    data = build_split()
+    split = {"labeled": data.split.labeled.tolist(), "unlabeled": data.split.unlabeled.tolist()}
+    (out / "split_indices.json").write_text(json.dumps(split))  # indices into the digits training set
+    num_classes, channels = data.num_classes, data.in_channels
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+    def set_none(self: Any) -> None:
+        return None
+
+    def on_cpu(self: Any, input_args: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        names = input_args or list(__import__("inspect").signature(self.train_step).parameters)
+        return {k: v for k, v in kwargs.items() if k in names and v is not None}
+
+    base.AlgorithmBase.set_dataset = set_none  # our split replaces USB's sampler of its own datasets
+    base.AlgorithmBase.set_data_loader = set_none
+    base.AlgorithmBase.process_batch = on_cpu  # USB moves every tensor with .cuda(); this run is on CPU
+    settings = usb_args(algo, seed, num_classes)
+
+    def net_builder(num_classes: int, **_: Any) -> USBNet:
+        return USBNet(num_classes, channels)
+
+    # DASO is USB's class mixing DASO into FixMatch, built the way USB's train.py builds it.
+    algorithm = (get_imb_algorithm(settings, net_builder, None, None) if algo.startswith("daso")
+                 else FixMatch(settings, net_builder))
+    if algo == "daso_samebatch":
+        # USB blends in `probs_sim` that DASO.train_step sets AFTER the FixMatch step returns, i.e. the
+        # previous batch's. This variant sets it from the current batch's weak-view features during the
+        # joint forward, before the pseudo-labeling hook reads it (the official ytaek-oh/daso order).
+        def same_batch(x: torch.Tensor, feats: torch.Tensor) -> None:
+            if x.shape[0] != BATCH * (1 + 2 * MU[algo]) or algorithm.it < DASO_WARMUP:
+                return
+            weak = feats[BATCH:].chunk(2)[0].detach()
+            with torch.no_grad():
+                protos = algorithm.queue.prototypes
+                sim = algorithm.similarity_fn(weak.unsqueeze(1), protos.unsqueeze(0)) / algorithm.T_proto
+                algorithm.probs_sim = sim.softmax(dim=1)
+
+        algorithm.model.tap = same_batch
+    # USB's optimizer: SGD, Nesterov; its param groups never decay biases or 1-d parameters (BN), whatever
+    # bn_wd_skip says (semilearn/nets/utils.py param_groups_weight_decay), so ours runs with
+    # train.wd_exclude_bias_bn=true. Cosine schedule for FixMatch (USB's default), constant lr for DASO
+    # (USB's ImbAlgorithmBase.set_optimizer on CIFAR-style datasets).
+    algorithm.optimizer = get_optimizer(algorithm.model, "SGD", LR, 0.9, WD, 1.0, bn_wd_skip=False)
+    if algo.startswith("daso"):
+        algorithm.scheduler = None
+    else:
+        from semilearn.core.utils import get_cosine_schedule_with_warmup
+        algorithm.scheduler = get_cosine_schedule_with_warmup(algorithm.optimizer, STEPS, num_warmup_steps=0)
+    keep = {"ParamUpdateHook", "EMAHook", "PseudoLabelingHook", "MaskingHook"}
+    algorithm._hooks = [h for h in algorithm._hooks if h.name in keep]
+    algorithm.hooks_dict = {h.name: h for h in algorithm._hooks}
+
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = data.mean, data.std
+    n_lb, n_ulb, mu = len(data.labeled_targets), len(data.unlabeled_images), MU[algo]
+    algorithm.model.train()
+    algorithm.call_hook("before_run")
+    for it in range(STEPS):
+        lb = torch.randint(n_lb, (BATCH,), generator=gen)
+        ulb = torch.randint(n_ulb, (BATCH * mu,), generator=gen)
+        x_lb = normalize(weak_augment(data.labeled_images[lb], gen, data.pad, data.hflip), mean, std)
+        u = data.unlabeled_images[ulb]
+        x_w = normalize(weak_augment(u, gen, data.pad, data.hflip), mean, std)
+        x_s = normalize(strong_augment(u, gen, data.pad, data.hflip, data.cutout), mean, std)
+        batch = {"x_lb": x_lb, "y_lb": data.labeled_targets[lb], "x_ulb_w": x_w, "x_ulb_s": x_s,
+                 "idx_lb": lb, "idx_ulb": ulb}
+        algorithm.it = it
+        algorithm.call_hook("before_train_step")
+        algorithm.out_dict, algorithm.log_dict = algorithm.train_step(**algorithm.process_batch(**batch))
+        algorithm.call_hook("after_train_step")
+    algorithm.it = STEPS
+
+    results: dict[str, Any] = {}
+    test = normalize(data.test_images, mean, std)
+    groups = class_groups(data.counts["labeled"])
+    for name, model in (("ema", algorithm.ema_model), ("student", algorithm.model)):
+        model.eval()
+        with torch.no_grad():
+            preds = model(test)["logits"].argmax(1)
+        m = classification_metrics(preds, data.test_targets, num_classes, groups)
+        results[name] = {"top1": m["top1"], "balanced_acc": m["balanced_acc"]}
+    return results
+
+
+def run_ours(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
+    """Our main.py with the overrides that match USB (each one documented in docs/results/parity_usb.md)."""
+    run_dir = out / f"ours_{algo}_s{seed}"
+    overrides = ["experiment=cpu_digits_lt", f"seed={seed}", "algorithm.ema.warmup=false",
+                 f"model.bn_momentum={BN_MOMENTUM}", "train.wd_exclude_bias_bn=true", f"train.num_threads={threads}", "train.progress=false",
+                 f"hydra.run.dir={run_dir}"]
+    if algo == "daso":
+        overrides += ["algorithm=daso_short", "algorithm.ema.buffers=copy", f"train.mu={MU[algo]}",
+                      "train.schedule=constant"]
+    else:
+        overrides += ["algorithm=fixmatch"]
+    if not (run_dir / "results.json").exists():
+        with open(out / f"ours_{algo}_s{seed}.log", "w") as log:
+            subprocess.run([sys.executable, "main.py", *overrides], cwd=REPO, check=True,
+                           stdout=log, stderr=subprocess.STDOUT)
+    return read_ours(run_dir)
+
+
+def read_ours(run_dir: Path) -> dict[str, Any]:
+    """Our run's final EMA teacher and student, re-scored on the test split with our metric code."""
+    import ssl_imwa
+    from ssl_imwa.metrics import class_groups, classification_metrics
+
+    run = ssl_imwa.load_run(str(run_dir), device="cpu")
+    groups = class_groups(run.data.counts["labeled"])
+    results: dict[str, Any] = {}
+    for name, model in (("ema", "teacher"), ("student", "student")):
+        preds = run.predict(run.data.test_images, model=model)
+        m = classification_metrics(preds, run.data.test_targets, run.data.num_classes, groups)
+        results[name] = {"top1": m["top1"], "balanced_acc": m["balanced_acc"]}
+    return results
+
+
+def _mean_std(values: list[float]) -> str:
+    """Percent mean ± sample std."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+
+
+def report(out: Path) -> str:
+    """Markdown table: mean ± std per implementation and the paired differences per seed.
+
+    'Within seed noise' means |mean paired difference| <= the larger of the two seed stds.
+    """
+    header = ("| comparison (B − A) | model | metric | A (mean ± std) | B (mean ± std) | B − A, per seed "
+              "| mean diff ± std | within seed noise? |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    # (label, baseline file prefix, compared file prefix): ours against USB, and USB's DASO with the
+    # same-batch similarities against USB's DASO as shipped.
+    pairs = [("fixmatch: ours − USB", "usb_fixmatch", "ours_fixmatch"), ("daso: ours − USB", "usb_daso", "ours_daso"),
+             ("daso: USB same-batch − USB", "usb_daso", "usb_daso_samebatch")]
+    for label, first, second in pairs:
+        seeds = [s for s in (0, 1, 2) if (out / f"{first}_s{s}.json").exists() and (out / f"{second}_s{s}.json").exists()]
+        if not seeds:
+            continue
+        for model, metric in [(m, k) for m in ("ema", "student") for k in ("balanced_acc", "top1")]:
+            a = [json.loads((out / f"{first}_s{s}.json").read_text())[model][metric] for s in seeds]
+            b = [json.loads((out / f"{second}_s{s}.json").read_text())[model][metric] for s in seeds]
+            d = [y - x for x, y in zip(a, b, strict=True)]
+            noise = max(statistics.stdev(a), statistics.stdev(b)) if len(seeds) > 1 else float("nan")
+            within = ("yes" if abs(statistics.mean(d)) <= noise else "no") if len(seeds) > 1 else "n/a"
+            lines.append(f"| {label} | {model} | {metric} | {_mean_std(a)} | {_mean_std(b)} | "
+                         f"{' / '.join(f'{100 * x:+.1f}' for x in d)} | {_mean_std(d)} | {within} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--impl", choices=["usb", "ours"], default="usb")
+    parser.add_argument("--algo", choices=["fixmatch", "daso", "daso_samebatch"], default="fixmatch")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/parity"))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    if args.command == "report":
+        print(report(args.out))
+        return
+    for seed in args.seeds:
+        runner = run_usb if args.impl == "usb" else run_ours
+        result = runner(args.algo, seed, args.out, args.threads)
+        (args.out / f"{args.impl}_{args.algo}_s{seed}.json").write_text(json.dumps(result, indent=1))
+        print(args.impl, args.algo, seed, json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
