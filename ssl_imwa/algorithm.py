@@ -142,11 +142,17 @@ class Algorithm(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.context = context
-        self.num_classes = context.num_classes
-        self.total_steps = context.total_steps
         counts = torch.tensor(list(context.labeled_counts), dtype=torch.float64)
         # pi_l: the labeled class prior (float64 so log-adjustments are exact); derived, so not checkpointed.
         self.register_buffer("labeled_prior", (counts / counts.sum()).to(context.device), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.context.num_classes
+
+    @property
+    def total_steps(self) -> int:
+        return self.context.total_steps
 
     @property
     def device(self) -> torch.device:

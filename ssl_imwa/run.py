@@ -165,13 +165,12 @@ def build_algorithm(cfg: Config, data: SSLData, device: torch.device) -> Algorit
 def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Communicator
                    ) -> tuple[list[Replica], torch.nn.Module, type[Algorithm]]:
     """This process's replicas, all on `device`, and a copy of the shared initial model."""
-    algorithm_cls = get_algorithm(cfg.algorithm.name)
     local = comm.local_replicas(cfg.imwa.k)
     # Algorithm state is per replica: each local replica gets its own instance.
     algorithms = {k: build_algorithm(cfg, data, device) for k in local}
     initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
     replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
-    return replicas, initial_model, algorithm_cls
+    return replicas, initial_model, type(algorithms[local[0]])
 
 
 def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | None:

@@ -134,9 +134,7 @@ class ACR(Algorithm):
 
     def __init__(self, cfg: ACRConfig, context: AlgorithmContext) -> None:
         super().__init__(cfg, context)
-        self.epoch_length = resolve_steps(cfg.epoch_length, context.total_steps, "algorithm.epoch_length", minimum=1)
-        if self.epoch_length < 1:
-            raise ValueError("algorithm.epoch_length must be at least one step")
+        self.epoch_length = resolve_steps(cfg.epoch_length, self.total_steps, "algorithm.epoch_length", minimum=1)
         if cfg.estimate_start_epoch < 0:
             raise ValueError(f"algorithm.estimate_start_epoch={cfg.estimate_start_epoch!r}: expected an epoch index >= 0")
         # u_hat: the estimated unlabeled class distribution, uniform until estimation starts.

@@ -224,12 +224,9 @@ class DASO(Algorithm):
 
     def __init__(self, cfg: DASOConfig, context: AlgorithmContext) -> None:
         super().__init__(cfg, context)
-        total_steps = context.total_steps
-        self.warmup_steps = resolve_steps(cfg.warmup_steps, total_steps, "algorithm.warmup_steps")
-        self.dist_update_period = resolve_steps(cfg.dist_update_period, total_steps, "algorithm.dist_update_period",
-                                                minimum=1)
-        if self.dist_update_period < 1:
-            raise ValueError("algorithm.dist_update_period must be at least one step")
+        self.warmup_steps = resolve_steps(cfg.warmup_steps, self.total_steps, "algorithm.warmup_steps")
+        self.dist_update_period = resolve_steps(cfg.dist_update_period, self.total_steps,
+                                                "algorithm.dist_update_period", minimum=1)
         num_classes = self.num_classes
         self.queue = FeatureQueue(num_classes, cfg.queue_size, self.device)
         # m_hat, uniform until the first refresh (the official code starts from zeros, i.e. 0/0).
