@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ssl_imwa.distributed import Communicator
 from ssl_imwa.ema import BUFFER_POLICIES, EMAConfig
 from ssl_imwa.registry import Registry
 from ssl_imwa.validation import expect_choice, expect_range
@@ -127,6 +128,12 @@ class Algorithm(nn.Module):
     Subclasses set `Config` (a dataclass deriving from AlgorithmConfig), register with
     `@register_algorithm(name)`, implement `losses`, and keep any state that must survive a
     checkpoint as registered buffers (`self.register_buffer(name, tensor)`).
+
+    `batch_group`: the processes that share each step's batch (`imwa.data_parallel=D`); `losses`
+    sees this process's 1/D slice. State computed from the batch (a histogram, a feature queue)
+    must be reduced with `self.batch_group.sum(t)` or `.gather(t)` (the slices concatenated in
+    batch order), so that every process keeps the state D = 1 would. Both are the identity when
+    D = 1. Losses need nothing: DDP averages the slices' gradients.
     """
 
     name: ClassVar[str] = "base"
@@ -142,6 +149,7 @@ class Algorithm(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.context = context
+        self.batch_group = Communicator()   # the engine sets the data-parallel group when D > 1
         counts = torch.tensor(list(context.labeled_counts), dtype=torch.float64)
         # pi_l: the labeled class prior (float64 so log-adjustments are exact); derived, so not checkpointed.
         self.register_buffer("labeled_prior", (counts / counts.sum()).to(context.device), persistent=False)

@@ -17,6 +17,9 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 REQUIRED_KEYS = ("format_version", "fingerprint", "progress", "replicas", "run_state")
 DIGEST_KEY = "sha256"
+# Config keys added after checkpoints were first written, with the value a checkpoint without them was
+# trained with: such a checkpoint matches a config that keeps that value.
+KEYS_ADDED_LATER = {"imwa.data_parallel": 1, "model.sync_batchnorm": False}
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -139,9 +142,10 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         if stored != contents_digest(payload):
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its contents do not match the digest written "
                                     "with it (damaged on disk or in transfer)")
+    saved = {**KEYS_ADDED_LATER, **payload["fingerprint"]}
     mismatched = [
-        f"{key}: checkpoint has {payload['fingerprint'].get(key)!r}, config has {value!r}"
-        for key, value in fingerprint.items() if payload["fingerprint"].get(key) != value
+        f"{key}: checkpoint has {saved.get(key)!r}, config has {value!r}"
+        for key, value in fingerprint.items() if saved.get(key) != value
     ]
     if mismatched:
         raise RuntimeError(f"checkpoint {path} was written by a different experiment; resume needs the same "

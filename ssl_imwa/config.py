@@ -20,6 +20,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class ModelConfig:
     name: str = "wrn28_2"
     bn_momentum: float = 0.001  # PyTorch convention; DASO 0.1, FixMatch/ACR 0.001
+    # imwa.data_parallel > 1: BN statistics over the whole step's batch across the replica's D processes,
+    # as with D = 1 (false: each process normalises its own slice; docs/imwa.md)
+    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -54,6 +57,8 @@ class IMWAConfig:
     # merge_NNN.pt checkpoints kept on disk: 0 keeps all; otherwise the newest N (at least 2: a resume over
     # several processes may need the merge before the newest, when one process was killed writing it)
     keep_merges: int = 0
+    # D: processes per replica (DistributedDataParallel over a replica group; each takes 1/D of every batch)
+    data_parallel: int = 1
     twa: TWAConfig = field(default_factory=TWAConfig)  # used when merge == 'twa' (docs/twa.md)
 
 
@@ -109,6 +114,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     validate_dataset(OmegaConf.to_object(typed.dataset))  # after plugins: they may register a dataset
     expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
     _check_imwa(typed.imwa, typed.dataset.val_per_class, typed.train.iterations)
+    if typed.train.batch_size % typed.imwa.data_parallel:
+        raise ValueError(f"train.batch_size={typed.train.batch_size} is not divisible by imwa.data_parallel="
+                         f"{typed.imwa.data_parallel}: each data-parallel process takes an equal slice of every batch")
     if not (typed.device == "cpu" or typed.device.startswith("cuda")):
         raise ValueError(f"device='{typed.device}': expected 'cpu', 'cuda' or 'cuda:N'")
     return typed
@@ -140,6 +148,7 @@ def _check_imwa(imwa: DictConfig, val_per_class: int, iterations: int) -> None:
     expect_positive("imwa.timeout_s", imwa.timeout_s)
     expect_positive("imwa.k", imwa.k)
     expect_positive("imwa.episodes", imwa.episodes)
+    expect_positive("imwa.data_parallel", imwa.data_parallel)
     if imwa.keep_merges < 0 or imwa.keep_merges == 1:
         raise ValueError(f"imwa.keep_merges={imwa.keep_merges}: expected 0 (keep every merge_NNN.pt) or >= 2 "
                          "(a resume over several processes may need the merge before the newest)")

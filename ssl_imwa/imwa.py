@@ -2,9 +2,11 @@
 
 K=1, E=1 is a plain run; E=1 is vanilla MWA. Replicas keep their own data streams across
 episodes, so replica k's data in episode e is fixed by (seed, k, e) and K=1 with any E is
-bitwise the plain run (merging one replica is the identity). With W processes, this process
-holds replicas k with k mod W == rank; process 0 evaluates the merged model and writes the
-run's files.
+bitwise the plain run (merging one replica is the identity). With W processes in G = W / D
+replica groups, this process holds replicas k with k mod G == its group; process 0 evaluates
+the merged model and writes the run's files. Of the D data-parallel processes of a group, all
+train and merge, and data-parallel rank 0 alone evaluates, logs and checkpoints (the D copies
+of a replica are identical after every step: ssl_imwa.trainer).
 """
 from __future__ import annotations
 
@@ -42,10 +44,18 @@ log = logging.getLogger("ssl_imwa")
 TEACHER_LAG_WARNING = 0.15
 
 
-def host_scalars(outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """A step's logged values as Python floats in one device-to-host transfer (float64: exact)."""
-    values = torch.stack([value.detach().reshape(()).double() for value in outputs.values()]).tolist()
-    return dict(zip(outputs, values))
+def host_scalars(outputs: dict[str, torch.Tensor], data_parallel: Communicator | None = None) -> dict[str, float]:
+    """A step's logged values as Python floats in one device-to-host transfer (float64: exact).
+
+    With data parallelism each process computed them on its slice: the mean over the group's
+    slices, leaving out a slice's NaN (a pseudo-label accuracy with no known label in it).
+    """
+    values = torch.stack([value.detach().reshape(()).double() for value in outputs.values()])
+    if data_parallel is not None and data_parallel.world_size > 1:
+        valid = ~values.isnan()
+        totals = data_parallel.sum(torch.stack([torch.where(valid, values, 0.0), valid.double()]))
+        values = totals[0] / totals[1]
+    return dict(zip(outputs, values.tolist()))
 
 
 class Orchestrator:
@@ -53,8 +63,15 @@ class Orchestrator:
 
     def __init__(self, cfg: Config, replicas: list[Replica], trainer: Trainer, evaluator: Evaluator,
                  logger: RunLogger, fingerprint: dict[str, Any], split_counts: dict[str, list[int]],
-                 merger: MergeStrategy, comm: Communicator, stop: StopRequests | None = None) -> None:
+                 merger: MergeStrategy, comm: Communicator, stop: StopRequests | None = None,
+                 data_parallel: Communicator | None = None) -> None:
         self.cfg = cfg
+        # comm: the processes holding the other replicas (one per replica group, this data-parallel rank);
+        # data_parallel: the processes sharing this process's replicas. Its rank 0 leads: it alone evaluates,
+        # logs and checkpoints; the run's files are written by the leader of group 0.
+        self.data_parallel = data_parallel or Communicator()
+        self.leads = self.data_parallel.rank == 0
+        self.is_main = comm.is_main and self.leads
         self.stop = stop or StopRequests()
         self.watch_teacher = not cfg.algorithm.ema.warmup
         self.steps_at_launch, self.launch_clock = 0, time.perf_counter()  # for the ETA
@@ -96,7 +113,7 @@ class Orchestrator:
 
     def _keep(self, record: dict[str, Any]) -> None:
         """Process 0 appends to metrics.jsonl and the run's history; others queue it for the next merge."""
-        if not self.comm.is_main:
+        if not self.is_main:
             self.pending.append(record)
             return
         self.logger.append_metrics(record)
@@ -105,7 +122,7 @@ class Orchestrator:
 
     def _collect_pending(self) -> None:
         for chunk in self.comm.all_gather_object(self.pending, "evaluation gather")[1:]:
-            if self.comm.is_main:
+            if self.is_main:
                 for record in chunk:
                     self._keep(record)
         self.pending = []
@@ -131,7 +148,7 @@ class Orchestrator:
                 self.state["best"] = {"step": step, "val_top1": results["val"]["top1"],
                                       **{key: test[key] for key in (*SUMMARY_METRICS, "per_class")}}
                 self._save("best.pt")
-        if self.comm.is_main:
+        if self.is_main:
             self.logger.status("running")
         return results["test"]
 
@@ -166,8 +183,11 @@ class Orchestrator:
                     f"{where}: weights are not finite after step {self.replica_steps[replica.index]}; stopped, "
                     "nothing after the last good checkpoint was written")
 
-    def _save(self, name: str) -> Path:
+    def _save(self, name: str) -> Path | None:
+        """Write a checkpoint of this process's replicas (by the group's leader; None elsewhere)."""
         self._ensure_finite(self.replicas)
+        if not self.leads:
+            return None
         self._elapsed()
         payload = {
             "format_version": FORMAT_VERSION,
@@ -191,13 +211,17 @@ class Orchestrator:
         passed (`merge_NNN`), or to the start if that is merge 0. Training is deterministic, so the
         steps done twice come out the same.
         """
-        self._remove_stale_temporaries()
+        if self.leads:
+            self._remove_stale_temporaries()
         latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
         writers = self._processes_that_wrote()
         if writers is not None and writers != self.comm.world_size:
-            how = f"torchrun --nproc_per_node={writers} main.py ..." if writers > 1 else "python main.py ... (no torchrun)"
-            raise ValueError(f"run {self.checkpoint_dir.parent} was written by {writers} process(es), this resume has "
-                             f"{self.comm.world_size}: every process holds its own replicas, so resume with {how}")
+            dp = self.data_parallel.world_size
+            how = (f"torchrun with {writers} x imwa.data_parallel processes" if writers > 1 or dp > 1
+                   else "python main.py ... (no torchrun)")
+            raise ValueError(f"run {self.checkpoint_dir.parent} was written by {writers} replica group(s), this resume "
+                             f"has {self.comm.world_size} (processes / imwa.data_parallel={dp}): every group holds its "
+                             f"own replicas, so resume with {how}")
         if self.comm.world_size == 1:
             payload, source = self._newest_intact()
             if payload is None:
@@ -232,7 +256,7 @@ class Orchestrator:
             log.warning("process %d: latest checkpoint is past merge %d, which not every process has reached: "
                         "resuming from %s", self.comm.rank, common, source or "the start")
         if payload is None:
-            if self.comm.is_main:
+            if self.is_main:
                 self._truncate_metrics(0)
             log.info("process %d restarts from the beginning (no checkpoint before merge %d)", self.comm.rank,
                      common + 1)
@@ -248,7 +272,7 @@ class Orchestrator:
                                     "resume=true)")
         log.warning("%s was stopped before its first checkpoint: starting it again from step 0",
                     self.checkpoint_dir.parent)
-        if self.comm.is_main:
+        if self.is_main:
             self._truncate_metrics(0)
 
     def _newest_intact(self) -> tuple[dict[str, Any] | None, Path]:
@@ -313,7 +337,7 @@ class Orchestrator:
         self.episode_start = None if start is None else to_device(start, self.trainer.device)
         self.state = {"cpu_threads": [], **run_state}  # checkpoints before cpu_threads was recorded lack it
         self._note_thread_count(path)
-        if self.comm.is_main:
+        if self.is_main:
             self._truncate_metrics(self.state["metrics_lines"])
         self._clock = time.perf_counter()
         log.info("resumed from %s: episode %d, replica steps %s", path, self.episode + 1, self.replica_steps)
@@ -350,17 +374,18 @@ class Orchestrator:
             progress.update(1)
             if done % train.log_every == 0 or done == episode_end:
                 self._ensure_finite([replica])
-                scalars = host_scalars(outputs)
+                scalars = host_scalars(outputs, self.data_parallel)
                 scalars["lr"] = lr_at(train, step)
-                self.logger.scalars(f"replica{replica.index}", scalars, done)
+                if self.leads:
+                    self.logger.scalars(f"replica{replica.index}", scalars, done)
                 progress.set_postfix(loss=f"{scalars['loss']:.3f}", refresh=False)
             evaluated = done % train.eval_every == 0 or done == episode_end
-            if evaluated:
+            if evaluated and self.leads:
                 self._ensure_finite([replica])
                 test = self._evaluate(replica.teacher.module, "replica", replica.index, done)
                 progress.set_postfix(top1=f"{test['top1']:.3f}", bal=f"{test['balanced_acc']:.3f}", refresh=False)
                 self._log_evaluation(replica, done, test)
-                if self.watch_teacher and self.comm.is_main:
+                if self.watch_teacher and self.is_main:
                     self._warn_if_the_teacher_lags(replica, done, test)
             if (train.checkpoint_every and done % train.checkpoint_every == 0) or (
                     not train.checkpoint_every and evaluated):
@@ -421,11 +446,11 @@ class Orchestrator:
     def run(self) -> dict[str, Any] | None:
         """Train all episodes; returns results on process 0 (None elsewhere or when stopped by train.stop_at)."""
         episodes = self.cfg.imwa.episodes
-        if self.comm.is_main:
+        if self.is_main:
             self.logger.status("running")
         # A bar only in a terminal: in a log file (SLURM, nohup) its carriage-return updates are noise,
         # and the per-evaluation log lines say the same. In a terminal, log lines print above the bar.
-        bar = self.cfg.train.progress and self.comm.is_main and sys.stderr.isatty()
+        bar = self.cfg.train.progress and self.is_main and sys.stderr.isatty()
         self.steps_at_launch, self.launch_clock = sum(self.replica_steps.values()), time.perf_counter()
         with tqdm(total=len(self.replicas) * self.cfg.train.iterations, initial=sum(self.replica_steps.values()),
                   disable=not bar, dynamic_ncols=True) as progress, logging_redirect_tqdm():
@@ -439,18 +464,18 @@ class Orchestrator:
                 for replica in self.replicas:
                     progress.set_description(f"episode {self.episode + 1}/{episodes} replica {replica.index}")
                     if not self._train_replica(replica, episode_end, progress):
-                        if self.comm.is_main:
+                        if self.is_main:
                             self.logger.status("stopped")
                         return None
                 self._end_episode(episode_end, self.episode_start)
-        return self.results() if self.comm.is_main else None
+        return self.results() if self.is_main else None
 
     def _end_episode(self, episode_end: int, start: dict[str, Any]) -> None:
         self._collect_pending()
         merge = self._merge(start) if self.k > 1 else None
         self.episode_start = None
         report = merge.report if merge else {"strategy": "identity (k=1)", "seconds": 0.0}
-        if self.comm.is_main:
+        if self.is_main:
             # K=1 has no merge: its model is replica 0's, evaluated at this very step a moment ago.
             test = (self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end) if merge
                     else self._evaluation_at(episode_end))
@@ -464,8 +489,9 @@ class Orchestrator:
                      test["balanced_acc"])
         self.episode += 1
         merge_checkpoint = self._save(f"merge_{self.episode:03d}.pt")
-        link_atomic(merge_checkpoint, self.checkpoint_dir / self._checkpoint_name("latest.pt"))
-        self._remove_old_merges()
+        if merge_checkpoint is not None:
+            link_atomic(merge_checkpoint, self.checkpoint_dir / self._checkpoint_name("latest.pt"))
+            self._remove_old_merges()
 
     def _remove_old_merges(self) -> None:
         """imwa.keep_merges=N: only the newest N merge checkpoints stay (after the newest is safely written)."""
@@ -500,7 +526,9 @@ class Orchestrator:
             "images_per_s": self.state["images"] / seconds if seconds else float("nan"),
             "cpu_threads": self.state["cpu_threads"],
             "imwa": {"k": self.k, "episodes": self.cfg.imwa.episodes, "merge": self.cfg.imwa.merge,
-                     "momentum": self.cfg.imwa.momentum, "processes": self.comm.world_size,
+                     "momentum": self.cfg.imwa.momentum,
+                     "processes": self.comm.world_size * self.data_parallel.world_size,
+                     "data_parallel": self.data_parallel.world_size,
                      "per_episode": self.state["merges"]},
             "replicas": replicas_final,
         }

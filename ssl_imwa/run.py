@@ -17,7 +17,8 @@ from ssl_imwa.config import Config, validate
 from ssl_imwa.data import SSLData, build_data
 from ssl_imwa.distributed import (
     Communicator,
-    init_communicator,
+    ProcessLayout,
+    init_process_layout,
     process_device,
     rank_from_environment,
     world_size_from_environment,
@@ -28,6 +29,7 @@ from ssl_imwa.imwa import Orchestrator
 from ssl_imwa.keys import LAUNCH_KEYS
 from ssl_imwa.merge import MergeContext, create_merge
 from ssl_imwa.models import create_model
+from ssl_imwa.models.batchnorm import synchronise_batchnorm
 from ssl_imwa.resume import launch_choices, resumed_config
 from ssl_imwa.rng import seed_everything
 from ssl_imwa.run_logger import RunLogger
@@ -88,8 +90,12 @@ def configure_torch(cfg: Config) -> torch.device:
         torch.backends.cudnn.benchmark = not deterministic
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if deterministic and device.type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif deterministic:
+        # The public call also imports torch._inductor to set an option of torch.compile, which this project
+        # does not use: 2-3 s at every process start. On the CPU the switch alone (the same flag).
+        torch._C._set_deterministic_algorithms(True, warn_only=False)
     return device
 
 
@@ -112,18 +118,46 @@ def build_evaluator(cfg: Config, data: SSLData, head: str, device: torch.device)
                      autocast_factory(cfg.train.precision, device))
 
 
+def data_parallel_wrapper(model: torch.nn.Module, data_parallel: Communicator, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over the replica's group. BN buffers are not synchronised before each
+    forward: the trainer broadcasts them after each step, so that the teachers copy the same ones."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # PyTorch 2.14 renamed broadcast_buffers (deprecated) to forward_sync_buffers.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_forward_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   process_group=data_parallel.group, **no_forward_sync)
+
+
 def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, initial_model: torch.nn.Module,
-                  device: torch.device) -> Replica:
-    """A replica starts from a copy of the shared initial model, with its own stream seeded by (seed, index)."""
+                  device: torch.device, data_parallel: Communicator | None = None) -> Replica:
+    """A replica starts from a copy of the shared initial model, with its own stream seeded by (seed, index).
+
+    With a data-parallel group (D > 1) this process's copy trains on its slice of every batch: the
+    stream is sharded, the model wrapped in DistributedDataParallel over the group (BN layers made
+    group-wide first with model.sync_batchnorm), and the algorithm reduces its state over the group.
+    """
+    data_parallel = data_parallel or Communicator(device=device)
     model = copy.deepcopy(initial_model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     mu = cfg.train.mu if algorithm.uses_unlabeled() else 0
     stream = data.make_stream(batch_size=cfg.train.batch_size, mu=mu, num_strong=algorithm.num_strong_views(),
-                              seed=cfg.seed, replica=index, episode=0, device=device)
+                              seed=cfg.seed, replica=index, episode=0, device=device,
+                              shard=(data_parallel.rank, data_parallel.world_size))
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
-    return Replica(index=index, model=model, teacher=EMATeacher(model, cfg.algorithm.ema),
-                   optimizer=build_optimizer(model, cfg.train), algorithm=algorithm, stream=stream, scaler=scaler)
+    teacher = EMATeacher(model, cfg.algorithm.ema)   # plain BN: the teacher only evaluates and pseudo-labels
+    wrapped = None
+    if data_parallel.world_size > 1:
+        if cfg.model.sync_batchnorm:
+            model = synchronise_batchnorm(model, data_parallel.group, device.type)
+        wrapped = data_parallel_wrapper(model, data_parallel, device)
+        algorithm.batch_group = data_parallel
+    return Replica(index=index, model=model, teacher=teacher, optimizer=build_optimizer(model, cfg.train),
+                   algorithm=algorithm, stream=stream, scaler=scaler, wrapped=wrapped)
 
 
 def agree_on_run_dir(run_dir: Path, comm: Communicator) -> Path:
@@ -162,14 +196,15 @@ def build_algorithm(cfg: Config, data: SSLData, device: torch.device) -> Algorit
     return get_algorithm(cfg.algorithm.name)(cfg.algorithm, context)
 
 
-def build_replicas(cfg: Config, data: SSLData, device: torch.device, comm: Communicator
+def build_replicas(cfg: Config, data: SSLData, device: torch.device, layout: ProcessLayout
                    ) -> tuple[list[Replica], torch.nn.Module, type[Algorithm]]:
     """This process's replicas, all on `device`, and a copy of the shared initial model."""
-    local = comm.local_replicas(cfg.imwa.k)
+    local = layout.across_replicas.local_replicas(cfg.imwa.k)
     # Algorithm state is per replica: each local replica gets its own instance.
     algorithms = {k: build_algorithm(cfg, data, device) for k in local}
     initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
-    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device) for k in local]
+    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device, layout.data_parallel)
+                for k in local]
     return replicas, initial_model, type(algorithms[local[0]])
 
 
@@ -194,13 +229,13 @@ def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | N
             RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
         raise
     device = configure_torch(cfg)
-    comm = init_communicator(device, cfg.imwa.timeout_s)
-    run_dir = agree_on_run_dir(run_dir, comm)
+    layout = init_process_layout(device, cfg.imwa.timeout_s, cfg.imwa.data_parallel)
+    run_dir = agree_on_run_dir(run_dir, layout.world)
     cfg.run_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = claim_run_dir(run_dir, cfg.resume, comm)
+    lock = claim_run_dir(run_dir, cfg.resume, layout.world)
     try:
-        return _train(cfg, run_dir, device, comm)
+        return _train(cfg, run_dir, device, layout)
     finally:
         lock.release()
 
@@ -224,35 +259,38 @@ def claim_run_dir(run_dir: Path, resume: bool, comm: Communicator) -> RunDirecto
     return lock
 
 
-def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator) -> dict[str, Any] | None:
+def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayout) -> dict[str, Any] | None:
+    comm = layout.world
     if not comm.is_main:
         log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)
     try:
         data = build_data(cfg.dataset)
-        replicas, initial_model, algorithm_cls = build_replicas(cfg, data, device, comm)
+        replicas, initial_model, algorithm_cls = build_replicas(cfg, data, device, layout)
     except BaseException as error:  # a failed start (missing data, ...) is recorded for the report too
         if comm.is_main and not cfg.resume:
             RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
         comm.close()
         raise
-    trainer = Trainer(cfg.train, device)
+    trainer = Trainer(cfg.train, device, layout.data_parallel)
     evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
     logger = RunLogger(run_dir, data.class_names)
+    # Merges run among the processes of one data-parallel rank: every rank of a group merges at once.
     merger = create_merge(cfg.imwa.merge, MergeContext(cfg, replicas[0].algorithm.merge_states, algorithm_cls.eval_head,
-                                                       comm, data, copy.deepcopy(initial_model), device))
+                                                       layout.across_replicas, data, copy.deepcopy(initial_model),
+                                                       device))
     stop = StopRequests()
     orchestrator = Orchestrator(cfg, replicas, trainer, evaluator, logger, fingerprint(cfg), data.counts, merger,
-                                comm, stop)
+                                layout.across_replicas, stop, layout.data_parallel)
     if cfg.resume:
         orchestrator.resume()
     if comm.is_main:  # after a resume has been accepted: a refused one leaves the run's record as it was
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     preset = launch_choices(run_dir).get("experiment", "none")
     log.info("run dir %s | %s %s on %s (%s) | preset experiment=%s | k=%d episodes=%d | %d steps per replica | "
-             "device %s, %d process(es)", run_dir, "resuming" if cfg.resume else "starting", cfg.algorithm.name,
-             cfg.dataset.name, cfg.model.name, preset, cfg.imwa.k, cfg.imwa.episodes, cfg.train.iterations, device,
-             comm.world_size)
+             "device %s, %d process(es) (%d per replica)", run_dir, "resuming" if cfg.resume else "starting",
+             cfg.algorithm.name, cfg.dataset.name, cfg.model.name, preset, cfg.imwa.k, cfg.imwa.episodes,
+             cfg.train.iterations, device, comm.world_size, layout.data_parallel.world_size)
     try:
         with stop:
             results = orchestrator.run()
@@ -266,9 +304,10 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, comm: Communicator)
         comm.close()
         raise
     comm.close()
-    if results is None:
-        log.info("stopped at train.stop_at=%d with a checkpoint there; continue with: python main.py resume=true "
-                 "hydra.run.dir=%s", cfg.train.stop_at, run_dir)
+    if results is None:   # other processes than 0 return None at the end of every run
+        if comm.is_main:
+            log.info("stopped at train.stop_at=%d with a checkpoint there; continue with: python main.py resume=true "
+                     "hydra.run.dir=%s", cfg.train.stop_at, run_dir)
     else:
         logger.results(results)
         logger.hparams(_hparams(cfg), {"final_top1": results["final"]["top1"],

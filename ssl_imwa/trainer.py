@@ -12,6 +12,7 @@ from torch import nn
 
 from ssl_imwa.algorithm import Algorithm
 from ssl_imwa.config import TrainConfig
+from ssl_imwa.distributed import Communicator
 from ssl_imwa.ema import EMATeacher
 
 IMAGE_KEYS = ("x", "u_weak")
@@ -63,6 +64,13 @@ class Replica:
     algorithm: Algorithm
     stream: Any  # ssl_imwa.data.TrainStream
     scaler: torch.amp.GradScaler | None
+    # imwa.data_parallel > 1: the DistributedDataParallel wrapper of `model` that the algorithm forwards.
+    wrapped: nn.Module | None = None
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """What the algorithm calls: the model, or its DDP wrapper (which averages the slices' gradients)."""
+        return self.model if self.wrapped is None else self.wrapped
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -85,12 +93,18 @@ class Replica:
 
 
 class Trainer:
-    """Runs optimisation steps of a replica at given global steps; knows nothing of episodes."""
+    """Runs optimisation steps of a replica at given global steps; knows nothing of episodes.
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    With a data-parallel group (D > 1) this process trains on its slice of each batch through the
+    replica's DDP wrapper; after each step the BN buffers are process 0's everywhere, so the D
+    copies of a replica (student, teacher, optimiser) stay identical and one checkpoint holds them.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, data_parallel: Communicator | None = None) -> None:
         self.cfg = cfg
         self.device = device
         self.autocast = autocast_factory(cfg.precision, device)
+        self.data_parallel = data_parallel or Communicator(device=device)
 
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         if not self.cfg.channels_last:
@@ -110,7 +124,7 @@ class Trainer:
             group["lr"] = lr_at(self.cfg, step)
         batch = self._prepare(next(replica.stream))
         with self.autocast():
-            outputs = replica.algorithm.losses(batch, replica.model, replica.teacher.module, step)
+            outputs = replica.algorithm.losses(batch, replica.forward_model, replica.teacher.module, step)
         if "loss" not in outputs:  # a plugin's contract, checked on the host: no device sync
             raise ValueError(f"algorithm '{replica.algorithm.name}': losses() returned {sorted(outputs)}, expected a "
                              "'loss' entry (the scalar tensor to minimise) beside any terms to log")
@@ -123,10 +137,14 @@ class Trainer:
         else:
             loss.backward()
             replica.optimizer.step()
+        # Without SyncBatchNorm each process's running statistics saw only its slice; with it they agree
+        # already (then this only guards against the last bit). Either way the teacher copies the same.
+        self.data_parallel.broadcast_(list(replica.model.buffers()), "BN buffer broadcast")
         replica.teacher.update(replica.model, step)
         return {key: value.detach() for key, value in outputs.items()}
 
     def images_per_step(self, replica: Replica) -> int:
-        """Images forwarded per step (labeled + every unlabeled view), for images/s figures."""
+        """Images this process forwards per step (labeled + every unlabeled view: its slice when D > 1)."""
         unlabeled = self.cfg.mu * self.cfg.batch_size if replica.algorithm.uses_unlabeled() else 0
-        return self.cfg.batch_size + unlabeled * (1 + replica.algorithm.num_strong_views())
+        whole = self.cfg.batch_size + unlabeled * (1 + replica.algorithm.num_strong_views())
+        return whole // self.data_parallel.world_size

@@ -117,6 +117,24 @@ def test_image_folder_through_build_data(fake_image_folder_root: FakeDataset) ->
     np.testing.assert_allclose(data.std, pixels.std(0), atol=1e-4)
 
 
+def test_digits_are_scikit_learns_load_digits_scaled_to_uint8() -> None:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    train, test = read_digits(train=True), read_digits(train=False)
+    expected = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    joined = np.concatenate([train.images, test.images])
+    order = np.concatenate([np.flatnonzero(~np.isin(np.arange(1797), _test_rows(bunch.target))),
+                            _test_rows(bunch.target)])
+    np.testing.assert_array_equal(joined, expected[order])
+    np.testing.assert_array_equal(np.concatenate([train.targets, test.targets]), bunch.target[order])
+
+
+def _test_rows(targets: np.ndarray) -> np.ndarray:
+    """Every third image of each class, in file order (read_digits' fixed test partition)."""
+    return np.sort(np.concatenate([np.flatnonzero(targets == digit)[2::3] for digit in range(10)]))
+
+
 def test_digits_partition_is_fixed_and_stratified() -> None:
     train, test = read_digits(train=True), read_digits(train=False)
     assert len(train.targets) + len(test.targets) == 1797

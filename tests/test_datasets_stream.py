@@ -21,6 +21,7 @@ def _stream(
     mu: int = 2,
     num_strong: int = 1,
     device: str | torch.device = "cpu",
+    shard: tuple[int, int] = (0, 1),
 ) -> TrainStream:
     generator = torch.Generator().manual_seed(99)
     return TrainStream(
@@ -41,6 +42,7 @@ def _stream(
         replica=replica,
         episode=episode,
         device=device,
+        shard=shard,
     )
 
 
@@ -53,6 +55,25 @@ def _assert_batches_equal(left: dict, right: dict) -> None:
                 assert torch.equal(one, other)
         else:
             assert torch.equal(value, right[key]), key
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_data_parallel_shards_are_slices_of_the_whole_batch(shards: int) -> None:
+    """imwa.data_parallel=D: process i of D gets rows i/D..(i+1)/D of the very batch one process
+    would draw (indices and augmentations bitwise), step after step, so the data does not depend on D."""
+    whole = _stream(num_strong=2)
+    parts = [_stream(num_strong=2, shard=(index, shards)) for index in range(shards)]
+    for _ in range(7):   # crosses epochs of both samplers (10 labeled, 25 unlabeled images)
+        expected = next(whole)
+        pieces = [next(part) for part in parts]
+        assert pieces[0]["x"].shape[0] == 4 // shards
+        joined = {key: torch.cat([piece[key] for piece in pieces]) for key in expected if key != "u_strong"}
+        joined["u_strong"] = [torch.cat([piece["u_strong"][view] for piece in pieces]) for view in range(2)]
+        _assert_batches_equal(expected, joined)
+    assert all(part.state_dict()["labeled_sampler"]["position"] == whole.state_dict()["labeled_sampler"]["position"]
+               for part in parts)
+    with pytest.raises(ValueError, match="shard 0 of 3"):
+        _stream(shard=(0, 3))
 
 
 def test_batch_layout() -> None:

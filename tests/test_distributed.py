@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ssl_imwa import distributed
 from ssl_imwa.algorithm import get_algorithm
-from ssl_imwa.distributed import Communicator, init_communicator, process_device
+from ssl_imwa.distributed import Communicator, init_process_layout, process_device
 from ssl_imwa.merge import gather_algorithm_states, uniform_merge
 from tests.utils import (
     algorithm_context,
@@ -80,9 +80,10 @@ def test_the_process_gpu_is_current_before_anything_is_allocated_and_nccl_is_bou
     joined: dict[str, Any] = {}
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
-    comm = init_communicator(device, 30.0)
+    layout = init_process_layout(device, 30.0)
     assert joined["backend"] == "nccl" and joined["device_id"] == torch.device("cuda", 1)
-    assert comm.rank == 1 and comm.device == device
+    assert layout.world.rank == 1 and layout.world.device == device
+    assert layout.across_replicas is layout.world and layout.data_parallel.world_size == 1
 
 
 def test_deterministic_true_on_cuda_turns_autotuning_off(monkeypatch: pytest.MonkeyPatch) -> None:

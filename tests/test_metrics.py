@@ -30,3 +30,17 @@ def test_groups_for_ten_classes_sorted_by_count() -> None:
 def test_median_of_last_twenty() -> None:
     assert median_of_last(list(range(100))) == 89.5
     assert math.isnan(median_of_last([]))
+
+
+def test_macro_f1_is_scikit_learns_with_absent_and_never_predicted_classes() -> None:
+    from sklearn.metrics import f1_score
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        targets = torch.randint(0, 7, (50,), generator=generator)
+        predictions = torch.randint(0, 9, (50,), generator=generator)   # classes 7, 8 never true; some never hit
+        predictions[predictions == trial % 9] = (trial + 1) % 9
+        ours = classification_metrics(predictions, targets, 10, class_groups([1] * 10))["macro_f1"]
+        theirs = f1_score(targets.numpy(), predictions.numpy(), labels=list(range(10)), average="macro",
+                          zero_division=0)
+        assert math.isclose(ours, theirs, rel_tol=1e-12, abs_tol=1e-15)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from ssl_imwa.config import validate
 from ssl_imwa.data import build_data
-from ssl_imwa.distributed import Communicator
+from ssl_imwa.distributed import Communicator, ProcessLayout
 from ssl_imwa.run import build_replicas
 from ssl_imwa.sync_audit import SyncAudit
 from ssl_imwa.trainer import Replica, Trainer
@@ -36,7 +36,8 @@ AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at
 
 def _meta_replicas(overrides: list[str]) -> tuple[list[Replica], Trainer]:
     cfg = validate(compose_config([*SMALL, *overrides]))
-    replicas, _, _ = build_replicas(cfg, build_data(cfg.dataset), META, Communicator(device=META))
+    single = Communicator(device=META)
+    replicas, _, _ = build_replicas(cfg, build_data(cfg.dataset), META, ProcessLayout(single, single, single))
     return replicas, Trainer(cfg.train, META)
 
 

@@ -185,8 +185,9 @@ class ACR(Algorithm):
         loss_u_balanced = masked_consistency(torch.cat([strong1[BALANCED_HEAD], strong2[BALANCED_HEAD]]),
                                              labels_b.repeat(2), mask_b.repeat(2))
 
-        if estimating:
-            self._update_estimate(weak[BALANCED_HEAD], batch["u_is_labeled"])
+        if estimating:   # from the whole batch's predictions (data parallelism: every slice's)
+            self._update_estimate(self.batch_group.gather(weak[BALANCED_HEAD].detach()),
+                                  self.batch_group.gather(batch["u_is_labeled"]))
         return {
             "loss": loss_x + loss_u + loss_u_balanced,
             "loss_x": loss_x.detach(),

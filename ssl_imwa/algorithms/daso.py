@@ -237,9 +237,11 @@ class DASO(Algorithm):
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
         # The EMA teacher (eval mode, separate module) embeds the labeled batch, so the student's
-        # BN statistics see only the one concatenated forward below. Pushed before prototypes are read.
+        # BN statistics see only the one concatenated forward below. Pushed before prototypes are
+        # read; with data parallelism the whole batch's features, in batch order.
         with torch.no_grad():
-            self.queue.push(teacher(batch["x"])["features"], batch["y"])
+            group = self.batch_group
+            self.queue.push(group.gather(teacher(batch["x"])["features"]), group.gather(batch["y"]))
         labeled, weak, (strong,) = self.forward_views(model, batch)
         loss_x = F.cross_entropy(labeled["logits"], batch["y"])
 
@@ -278,7 +280,7 @@ class DASO(Algorithm):
 
         A one-hot sum, not bincount: bincount reads the largest label back to size its output.
         """
-        self.pl_counts += F.one_hot(labels, self.num_classes).sum(0).to(self.pl_counts)
+        self.pl_counts += self.batch_group.sum(F.one_hot(labels, self.num_classes).sum(0).to(self.pl_counts))
         if (step + 1) % self.dist_update_period == 0:
             self.pl_dist = self.pl_counts / self.pl_counts.sum()
             self.pl_counts = torch.zeros_like(self.pl_counts)

@@ -163,8 +163,10 @@ class SSLData:
         replica: int = 0,
         episode: int = 0,
         device: str | torch.device = "cpu",
+        shard: tuple[int, int] = (0, 1),
     ) -> TrainStream:
-        """A training stream over this data, seeded by (seed, replica, episode); all streams on a device share its tensors."""
+        """A training stream over this data, seeded by (seed, replica, episode); all streams on a device share its
+        tensors. `shard` (i, n): only rows i/n to (i+1)/n of every batch (one of n data-parallel processes)."""
         labeled_images, labeled_targets, unlabeled_images, unlabeled_targets, unlabeled_is_labeled = (
             self._resident_on(torch.device(device))
         )
@@ -186,6 +188,7 @@ class SSLData:
             replica=replica,
             episode=episode,
             device=device,
+            shard=shard,
         )
 
 

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets import CIFAR10, CIFAR100, STL10
-from torchvision.datasets import cifar as torchvision_cifar
-from torchvision.datasets.utils import download_and_extract_archive
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 STL10_SIDE = 96
@@ -38,6 +35,10 @@ class ImageArray:
 
 def read_cifar(root: str, num_classes: int, train: bool, download: bool) -> ImageArray:
     """CIFAR-10/100 python-pickle batches through torchvision, which also checks their md5 sums."""
+    # Imported here: torchvision's package import pulls in torch._dynamo (about 2.5 s at every start).
+    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets import cifar as torchvision_cifar
+
     if num_classes not in (10, 100):
         raise ValueError(f"CIFAR has 10 or 100 classes, got num_classes={num_classes}")
     dataset_class = CIFAR10 if num_classes == 10 else CIFAR100
@@ -76,6 +77,9 @@ def read_stl10(root: str, split: str, download: bool) -> ImageArray:
     transposed to NHWC without reading anything. Sizes are checked instead of md5 sums, which
     would re-read 2.7 GB at every start.
     """
+    from torchvision.datasets import STL10
+    from torchvision.datasets.utils import download_and_extract_archive
+
     if split not in STL10_FILES:
         raise ValueError(f"STL-10 split {split!r}: expected one of {', '.join(STL10_FILES)}")
     folder = Path(root) / STL10.base_folder
@@ -183,17 +187,29 @@ def read_image_folder(root: str, split: str) -> ImageArray:
     return ImageArray(images=images, targets=np.asarray(targets, dtype=np.int64), classes=classes)
 
 
+def digits_file() -> Path:
+    """scikit-learn's digits.csv.gz, found without importing scikit-learn (2-3 s at every start):
+    what `sklearn.datasets.load_digits` reads."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("dataset.name=digits reads scikit-learn's bundled digits: pip install scikit-learn")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"scikit-learn's digits file {path} is missing: reinstall scikit-learn")
+    return path
+
+
 def read_digits(train: bool) -> ImageArray:
     """scikit-learn's bundled 8x8 digits (0..16 scaled to 0..255), with a fixed seedless partition.
 
     Per class, in file order, every third image (positions 2, 5, 8, ...) is a test image,
     which gives a stratified one-third test set that never changes.
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    targets = bunch.target.astype(np.int64)
+    table = np.loadtxt(digits_file(), delimiter=",")   # 1797 rows: 64 pixels (0..16), then the digit
+    images = np.round(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    targets = table[:, -1].astype(np.int64)
     position_in_class = np.empty(len(targets), dtype=np.int64)
     for digit in range(10):
         members = np.flatnonzero(targets == digit)

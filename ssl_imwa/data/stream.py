@@ -101,9 +101,14 @@ class TrainStream:
         replica: int,
         episode: int,
         device: str | torch.device = "cpu",
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        index, count = shard
+        if not 0 <= index < count or batch_size % count:
+            raise ValueError(f"shard {index} of {count}: expected 0 <= index < count and count dividing "
+                             f"batch_size={batch_size}")
         if mu < 0 or num_strong < 0:
             raise ValueError(f"mu and num_strong must be >= 0, got mu={mu}, num_strong={num_strong}")
         if mu > 0 and len(unlabeled_images) == 0:
@@ -125,7 +130,13 @@ class TrainStream:
         self.hflip = hflip
         self.cutout = cutout
         self.seed = seed
+        self.shard = shard
         self.reseed(replica, episode)
+
+    def _rows(self, count: int) -> slice:
+        """This shard's rows of a batch of `count`: the data-parallel process's contiguous slice."""
+        index, shards = self.shard
+        return slice(index * count // shards, (index + 1) * count // shards)
 
     def reseed(self, replica: int, episode: int) -> None:
         """Restart sampling and augmentation for (seed, replica, episode); the tensors stay resident."""
@@ -139,21 +150,26 @@ class TrainStream:
         self.augment_generator = torch.Generator().manual_seed(augment_seed)
 
     def next(self) -> dict[str, Any]:
-        """One step's batch: x, y, u_weak, u_strong (list), u_index, u_is_labeled, u_target."""
+        """One step's batch: x, y, u_weak, u_strong (list), u_index, u_is_labeled, u_target.
+
+        With a shard (i, n), the rows i/n to (i+1)/n of the batch the whole stream would give:
+        every draw is made for the whole batch, so the data does not depend on n.
+        """
         buffer = ParameterBuffer()
         labeled_count, unlabeled_count = self.batch_size, self.mu * self.batch_size
+        labeled_rows, unlabeled_rows = self._rows(labeled_count), self._rows(unlabeled_count)
         generator = self.augment_generator
-        labeled_slot = buffer.add(self.labeled_sampler.next_indices(labeled_count))
+        labeled_slot = buffer.add(self.labeled_sampler.next_indices(labeled_count)[labeled_rows])
         labeled_shape = (labeled_count, *self.labeled_images.shape[1:])
-        labeled_plan = plan_weak(generator, labeled_shape, self.pad, self.hflip, buffer)
+        labeled_plan = plan_weak(generator, labeled_shape, self.pad, self.hflip, buffer, labeled_rows)
         if self.unlabeled_sampler is None:
             unlabeled_slot = buffer.add(torch.zeros(0, dtype=torch.long))
         else:
-            unlabeled_slot = buffer.add(self.unlabeled_sampler.next_indices(unlabeled_count))
+            unlabeled_slot = buffer.add(self.unlabeled_sampler.next_indices(unlabeled_count)[unlabeled_rows])
         unlabeled_shape = (unlabeled_count, *self.unlabeled_images.shape[1:])
-        weak_plan = plan_weak(generator, unlabeled_shape, self.pad, self.hflip, buffer)
+        weak_plan = plan_weak(generator, unlabeled_shape, self.pad, self.hflip, buffer, unlabeled_rows)
         strong_plans = [
-            plan_strong(generator, unlabeled_shape, self.pad, self.hflip, self.cutout, buffer)
+            plan_strong(generator, unlabeled_shape, self.pad, self.hflip, self.cutout, buffer, unlabeled_rows)
             for _ in range(self.num_strong)
         ]
         params = buffer.send(self.device)

@@ -131,16 +131,21 @@ class WeakPlan:
 
 
 def plan_weak(
-    generator: torch.Generator, shape: Sequence[int], pad: int, hflip: bool, buffer: ParameterBuffer
+    generator: torch.Generator, shape: Sequence[int], pad: int, hflip: bool, buffer: ParameterBuffer,
+    keep: slice = slice(None),
 ) -> WeakPlan:
-    """Draw the flips and crop offsets of `shape` [N, C, H, W] images into `buffer`."""
+    """Draw the flips and crop offsets of `shape` [N, C, H, W] images into `buffer`.
+
+    `keep`: the rows whose parameters go into the buffer (a data-parallel process's slice); the
+    draws are those of all N rows, so a slice gets exactly the parameters the whole batch would.
+    """
     count, _, height, width = shape
     if pad < 0 or pad >= min(height, width):
         raise ValueError(f"crop padding {pad} must be in [0, {min(height, width)}) for {height}x{width} images")
     flip = torch.rand(count, generator=generator) < 0.5 if hflip else torch.zeros(count, dtype=torch.bool)
     offset_y = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
     offset_x = torch.randint(0, 2 * pad + 1, (count,), generator=generator)
-    return WeakPlan(pad, buffer.add(torch.stack([flip.long(), offset_y, offset_x])))
+    return WeakPlan(pad, buffer.add(torch.stack([flip.long(), offset_y, offset_x])[:, keep]))
 
 
 def apply_weak(images: torch.Tensor, plan: WeakPlan, buffer: torch.Tensor) -> torch.Tensor:
@@ -376,7 +381,8 @@ class StrongPlan:
 
 
 def plan_strong(
-    generator: torch.Generator, shape: Sequence[int], pad: int, hflip: bool, cutout: int, buffer: ParameterBuffer
+    generator: torch.Generator, shape: Sequence[int], pad: int, hflip: bool, cutout: int, buffer: ParameterBuffer,
+    keep: slice = slice(None),
 ) -> StrongPlan:
     """Draw a strong view of `shape` [N, C, H, W] images: weak, RandAugment over the FixMatch pool, Cutout.
 
@@ -384,13 +390,15 @@ def plan_strong(
     probability 0.5 at an integer magnitude uniform in [1, 10). Images are grouped by the op
     they drew, so each op runs once per round on its whole group with per-sample magnitudes;
     the group sizes are known here, on the host, so applying needs no data-dependent shapes.
+    `keep`: as in `plan_weak` (all rows are drawn; the kept ones are planned, renumbered from 0).
     """
-    weak = plan_weak(generator, shape, pad, hflip, buffer)
+    weak = plan_weak(generator, shape, pad, hflip, buffer, keep)
     count, _, height, width = shape
     op_index = torch.randint(0, len(RANDAUGMENT_OPS), (count, OPS_PER_IMAGE), generator=generator)
     magnitude = torch.randint(1, MAGNITUDE_LEVELS, (count, OPS_PER_IMAGE), generator=generator)
     applied = torch.rand(count, OPS_PER_IMAGE, generator=generator) < OP_PROBABILITY
     sign = torch.where(torch.rand(count, OPS_PER_IMAGE, generator=generator) < 0.5, -1, 1)
+    op_index, magnitude, applied, sign = (draw[keep] for draw in (op_index, magnitude, applied, sign))
     groups = []
     for round_index in range(OPS_PER_IMAGE):
         chosen, level, active = op_index[:, round_index], magnitude[:, round_index], applied[:, round_index]
@@ -402,7 +410,7 @@ def plan_strong(
         if len(rows):
             matrices = _geometric_matrices(chosen[rows], level[rows], sign[rows, round_index], height, width)
             groups.append(OpGroup("geometric", buffer.add(rows), buffer.add(matrices)))
-    box = buffer.add(_cutout_box(generator, count, cutout, height, width)) if cutout > 0 else None
+    box = buffer.add(_cutout_box(generator, count, cutout, height, width)[:, keep]) if cutout > 0 else None
     return StrongPlan(weak, tuple(groups), box)
 
 
