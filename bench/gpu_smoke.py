@@ -903,8 +903,11 @@ def resume_jobs(runs: Runs, label: str, base: list[str], nproc: int = 0, in_proc
     ]
 
 
-def check_resume(sec: Section, runs: Runs, label: str, records: dict[str, dict[str, Any]], nproc: int = 0) -> None:
-    """The resumed run ends bitwise where the uninterrupted one does: every checkpoint tensor, every evaluation."""
+def check_resume(sec: Section, runs: Runs, label: str, records: dict[str, dict[str, Any]], nproc: int = 0,
+                 replica_groups: int | None = None) -> None:
+    """The resumed run ends bitwise where the uninterrupted one does: every checkpoint tensor, every evaluation.
+
+    `replica_groups`: checkpoint files per run (one per group; default: one per process)."""
     s = runs.sizes
     full, stopped, resumed = (records.get(f"{label}_{part}", {}) for part in ("full", "stopped", "resumed"))
     if stopped.get("rc") == 0:  # its status was read before the resume wrote 'complete' over it
@@ -917,7 +920,8 @@ def check_resume(sec: Section, runs: Runs, label: str, records: dict[str, dict[s
                       for part, record in (("full", full), ("stopped", stopped), ("resumed", resumed))))
         return
     full_dir, stopped_dir = Path(full["run_dir"]), Path(stopped["run_dir"])
-    names = [f"latest.rank{rank}.pt" for rank in range(nproc)] if nproc else ["latest.pt"]
+    groups = nproc if replica_groups is None else replica_groups
+    names = [f"latest.rank{rank}.pt" for rank in range(groups)] if groups > 1 else ["latest.pt"]
     differences: list[str] = []
     compared = 0
     for name in names:
@@ -969,6 +973,9 @@ def section_end_to_end(sec: Section, ctx: Context) -> None:
     torchrun = gpus >= 2 or ctx.args.torchrun
     if torchrun:
         jobs += resume_jobs(runs, "torchrun_k2", resume_base, nproc=2)
+        # imwa.data_parallel=2: both replicas in one group of two processes (DDP, SyncBatchNorm over NCCL).
+        jobs += resume_jobs(runs, "dp2_k2", [*resume_base, "imwa.data_parallel=2", "model.sync_batchnorm=true"],
+                            nproc=2)
     records = runs.execute(jobs)
     check_resume(sec, runs, "fixmatch_k2", records)
     ran = lambda record: not str(record.get("status", "")).startswith("skipped")  # skipped: a note, not a failure
@@ -986,6 +993,7 @@ def section_end_to_end(sec: Section, ctx: Context) -> None:
                   else f"rc {record.get('rc')}: {_why(record)}")
     if torchrun:
         check_resume(sec, runs, "torchrun_k2", records, nproc=2)
+        check_resume(sec, runs, "dp2_k2", records, nproc=2, replica_groups=1)
     else:
         sec.figure("torchrun", "skipped: one GPU" if ctx.cuda else "skipped: cpu run")
         sec.note("torchrun resume: skipped, " + ("one GPU" if ctx.cuda else "not run on the CPU"))

@@ -216,12 +216,13 @@ class Orchestrator:
         latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
         writers = self._processes_that_wrote()
         if writers is not None and writers != self.comm.world_size:
-            dp = self.data_parallel.world_size
-            how = (f"torchrun with {writers} x imwa.data_parallel processes" if writers > 1 or dp > 1
-                   else "python main.py ... (no torchrun)")
-            raise ValueError(f"run {self.checkpoint_dir.parent} was written by {writers} replica group(s), this resume "
-                             f"has {self.comm.world_size} (processes / imwa.data_parallel={dp}): every group holds its "
-                             f"own replicas, so resume with {how}")
+            dp = self.data_parallel.world_size   # the run's own: imwa.data_parallel cannot change at a resume
+            processes = writers * dp
+            how = (f"torchrun --nproc_per_node={processes} main.py ... (or {processes} processes over the nodes)"
+                   if processes > 1 else "python main.py ... (no torchrun)")
+            raise ValueError(f"run {self.checkpoint_dir.parent} was written by {processes} process(es) "
+                             f"({writers} replica group(s) of imwa.data_parallel={dp}), this resume has "
+                             f"{self.comm.world_size * dp}: every group holds its own replicas, so resume with {how}")
         if self.comm.world_size == 1:
             payload, source = self._newest_intact()
             if payload is None:
@@ -525,6 +526,9 @@ class Orchestrator:
             # images this process trained on; with W processes the run's throughput is about W times this
             "images_per_s": self.state["images"] / seconds if seconds else float("nan"),
             "cpu_threads": self.state["cpu_threads"],
+            # this process's peak of allocated GPU memory (None off CUDA)
+            "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(self.trainer.device) / 2 ** 20
+                                   if self.trainer.device.type == "cuda" else None),
             "imwa": {"k": self.k, "episodes": self.cfg.imwa.episodes, "merge": self.cfg.imwa.merge,
                      "momentum": self.cfg.imwa.momentum,
                      "processes": self.comm.world_size * self.data_parallel.world_size,

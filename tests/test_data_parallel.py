@@ -7,6 +7,7 @@ in one set of processes (tests/data_parallel_worker.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -16,7 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from ssl_imwa.models import create_model
+from ssl_imwa.models.batchnorm import GroupBatchNorm2d, synchronise_batchnorm
 from tests.utils import (
     ROOT,
     assert_bitwise_equal,
@@ -115,6 +119,29 @@ def test_two_processes_per_replica_train_what_one_does(d2_and_d1: Path, algorith
                 if value.is_floating_point():
                     torch.testing.assert_close(state_two[key], value, atol=1e-5, rtol=1e-4, msg=f"{algorithm} {key}")
     assert read_results(d2_and_d1 / f"{algorithm}_d2_30")["imwa"]["data_parallel"] == 2
+
+
+@pytest.mark.parametrize("device_type, kind", [("cuda", nn.SyncBatchNorm), ("cpu", GroupBatchNorm2d)])
+def test_sync_batchnorm_converts_every_bn_layer_and_keeps_its_state(device_type: str, kind: type) -> None:
+    """PyTorch's SyncBatchNorm where it has kernels, ours on the CPU; the same parameters and buffers
+    (so checkpoints load either way), and a plain BN's output where there is no group to sync with."""
+    model = create_model("small_cnn", 10, 1, 0.001)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.weight.uniform_(0.5, 1.5)
+    converted = synchronise_batchnorm(copy.deepcopy(model), None, device_type)
+    layers = [module for module in converted.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    assert len(layers) == 3 and all(type(layer) is kind for layer in layers)
+    assert all(layer.momentum == 0.001 for layer in layers)
+    reference = model.state_dict()
+    assert converted.state_dict().keys() == reference.keys()
+    assert all(torch.equal(value, reference[key]) for key, value in converted.state_dict().items())
+    if device_type == "cpu":   # no process group here: exactly BatchNorm2d, running statistics included
+        images = torch.randn(8, 1, 8, 8)
+        torch.testing.assert_close(converted(images)["logits"], model(images)["logits"], rtol=0, atol=0)
+        assert all(torch.equal(value, model.state_dict()[key]) for key, value in converted.state_dict().items())
 
 
 def test_a_run_cannot_resume_with_another_data_parallel_size(d2_and_d1: Path) -> None:

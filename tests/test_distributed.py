@@ -110,15 +110,15 @@ def _fake_peer(monkeypatch: pytest.MonkeyPatch, peer_device: str) -> None:
     def as_sent_by_peer(obj: Any) -> Any:
         return tree_map_only(torch.Tensor, lambda t: t.to(peer_device) if t.is_cuda else t.clone(), obj)
 
-    def all_gather_object(output: list[Any], obj: Any) -> None:
+    def all_gather_object(output: list[Any], obj: Any, group: Any = None) -> None:
         output[0], output[1] = obj, as_sent_by_peer(obj)
 
-    def broadcast_object_list(box: list[Any], src: int) -> None:
+    def broadcast_object_list(box: list[Any], src: int, group: Any = None) -> None:
         box[0] = as_sent_by_peer(box[0])
 
     monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
     monkeypatch.setattr(distributed.dist, "broadcast_object_list", broadcast_object_list)
-    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op: None)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op, group=None: None)
 
 
 def _devices(obj: Any) -> set[torch.device]:

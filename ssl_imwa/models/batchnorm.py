@@ -47,7 +47,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.process_group = process_group
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats) or dist.get_world_size(self.process_group) == 1:
+        alone = not dist.is_initialized() or dist.get_world_size(self.process_group) == 1
+        if alone or not (self.training and self.track_running_stats):
             return super().forward(input)
         channels = input.shape[1]
         values = input.double().transpose(0, 1).reshape(channels, -1)
