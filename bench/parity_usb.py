@@ -118,25 +118,21 @@ def usb_args(algo: str, seed: int, num_classes: int) -> SimpleNamespace:
     return SimpleNamespace(**args)
 
 
-def run_usb(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
-    """Train USB's algorithm with our data, our net and USB's own step, hooks (update, EMA) and loop order."""
+def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
+    """USB's algorithm for `algo` on our net, with USB's optimizer, schedule and training hooks, before `before_run`.
+
+    Patches USB's AlgorithmBase for the whole process: no datasets or loaders of its own (our split
+    replaces them) and no `.cuda()` in `process_batch` (this runs on CPU).
+    """
     write_stubs(out / "stubs")
-    sys.path.insert(0, str(out / "stubs"))
-    torch.set_num_threads(threads)
+    if str(out / "stubs") not in sys.path:
+        sys.path.insert(0, str(out / "stubs"))
     import semilearn.core.algorithmbase as base
     from semilearn.algorithms.fixmatch import FixMatch
     from semilearn.core.utils import get_optimizer
     from semilearn.imb_algorithms import get_imb_algorithm
 
-    from ssl_imwa.data.transforms import normalize, strong_augment, weak_augment
-    from ssl_imwa.metrics import class_groups, classification_metrics
-
-    data = build_split()
-    split = {"labeled": data.split.labeled.tolist(), "unlabeled": data.split.unlabeled.tolist()}
-    (out / "split_indices.json").write_text(json.dumps(split))  # indices into the digits training set
     num_classes, channels = data.num_classes, data.in_channels
-    torch.manual_seed(seed)
-    np.random.seed(seed)
 
     def set_none(self: Any) -> None:
         return None
@@ -183,11 +179,52 @@ def run_usb(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
     keep = {"ParamUpdateHook", "EMAHook", "PseudoLabelingHook", "MaskingHook"}
     algorithm._hooks = [h for h in algorithm._hooks if h.name in keep]
     algorithm.hooks_dict = {h.name: h for h in algorithm._hooks}
+    algorithm.model.train()
+    return algorithm
+
+
+def usb_step(algorithm: Any, batch: dict[str, torch.Tensor], it: int) -> None:
+    """One USB iteration as its `train()` loop runs it: hooks before, `train_step`, hooks after (update, EMA)."""
+    algorithm.it = it
+    algorithm.call_hook("before_train_step")
+    algorithm.out_dict, algorithm.log_dict = algorithm.train_step(**algorithm.process_batch(**batch))
+    algorithm.call_hook("after_train_step")
+
+
+def score(data: Any, models: dict[str, nn.Module]) -> dict[str, Any]:
+    """Top-1 and balanced accuracy on the test split, each model in eval mode, with our metric code."""
+    from ssl_imwa.data.transforms import normalize
+    from ssl_imwa.metrics import class_groups, classification_metrics
+
+    results: dict[str, Any] = {}
+    test = normalize(data.test_images, data.mean, data.std)
+    groups = class_groups(data.counts["labeled"])
+    for name, model in models.items():
+        mode = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(test)["logits"]
+        model.train(mode)
+        m = classification_metrics(logits.argmax(1), data.test_targets, data.num_classes, groups)
+        results[name] = {"top1": m["top1"], "balanced_acc": m["balanced_acc"]}
+    return results
+
+
+def run_usb(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
+    """Train USB's algorithm with our data, our net and USB's own step, hooks (update, EMA) and loop order."""
+    torch.set_num_threads(threads)
+    from ssl_imwa.data.transforms import normalize, strong_augment, weak_augment
+
+    data = build_split()
+    split = {"labeled": data.split.labeled.tolist(), "unlabeled": data.split.unlabeled.tolist()}
+    (out / "split_indices.json").write_text(json.dumps(split))  # indices into the digits training set
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    algorithm = build_usb(algo, seed, out, data)
 
     gen = torch.Generator().manual_seed(seed)
     mean, std = data.mean, data.std
     n_lb, n_ulb, mu = len(data.labeled_targets), len(data.unlabeled_images), MU[algo]
-    algorithm.model.train()
     algorithm.call_hook("before_run")
     for it in range(STEPS):
         lb = torch.randint(n_lb, (BATCH,), generator=gen)
@@ -198,35 +235,26 @@ def run_usb(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
         x_s = normalize(strong_augment(u, gen, data.pad, data.hflip, data.cutout), mean, std)
         batch = {"x_lb": x_lb, "y_lb": data.labeled_targets[lb], "x_ulb_w": x_w, "x_ulb_s": x_s,
                  "idx_lb": lb, "idx_ulb": ulb}
-        algorithm.it = it
-        algorithm.call_hook("before_train_step")
-        algorithm.out_dict, algorithm.log_dict = algorithm.train_step(**algorithm.process_batch(**batch))
-        algorithm.call_hook("after_train_step")
+        usb_step(algorithm, batch, it)
     algorithm.it = STEPS
+    return score(data, {"ema": algorithm.ema_model, "student": algorithm.model})
 
-    results: dict[str, Any] = {}
-    test = normalize(data.test_images, mean, std)
-    groups = class_groups(data.counts["labeled"])
-    for name, model in (("ema", algorithm.ema_model), ("student", algorithm.model)):
-        model.eval()
-        with torch.no_grad():
-            preds = model(test)["logits"].argmax(1)
-        m = classification_metrics(preds, data.test_targets, num_classes, groups)
-        results[name] = {"top1": m["top1"], "balanced_acc": m["balanced_acc"]}
-    return results
+
+def our_overrides(algo: str, seed: int, threads: int) -> list[str]:
+    """Our main.py overrides that match USB (each one documented in docs/results/parity_usb.md)."""
+    overrides = ["experiment=cpu_digits_lt", f"seed={seed}", "algorithm.ema.warmup=false",
+                 f"model.bn_momentum={BN_MOMENTUM}", "train.wd_exclude_bias_bn=true", f"train.num_threads={threads}",
+                 "train.progress=false"]
+    if algo.startswith("daso"):
+        return overrides + ["algorithm=daso_short", "algorithm.ema.buffers=copy", f"train.mu={MU[algo]}",
+                            "train.schedule=constant"]
+    return overrides + ["algorithm=fixmatch"]
 
 
 def run_ours(algo: str, seed: int, out: Path, threads: int) -> dict[str, Any]:
     """Our main.py with the overrides that match USB (each one documented in docs/results/parity_usb.md)."""
     run_dir = out / f"ours_{algo}_s{seed}"
-    overrides = ["experiment=cpu_digits_lt", f"seed={seed}", "algorithm.ema.warmup=false",
-                 f"model.bn_momentum={BN_MOMENTUM}", "train.wd_exclude_bias_bn=true", f"train.num_threads={threads}", "train.progress=false",
-                 f"hydra.run.dir={run_dir}"]
-    if algo == "daso":
-        overrides += ["algorithm=daso_short", "algorithm.ema.buffers=copy", f"train.mu={MU[algo]}",
-                      "train.schedule=constant"]
-    else:
-        overrides += ["algorithm=fixmatch"]
+    overrides = [*our_overrides(algo, seed, threads), f"hydra.run.dir={run_dir}"]
     if not (run_dir / "results.json").exists():
         with open(out / f"ours_{algo}_s{seed}.log", "w") as log:
             subprocess.run([sys.executable, "main.py", *overrides], cwd=REPO, check=True,

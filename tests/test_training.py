@@ -127,7 +127,7 @@ def test_resume_with_another_number_of_processes_names_both(tmp_path: Path) -> N
     checkpoints.mkdir(parents=True)
     for rank in range(2):
         (checkpoints / f"latest.rank{rank}.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this resume has 1.*torchrun --nproc_per_node=2"):
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) \(2 replica group\(s\) of imwa.data_parallel=1\), this resume has 1.*torchrun --nproc_per_node=2"):
         train_run(tmp_path, [*TINY, "resume=true", "imwa.k=2"])
 
 
