@@ -1,0 +1,298 @@
+"""Shared-randomness per-step oracle: our training step against USB's (semilearn 0.3.2), tensor by tensor.
+
+bench/parity_usb.py compares whole runs whose initial weights, batches and augmentations come from
+different random streams, so a paired difference mixes implementation and stream. Here both sides
+start from ONE state_dict (ours, built and seeded as `python main.py` builds it) and every step
+both get the SAME batch (the exact tensors our TrainStream hands our trainer). Our side is
+`Trainer.step` on a replica built by ssl_imwa.run (our config composed by Hydra with
+parity_usb.our_overrides); USB's is `train_step` with its update and EMA hooks (parity_usb.usb_step).
+After each step the student's parameters and BN buffers and the teacher's parameters and buffers
+are compared; the first step where a tensor differs by more than --tol (max |a - b| / max |a|) is
+reported, with the unlabeled mask rates of both sides (a flipped threshold decision is where
+rounding noise turns into a different trajectory).
+
+DASO differs from ours by design (docs/results/parity_usb.md items 8-11); --align switches USB's
+DASO to our choice one item at a time, so the oracle can show which item a divergence comes from:
+
+    samebatch   item 9: blend the current batch's semantic similarities (parity_usb's daso_samebatch)
+    mask        item 8: threshold the blended pseudo-label instead of the linear one
+    boundary    item 10: alignment loss from the first blending step (20), not one step earlier
+    bn_once     item 11: undo the queue forward's update of the student's BN running statistics
+    eval_queue  item 11: queue features from the EMA model in eval mode (implies bn_once)
+
+Run (one process, one thread; USB set up as in bench/parity_usb.py):
+
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 200
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo daso --steps 200 --align all
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 1000 --seeds 0 1 2 --score
+    /tmp/usb_venv/bin/python bench/parity_oracle.py report   # markdown table of the scored runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.parity_usb import BATCH, build_usb, our_overrides, score, usb_step
+
+ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue")
+REPORT_STEPS = (1, 2, 5, 10, 20, 21, 50, 100, 200, 500, 1000)
+
+
+class Tee:
+    """Our training stream, keeping the batch it last handed out so USB can get the same tensors."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.last: dict[str, Any] = {}
+
+    def __iter__(self) -> Tee:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        self.last = next(self.stream)
+        return self.last
+
+
+def build_ours(algo: str, seed: int, run_dir: Path, engine: Path) -> tuple[Any, Any, Any]:
+    """(trainer, replica, data) exactly as ssl_imwa.run builds them for parity_usb's command line.
+
+    `engine`: the checkout whose ssl_imwa/ and configs/ are tested (a snapshot such as
+    `git archive HEAD ssl_imwa configs` keeps a long run clear of edits in progress).
+    """
+    sys.path.insert(0, str(engine))
+    from hydra import compose, initialize_config_dir
+
+    from ssl_imwa.config import register_configs, validate
+    from ssl_imwa.data import build_data
+    from ssl_imwa.rng import seed_everything
+    from ssl_imwa.run import (
+        build_algorithm,
+        build_initial_model,
+        build_replica,
+        configure_torch,
+    )
+    from ssl_imwa.trainer import Trainer
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(engine / "configs"), version_base="1.3"):
+        raw = compose("config", overrides=[*our_overrides(algo, seed, 1), f"run_dir={run_dir}"])
+    cfg = validate(raw)
+    device = configure_torch(cfg)
+    seed_everything(cfg.seed)
+    data = build_data(cfg.dataset)
+    algorithm = build_algorithm(cfg, data, device)
+    initial = build_initial_model(cfg, data, algorithm, device)
+    replica = build_replica(0, cfg, data, algorithm, initial, device)
+    replica.stream = Tee(replica.stream)
+    return Trainer(cfg.train, device), replica, data
+
+
+def align_usb_daso(algorithm: Any, items: set[str]) -> None:
+    """Switch USB's DASO (after `before_run`) to our design for each named item (module docstring)."""
+    state: dict[str, Any] = {}
+    student_buffers = list(algorithm.model.buffers())
+    apply_shadow, enqueue, train_step = algorithm.ema.apply_shadow, algorithm.queue.enqueue, algorithm.train_step
+
+    def shadow_saving_bn() -> None:
+        state["bn"] = [b.clone() for b in student_buffers]
+        apply_shadow()
+
+    def enqueue_aligned(features: torch.Tensor, labels: torch.Tensor) -> None:
+        for buffer, saved in zip(student_buffers, state["bn"], strict=True):
+            buffer.copy_(saved)
+        if "eval_queue" in items:
+            teacher = algorithm.ema_model.eval()
+            features = teacher(state["x_lb"])["feat"]
+            teacher.train()
+        enqueue(features, labels)
+
+    def step_aligned(**kwargs: Any) -> Any:
+        state["x_lb"] = kwargs["x_lb"]
+        warmup = algorithm.num_pretrain_iter
+        if "boundary" in items and algorithm.it == warmup - 1:
+            algorithm.num_pretrain_iter = warmup + 1  # DASO.train_step returns before the alignment loss
+        try:
+            return train_step(**kwargs)
+        finally:
+            algorithm.num_pretrain_iter = warmup
+
+    if items & {"bn_once", "eval_queue"}:
+        algorithm.ema.apply_shadow = shadow_saving_bn
+        algorithm.queue.enqueue = enqueue_aligned
+    if items & {"boundary", "eval_queue"}:
+        algorithm.train_step = step_aligned
+    if "mask" in items:
+        hook = algorithm.hooks_dict["MaskingHook"]
+        linear_mask = hook.masking
+        labeler = algorithm.hooks_dict["PseudoLabelingHook"]
+
+        def blended_mask(alg: Any, logits_x_ulb: torch.Tensor, softmax_x_ulb: bool = True, **kwargs: Any
+                         ) -> torch.Tensor:
+            if alg.it < alg.num_pretrain_iter:
+                return linear_mask(alg, logits_x_ulb, softmax_x_ulb, **kwargs)
+            probs = logits_x_ulb.detach()  # FixMatch passes probabilities (softmax_x_ulb=False)
+            dist = labeler.get_pl_dist().to(probs.device) ** (1.0 / alg.T_dist)
+            weight = (dist / dist.max())[probs.argmax(dim=1)].view(-1, 1)
+            blended = (1.0 - weight) * probs + weight * alg.probs_sim
+            return blended.max(dim=1)[0].ge(alg.p_cutoff).to(probs.dtype)
+
+        hook.masking = blended_mask
+
+
+def tensor_groups(student: nn.Module, teacher: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Named tensors of one side in four groups: student/teacher parameters and buffers."""
+    return {"student param": dict(student.named_parameters()), "student buffer": dict(student.named_buffers()),
+            "teacher param": dict(teacher.named_parameters()), "teacher buffer": dict(teacher.named_buffers())}
+
+
+def differences(ours: dict[str, dict[str, torch.Tensor]], usb: dict[str, dict[str, torch.Tensor]]
+                ) -> dict[str, tuple[float, str]]:
+    """Per group: the largest relative difference max|a - b| / max|a| over its tensors, and that tensor's name."""
+    worst: dict[str, tuple[float, str]] = {}
+    for group, tensors in ours.items():
+        rel = {name: ((a.double() - usb[group][name].double()).abs().max()
+                      / a.double().abs().max().clamp(min=1e-12)).item() for name, a in tensors.items()}
+        name = max(rel, key=lambda n: rel[n])
+        worst[group] = (rel[name], name)
+    return worst
+
+
+def bn_recalibrated(model: nn.Module, data: Any) -> nn.Module:
+    """A copy whose BN running statistics are re-estimated under ITS OWN weights on the unaugmented training
+    images (labeled and unlabeled, cumulative average): separates a teacher's weights from its statistics."""
+    from ssl_imwa.data.transforms import normalize
+
+    copy = deepcopy(model).train()
+    for module in copy.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    images = normalize(torch.cat([data.labeled_images, data.unlabeled_images]), data.mean, data.std)
+    with torch.no_grad():
+        for chunk in images.split(BATCH * 4):
+            copy(chunk)
+    return copy.eval()
+
+
+def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], out: Path, scored: bool,
+               engine: Path, perturb: float) -> dict[str, Any]:
+    """Lockstep run of both sides; prints a line per report step and the first divergence beyond `tol`."""
+    trainer, replica, data = build_ours(algo, seed, out / "ours_cfg", engine)
+    usb_algo = "daso_samebatch" if algo == "daso" and "samebatch" in items else algo
+    usb = build_usb(usb_algo, seed, out, data)
+    initial = replica.model.state_dict()
+    if perturb:  # rounding-sized noise on USB's copy: how fast identical code amplifies it
+        noise = torch.Generator().manual_seed(seed)
+        initial = {name: t * (1 + perturb * torch.randn(t.shape, generator=noise)) if t.is_floating_point() else t
+                   for name, t in initial.items()}
+    usb.model.net.load_state_dict(initial)
+    usb.ema_model.net.load_state_dict(initial)
+    usb.call_hook("before_run")  # USB's EMA registers the (now shared) initial weights here
+    if algo == "daso":
+        align_usb_daso(usb, items)
+    ours_tensors = tensor_groups(replica.model, replica.teacher.module)
+    usb_tensors = tensor_groups(usb.model.net, usb.ema_model.net)
+    first: dict[str, Any] | None = None
+    mask_flips, history = 0, []
+    for step in range(steps):
+        outputs = trainer.step(replica, step)
+        b = replica.stream.last
+        usb_step(usb, {"x_lb": b["x"].clone(), "y_lb": b["y"].clone(), "x_ulb_w": b["u_weak"].clone(),
+                       "x_ulb_s": b["u_strong"][0].clone()}, step)
+        ours_mask, usb_mask = outputs["mask_rate"].item(), usb.log_dict["train/util_ratio"]
+        mask_flips += round(abs(ours_mask - usb_mask) * BATCH * (len(b["u_weak"]) // BATCH))
+        diff = differences(ours_tensors, usb_tensors)
+        history.append({"step": step + 1, "mask": [ours_mask, usb_mask],
+                        **{group: value for group, (value, _) in diff.items()}})
+        above = {group: value for group, value in diff.items() if value[0] > tol}
+        if above and first is None:
+            first = {"step": step + 1, "groups": above, "mask_rate": [ours_mask, usb_mask]}
+            print(f"first divergence > {tol:g} after step {step + 1}: {above} (mask rate ours {ours_mask:.4f}, "
+                  f"USB {usb_mask:.4f})", flush=True)
+        if step + 1 in REPORT_STEPS or step + 1 == steps:
+            cells = "  ".join(f"{group} {value:.1e} ({name})" for group, (value, name) in diff.items())
+            print(f"step {step + 1:5d}  {cells}  pseudo-label mask decisions differing so far: {mask_flips}",
+                  flush=True)
+    result: dict[str, Any] = {"algo": algo, "seed": seed, "steps": steps, "align": sorted(items), "tol": tol,
+                              "perturb": perturb, "engine": str(engine),
+                              "first_divergence": first, "mask_decisions_differing": mask_flips, "history": history}
+    if scored:
+        for side, teacher, student in (("ours", replica.teacher.module, replica.model),
+                                       ("usb", usb.ema_model, usb.model)):
+            result[side] = score(data, {"ema": teacher, "student": student,
+                                        "ema_bn_recalibrated": bn_recalibrated(teacher, data)})
+        print("scores", json.dumps({k: result[k] for k in ("ours", "usb")}), flush=True)
+    return result
+
+
+def report(out: Path) -> str:
+    """Markdown table of the scored runs in `out`: per seed, USB's side minus ours, teacher and student."""
+    runs: dict[tuple[str, str, float], dict[int, dict[str, Any]]] = {}
+    for path in sorted(out.glob("*.json")):
+        result = json.loads(path.read_text())
+        if "ours" in result:
+            key = (result["algo"], " ".join(result["align"]) or "none (USB as shipped)", result["perturb"], result["steps"])
+            runs.setdefault(key, {})[result["seed"]] = result
+    header = ("| algorithm | USB items switched to ours | perturbation | steps | model | ours (balanced acc, per seed) "
+              "| USB side | USB side − ours, per seed | mean | largest relative difference at the end |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for (algo, align, perturb, steps), by_seed in sorted(runs.items()):
+        seeds = sorted(by_seed)
+        for model in ("ema", "student", "ema_bn_recalibrated"):
+            if any(model not in by_seed[s]["ours"] for s in seeds):
+                continue
+            ours = [100 * by_seed[s]["ours"][model]["balanced_acc"] for s in seeds]
+            usb = [100 * by_seed[s]["usb"][model]["balanced_acc"] for s in seeds]
+            diff = [b - a for a, b in zip(ours, usb, strict=True)]
+            group = "student" if model == "student" else "teacher"
+            end = max(by_seed[s]["history"][-1][f"{group} {kind}"] for s in seeds for kind in ("param", "buffer"))
+            label = {"ema": "teacher", "ema_bn_recalibrated": "teacher, BN statistics re-estimated"}.get(model, model)
+            lines.append(f"| {algo} | {align} | {perturb:g} | {steps} | {label} | "
+                         f"{' / '.join(f'{x:.1f}' for x in ours)} | {' / '.join(f'{x:.1f}' for x in usb)} | "
+                         f"{' / '.join(f'{x:+.1f}' for x in diff)} | {sum(diff) / len(diff):+.1f} | {end:.1e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=["run", "report"], default="run")
+    parser.add_argument("--algo", choices=["fixmatch", "daso"], default="fixmatch")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--tol", type=float, default=1e-4, help="relative difference counted as a divergence")
+    parser.add_argument("--align", nargs="*", default=[], choices=[*ALIGN_ITEMS, "all"],
+                        help="DASO items where USB is switched to our design")
+    parser.add_argument("--score", action="store_true", help="score both teachers and students on the test split")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/parity_oracle"))
+    parser.add_argument("--perturb", type=float, default=0.0,
+                        help="relative Gaussian noise on USB's initial weights (a chaos yardstick)")
+    parser.add_argument("--engine", type=Path, default=REPO, help="checkout holding the ssl_imwa/ and configs/ to test")
+    args = parser.parse_args()
+    if args.command == "report":
+        print(report(args.out))
+        return
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    items = set(ALIGN_ITEMS) if "all" in args.align else set(args.align)
+    if "boundary" in items and "samebatch" not in items:
+        parser.error("--align boundary needs samebatch: USB's next step would blend similarities never computed")
+    for seed in args.seeds:
+        result = run_oracle(args.algo, seed, args.steps, args.tol, items, args.out, args.score, args.engine,
+                            args.perturb)
+        tag = ("-".join(sorted(items)) or "usb") + (f"_perturb{args.perturb:g}" if args.perturb else "")
+        (args.out / f"{args.algo}_{tag}_s{seed}_n{args.steps}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
