@@ -145,20 +145,29 @@ def test_warmup_is_exactly_fixmatch() -> None:
         assert torch.equal(daso_out[key], fixmatch_out[key]), key
 
 
-def test_teacher_forward_leaves_student_bn_statistics_untouched() -> None:
+def test_the_teacher_embeds_the_labeled_batch_in_train_mode_and_the_student_forwards_once() -> None:
+    """As the official EMA model (always in train mode): queue features from the labeled batch's own BN
+    statistics, the teacher's running statistics moved by that one forward, the student's untouched by it."""
     torch.manual_seed(0)
     student = create_model("small_cnn", num_classes=3, in_channels=1)
     teacher = copy.deepcopy(student).eval()
-    teacher_buffers = copy.deepcopy(dict(teacher.named_buffers()))
-    reference = copy.deepcopy(student)
+    reference_student, reference_teacher = copy.deepcopy(student), copy.deepcopy(teacher).train()
     batch = image_batch(torch.Generator().manual_seed(2))
-    DASO(DASOConfig(warmup_steps=0), algorithm_context([3, 2, 1], 10)).losses(batch, student, teacher, step=0)
+    daso = DASO(DASOConfig(warmup_steps=0), algorithm_context([3, 2, 1], 10))
+    daso.losses(batch, student, teacher, step=0)
     # The student's statistics are those of exactly one forward over (x, u_weak, u_strong).
-    forward_concat(reference, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
-    for name, buffer in reference.named_buffers():
+    forward_concat(reference_student, [batch["x"], batch["u_weak"], batch["u_strong"][0]])
+    for name, buffer in reference_student.named_buffers():
         assert torch.equal(dict(student.named_buffers())[name], buffer), name
-    for name, buffer in teacher.named_buffers():
-        assert torch.equal(teacher_buffers[name], buffer), name
+    # The teacher's: one train-mode forward over x, which also gave the queued features; it is left in eval mode.
+    with torch.no_grad():
+        features = reference_teacher(batch["x"])["features"]
+    for name, buffer in reference_teacher.named_buffers():
+        assert torch.equal(dict(teacher.named_buffers())[name], buffer), name
+    assert not teacher.training
+    expected = FeatureQueue(3, DASOConfig().queue_size)
+    expected.push(features, batch["y"])
+    assert torch.equal(daso.queue.features, expected.features)
 
 
 def test_state_round_trip_gives_identical_next_losses() -> None:

@@ -236,12 +236,7 @@ class DASO(Algorithm):
         self.register_buffer("pl_counts", torch.zeros(num_classes, dtype=torch.float64, device=self.device))
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        # The EMA teacher (eval mode, separate module) embeds the labeled batch, so the student's
-        # BN statistics see only the one concatenated forward below. Pushed before prototypes are
-        # read; with data parallelism the whole batch's features, in batch order.
-        with torch.no_grad():
-            group = self.batch_group
-            self.queue.push(group.gather(teacher(batch["x"])["features"]), group.gather(batch["y"]))
+        self._push_labeled_features(batch, teacher)
         labeled, weak, (strong,) = self.forward_views(model, batch)
         loss_x = F.cross_entropy(labeled["logits"], batch["y"])
 
@@ -274,6 +269,26 @@ class DASO(Algorithm):
             "mask_rate": mask.mean(),
             "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
         }
+
+    @torch.no_grad()
+    def _push_labeled_features(self, batch: Batch, teacher: nn.Module) -> None:
+        """The EMA teacher embeds the labeled batch in train mode, as the official EMA model does (it
+        stays in train mode: ytaek-oh/daso lib/models/ema_model.py, daso_model.py forward_train): the
+        features come from the batch's own BN statistics, and the forward moves the TEACHER's running
+        statistics (kept with ema.buffers=ema, overwritten by the student's with copy), never the
+        student's, which see only the one concatenated forward of `losses`.
+
+        With data parallelism every process embeds the whole labeled batch (gathered: B images, no
+        gradient), so the statistics, the features and the teacher's buffers are those of D = 1 and
+        the same on every process. Pushed before the prototypes are read.
+        """
+        images, labels = self.batch_group.gather(batch["x"]), self.batch_group.gather(batch["y"])
+        teacher.train()
+        try:
+            features = teacher(images)["features"]
+        finally:
+            teacher.eval()
+        self.queue.push(features, labels)
 
     def _count_pseudo_labels(self, labels: torch.Tensor, step: int) -> None:
         """Histogram of final pseudo-labels (all samples, no threshold); m_hat is replaced every period.
