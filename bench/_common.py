@@ -2,9 +2,12 @@
 synchronisation, composing the real config, and bitwise checkpoint comparisons (bench/ never imports tests/)."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,29 @@ def header(title: str, threads: int, device: torch.device | str = "cpu") -> str:
 
 # ----- helpers for bench/gpu_smoke.py and any benchmark that may run on a GPU ----------------------
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(overrides: list[str], run_dir: Path, world: int = 1) -> tuple[dict[str, Any], list[float]]:
+    """`python main.py` in `world` child processes (torchrun's environment when world > 1, one thread
+    each as torchrun sets it); returns the run's results.json and each process's peak RSS in MB."""
+    command = [sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={run_dir}", "train.progress=false"]
+    port = 29000 + os.getpid() % 1000
+    children = []
+    for rank in range(world):
+        env = dict(os.environ)
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        log = open(run_dir.with_suffix(f".rank{rank}.log"), "w")   # noqa: SIM115 (closed when the child ends)
+        children.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    peaks = []
+    for child, log in children:
+        _, status, usage = os.wait4(child.pid, 0)
+        log.close()
+        if status != 0:
+            raise SystemExit(f"run failed ({status}): see {run_dir}.rank*.log")
+        peaks.append(usage.ru_maxrss / 1024)
+    return json.loads((run_dir / "results.json").read_text()), peaks
 CONFIG_DIR = ROOT / "configs"
 
 

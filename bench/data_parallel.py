@@ -13,36 +13,10 @@ with two threads, and pay the per-step all-reduces on top; the figure says what 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench._common import header
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def launch(world: int, overrides: list[str], run_dir: Path) -> list[float]:
-    """Run main.py in `world` processes (torchrun's environment); peak RSS in MB of each."""
-    port = 29000 + os.getpid() % 1000
-    command = [sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={run_dir}", "train.progress=false"]
-    children = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        log = open(run_dir.with_suffix(f".rank{rank}.log"), "w")   # noqa: SIM115 (closed when the child ends)
-        children.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    peaks = []
-    for child, log in children:
-        _, status, usage = os.wait4(child.pid, 0)
-        log.close()
-        if status != 0:
-            raise SystemExit(f"run failed ({status}): see {run_dir}.rank*.log")
-        peaks.append(usage.ru_maxrss / 1024)
-    return peaks
+from bench._common import header, run_main
 
 
 def main() -> None:
@@ -63,8 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, (world, extra)) in enumerate(arms.items()):
             run_dir = Path(scratch) / f"arm{index}"
-            peaks = launch(world, [*base, *extra], run_dir)
-            results = json.loads((run_dir / "results.json").read_text())
+            results, peaks = run_main([*base, *extra], run_dir, world)
             steps_per_s = args.steps / results["wall_time_s"]
             images = results["images_per_s"] * world   # results count the images of process 0's slice
             gpu = results.get("peak_gpu_memory_mb")

@@ -10,27 +10,16 @@ Then peak memory (max RSS of the whole process) for K = 1, 2, 4 on one device.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from bench._common import header
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench._common import header, run_main
 
 
 def run(overrides: list[str], run_dir: Path) -> tuple[dict, float]:
     """Run main.py in a child process; returns (results.json, peak RSS in MB of that child)."""
-    command = [sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={run_dir}", "train.progress=false"]
-    with open(run_dir.with_suffix(".log"), "w") as log:
-        child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise SystemExit(f"run failed ({status}): see {run_dir.with_suffix('.log')}")
-    return json.loads((run_dir / "results.json").read_text()), usage.ru_maxrss / 1024
+    results, (peak,) = run_main(overrides, run_dir)
+    return results, peak
 
 
 def main() -> None:

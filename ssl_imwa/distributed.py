@@ -173,11 +173,6 @@ class ProcessLayout:
     across_replicas: Communicator
     data_parallel: Communicator
 
-    @property
-    def leads_its_group(self) -> bool:
-        """Data-parallel rank 0: the process that evaluates and checkpoints its group's replicas."""
-        return self.data_parallel.rank == 0
-
 
 def init_process_layout(device: torch.device, timeout_s: float, data_parallel: int = 1) -> ProcessLayout:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK), if any, and
@@ -193,7 +188,7 @@ def init_process_layout(device: torch.device, timeout_s: float, data_parallel: i
                          "(torchrun --nproc_per_node=... x --nnodes=...)")
     if world_size == 1:
         single = Communicator(timeout_s=timeout_s, device=device)
-        return ProcessLayout(single, single, Communicator(timeout_s=timeout_s, device=device))
+        return ProcessLayout(single, single, single)
     rank = rank_from_environment()
     if not dist.is_initialized():
         options: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
