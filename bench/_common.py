@@ -138,7 +138,7 @@ def compose_config(overrides: list[str], run_dir: Path | str = ".") -> Any:
 
 def checkpoint_tensors(run_dir: Path | str, name: str = "latest.pt") -> dict[str, torch.Tensor]:
     """Every replica's student, teacher and optimiser tensors in a checkpoint, flattened, on the CPU."""
-    return replica_tensors(torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=False))
+    return replica_tensors(torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=True))
 
 
 def tensor_differences(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> list[str]:

@@ -1,49 +1,62 @@
-"""Checkpoints: atomic writes (temp file + rename) and validated loads with clear errors."""
+"""Checkpoints: atomic writes (temp file + rename) and validated loads with clear errors.
+
+A checkpoint holds only what torch's weights-only unpickler accepts (tensors, dicts, lists, tuples,
+strings, numbers, booleans, None) and is only ever read by that unpickler: opening a run someone
+sent you cannot run their code. `save_atomic` refuses any other value before writing.
+"""
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import pickle
+import re
 import shutil
 import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-# Version 2 adds `sha256`, a digest of the payload's contents; version 1 files (no digest) still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 3: weights-only (no NumPy arrays or other pickled objects). Files of versions 1 and 2 are
+# refused by the weights-only loader; `python -m ssl_imwa.upgrade_checkpoint` converts trusted ones.
+FORMAT_VERSION = 3
 REQUIRED_KEYS = ("format_version", "fingerprint", "progress", "replicas", "run_state")
 DIGEST_KEY = "sha256"
-# Config keys added after checkpoints were first written, with the value a checkpoint without them was
-# trained with: such a checkpoint matches a config that keeps that value.
-KEYS_ADDED_LATER = {"imwa.data_parallel": 1, "model.sync_batchnorm": False}
+UPGRADE_COMMAND = "python -m ssl_imwa.upgrade_checkpoint --trust"
+PLAIN_VALUE_TYPES = (str, bool, int, float, type(None))
 
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint file that cannot be read back (truncated, overwritten, not ours)."""
 
 
-def contents_digest(obj: Any) -> str:
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint holding an object the weights-only unpickler refuses: never loaded, never skipped
+    over for an older checkpoint (a file that may carry someone's code deserves a person's look)."""
+
+
+def contents_digest(obj: Any, other_leaf: Callable[[Any], bytes | None] | None = None) -> str:
     """The SHA-256 of `obj`'s contents: values, dtypes, shapes and structure.
 
     torch's zip format carries no checksum a load verifies: a flipped byte inside a tensor loads
     silently as a different weight. The digest, stored in the file and recomputed after loading,
     catches that and any damage that still unpickles. Container classes are not hashed (a
-    state_dict's OrderedDict is one mapping like any other), and only plain data is accepted, so
-    the digest never depends on an object's address.
+    state_dict's OrderedDict is one mapping like any other). Only the types a weights-only load
+    accepts are allowed, so a payload that could not be loaded safely is refused before it is written
+    (`other_leaf` hashes further types, for reading files of earlier formats: ssl_imwa.upgrade_checkpoint).
     """
     hasher = hashlib.sha256()
 
     def walk(node: Any) -> None:
-        if isinstance(node, dict):
+        if type(node) in (dict, OrderedDict):
             hasher.update(f"map{len(node)}".encode())
             for key, value in node.items():
                 walk(key)
                 walk(value)
-        elif isinstance(node, (list, tuple)):
+        elif type(node) in (list, tuple):
             hasher.update(f"seq{len(node)}".encode())
             for item in node:
                 walk(item)
@@ -51,14 +64,14 @@ def contents_digest(obj: Any) -> str:
             flat = node.detach().cpu().contiguous().reshape(-1)
             hasher.update(f"tensor{node.dtype}{tuple(node.shape)}".encode())
             hasher.update(flat.view(torch.uint8).numpy())
-        elif isinstance(node, np.ndarray):
-            hasher.update(f"array{node.dtype}{node.shape}".encode())
-            hasher.update(np.ascontiguousarray(node).reshape(-1).view(np.uint8))
-        elif node is None or isinstance(node, (str, bytes, bool, int, float, np.generic)):
+        elif type(node) in PLAIN_VALUE_TYPES:
             hasher.update(f"{type(node).__name__}{node!r}".encode())
+        elif other_leaf is not None and (encoded := other_leaf(node)) is not None:
+            hasher.update(encoded)
         else:
-            raise TypeError(f"checkpoint payload holds a {type(node).__name__}; only tensors, arrays, containers "
-                            "and plain values can be checksummed")
+            raise TypeError(f"checkpoint payload holds a {type(node).__module__}.{type(node).__qualname__}; a "
+                            "checkpoint holds only tensors, dicts, lists, tuples, strings, numbers, booleans and "
+                            "None (what torch.load(weights_only=True) reads): convert it when saving")
 
     walk(obj)
     return hasher.hexdigest()
@@ -121,28 +134,52 @@ def _current_umask() -> int:
     return mask
 
 
-def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Load and validate a checkpoint written by this codebase for the same experiment."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: nothing to resume (run without resume=true)")
+def read_weights_only(path: Path) -> Any:
+    """`path` unpickled by torch's weights-only loader; a refused type is named in one line."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch file (UnpicklingError: "
+                                    f"{error}); delete it or point run_dir at a run with a valid checkpoint") from None
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = refused.group(1) if refused else _weights_only_reason(str(error))
+        raise UnsafeCheckpoint(
+            f"checkpoint {path} refused: it holds {what}, which torch's weights-only loader does not load (unpickling "
+            "it could run code); ssl-imwa checkpoints hold only tensors and plain values. One written by ssl-imwa "
+            f"before checkpoint format 3 can be converted once, if you trust where it came from: {UPGRADE_COMMAND} "
+            f"{path}") from None
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch file ({type(error).__name__}: {error}); "
-                           "delete it or point run_dir at a run with a valid checkpoint") from error
+                                "delete it or point run_dir at a run with a valid checkpoint") from error
+
+
+def _weights_only_reason(message: str) -> str:
+    """The unpickler's own words when it names no global (an opcode or a call it does not allow)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = [line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")]
+    return (detail or lines[-1:] or ["an object"])[0].removeprefix("WeightsUnpickler error: ")
+
+
+def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Load (weights only) and validate a checkpoint written by this codebase for the same experiment."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: nothing to resume (run without resume=true)")
+    payload = read_weights_only(path)
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: expected keys {list(REQUIRED_KEYS)}, "
                            f"found {found}")
-    if payload["format_version"] not in READABLE_VERSIONS:
-        raise RuntimeError(f"checkpoint {path} has format version {payload['format_version']}, "
-                           f"this code reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if payload["format_version"] >= 2:
-        stored = payload.pop(DIGEST_KEY, None)
-        if stored != contents_digest(payload):
-            raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its contents do not match the digest written "
-                                    "with it (damaged on disk or in transfer)")
-    saved = {**KEYS_ADDED_LATER, **payload["fingerprint"]}
+    if payload["format_version"] != FORMAT_VERSION:
+        raise RuntimeError(f"checkpoint {path} has format version {payload['format_version']}, this code reads "
+                           f"version {FORMAT_VERSION}" + (f" (convert a trusted older file with {UPGRADE_COMMAND} "
+                                                          f"{path})" if payload["format_version"] < FORMAT_VERSION
+                                                          else " (written by a newer ssl-imwa)"))
+    stored = payload.pop(DIGEST_KEY, None)
+    if stored != contents_digest(payload):
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its contents do not match the digest written "
+                                "with it (damaged on disk or in transfer)")
+    saved = payload["fingerprint"]
     mismatched = [
         f"{key}: checkpoint has {saved.get(key)!r}, config has {value!r}"
         for key, value in fingerprint.items() if saved.get(key) != value

@@ -80,7 +80,7 @@ def d2_and_d1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _replica(run_dir: Path) -> dict[str, Any]:
-    return torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)["replicas"][0]
+    return torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)["replicas"][0]
 
 
 def _relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
