@@ -110,3 +110,20 @@ def test_a_checkpoint_gets_the_mode_the_umask_gives_any_file(tmp_path: Path) -> 
     finally:
         os.umask(previous)
     assert (tmp_path / "latest.pt").stat().st_mode & 0o777 == 0o640  # was 0600: a labmate could not read it
+
+
+def test_each_part_of_a_replica_is_packed_into_its_own_storages(tmp_path: Path) -> None:
+    """Few storages make the weights-only load fast; one part never shares a storage with another,
+    so a restored optimizer that keeps its momentum buffers does not keep the student's weights alive."""
+    payload = _payload()
+    payload["replicas"][0]["optimizer"] = {"state": {0: {"momentum_buffer": torch.ones(3)},
+                                                     1: {"momentum_buffer": torch.zeros(2, 2)}}, "param_groups": []}
+    save_atomic(payload, tmp_path / "latest.pt")
+    loaded = load_checkpoint(tmp_path / "latest.pt", FINGERPRINT)
+    storage = lambda tensor: tensor.untyped_storage().data_ptr()
+    model, momentum = loaded["replicas"][0]["model"], loaded["replicas"][0]["optimizer"]["state"]
+    assert storage(momentum[0]["momentum_buffer"]) == storage(momentum[1]["momentum_buffer"])
+    assert torch.equal(momentum[1]["momentum_buffer"], torch.zeros(2, 2))
+    assert storage(model["w"]) != storage(momentum[0]["momentum_buffer"])
+    assert momentum[0]["momentum_buffer"].untyped_storage().nbytes() == (3 + 4) * 4
+    assert torch.equal(model["bf16"], payload["replicas"][0]["model"]["bf16"]) and model["bf16"].dtype == torch.bfloat16
