@@ -81,6 +81,19 @@ def contents_digest(obj: Any, other_leaf: Callable[[Any], bytes | None] | None =
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
+def storage_fault(error: BaseException) -> OSError | None:
+    """The storage error (no space, read-only, ...) behind `error`, if one is: torch's zip writer
+    reports a failed write of the stream as `RuntimeError: [enforce fail at inline_container.cc]
+    ... unexpected pos`, with the OSError only in the exception's context."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
@@ -105,14 +118,15 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         # user writes (0644 or 0640 under the usual umasks), so a labmate can load it.
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)
-        if error.errno not in STORAGE_ERRNOS:
+        fault = storage_fault(error)
+        if fault is None:
             raise
         kept = f"{path} still holds the previous checkpoint" if path.exists() else f"{path} was not written"
-        raise OSError(error.errno, f"cannot write checkpoint {path}: {os.strerror(error.errno)} "
-                      f"({errno.errorcode[error.errno]}); {kept}") from error
+        raise OSError(fault.errno, f"cannot write checkpoint {path}: {os.strerror(fault.errno)} "
+                      f"({errno.errorcode[fault.errno]}); {kept}") from error
     except BaseException:
         if temporary is not None:
             Path(temporary).unlink(missing_ok=True)

@@ -135,3 +135,22 @@ def fake_image_folder_root(tmp_path: Path) -> FakeDataset:
             Image.fromarray(image).save(folder / f"{position:03d}.png")
         arrays[split] = (images, targets)
     return FakeDataset(tmp_path, *arrays["train"], *arrays["test"], classes)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path, request: pytest.FixtureRequest):
+    """A directory on a tmpfs of `request.param` KiB (a real full disk, failing as the kernel fails
+    it), or None where no tmpfs can be mounted (not root, no mount permission in a container): the
+    tests then inject the exception torch raises on a full disk."""
+    import subprocess
+
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    size = getattr(request, "param", 1600)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}k", "tmpfs", str(mount_point)],
+                             capture_output=True, check=False).returncode == 0 if os.geteuid() == 0 else False
+    try:
+        yield mount_point if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)

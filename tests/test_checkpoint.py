@@ -127,3 +127,38 @@ def test_each_part_of_a_replica_is_packed_into_its_own_storages(tmp_path: Path) 
     assert storage(model["w"]) != storage(momentum[0]["momentum_buffer"])
     assert momentum[0]["momentum_buffer"].untyped_storage().nbytes() == (3 + 4) * 4
     assert torch.equal(model["bf16"], payload["replicas"][0]["model"]["bf16"]) and model["bf16"].dtype == torch.bfloat16
+
+
+def _enforce_fail_on_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torch.save raises on a full disk when it writes to a stream: the stream's OSError is
+    the context of an `[enforce fail at inline_container.cc]` RuntimeError."""
+    def full_disk(obj: Any, stream: Any) -> None:
+        stream.write(b"PK\x03\x04")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_a_full_disk_as_torch_reports_it_is_named_and_leaves_no_temporary(
+        disk: str, small_filesystem: Path | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if disk == "tmpfs" and small_filesystem is None:
+        pytest.skip("no tmpfs can be mounted here (needs root and mount permission); the injected case runs")
+    folder = small_filesystem if disk == "tmpfs" else tmp_path / "disk"
+    small = {**_payload(), "replicas": []}
+    save_atomic(small, folder / "latest.pt")
+    big = {**_payload(), "replicas": [{"model": {"w": torch.randn(1_000_000)}}]}   # 4 MB on a 1.6 MB disk
+    if disk == "injected":
+        _enforce_fail_on_write(monkeypatch)
+    for name, kept in (("latest.pt", "still holds the previous checkpoint"), ("merge_001.pt", "was not written")):
+        with pytest.raises(OSError) as caught:
+            save_atomic(big, folder / name)
+        message = str(caught.value)
+        assert caught.value.errno == errno.ENOSPC and "ENOSPC" in message and "\n" not in message
+        assert f"cannot write checkpoint {folder / name}: " in message and kept in message
+    monkeypatch.undo()
+    assert sorted(entry.name for entry in folder.iterdir()) == ["latest.pt"], "no half-written temporary is left"
+    assert load_checkpoint(folder / "latest.pt", FINGERPRINT)["progress"] == small["progress"]
