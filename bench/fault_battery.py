@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ["experiment=quickstart", "train.iterations=20", "train.eval_every=10", "train.num_threads=1",
         "train.progress=false"]
 
-HYDRA_NOTE = ("An unknown key without `+`, a value of the wrong type and an unknown config-group option are "
-              "refused by Hydra while it composes the config, before any of this project's code runs; Hydra "
-              "prints its own message (3 to 8 lines, naming the key or option), which is why such cases can "
-              "miss the two-line mark.")
+HYDRA_NOTE = ("An unknown key without `+`, a value of the wrong type and an unknown config-group option would be "
+              "refused by Hydra while it composes the config, in its own 3 to 16 lines; main.py composes the "
+              "command line first (ssl_imwa.preflight) and says each in one line (an unknown key with the "
+              "closest key, an unknown option with the options there are).")
 SYNTAX_PLUGIN = "import torch\ndef losses(:\n"
 NO_LOSSES_PLUGIN = ("from ssl_imwa.algorithm import Algorithm\nfrom ssl_imwa.algorithms.fixmatch import FixMatchConfig\n"
                     "from ssl_imwa.algorithm import register_algorithm\n\n@register_algorithm('no_losses')\n"
@@ -39,7 +40,12 @@ NO_LOSSES_PLUGIN = ("from ssl_imwa.algorithm import Algorithm\nfrom ssl_imwa.alg
 class Case:
     arguments: tuple[str, ...]
     names: str          # what the message must contain
-    prepare: str = ""   # "complete": the run directory holds a finished run; "corrupt": one with a broken latest.pt
+    prepare: str = ""   # "complete": the run directory holds a finished run; "corrupt": one with a broken latest.pt;
+    # "damaged_yaml" / "edited_algorithm": a stopped run whose config.yaml has a YAML error / another algorithm.name;
+    # "foreign_checkpoint": a stopped run holding the checkpoints of another seed's run; "black_folder": an image
+    # folder of all-black images at {data}; "no_checkpoints": a finished run without its checkpoints/;
+    # "refused_launch": a finished run after a refused launch of algorithm=supervised; "empty_config": a finished
+    # run with an empty config.yaml; "locked": an empty directory whose lock a live process holds; "empty_dir"
 
 
 def _cases() -> list[Case]:
@@ -99,14 +105,77 @@ def _cases() -> list[Case]:
         c("resume=true", prepare="complete"),
         c("latest.pt", "resume=true", prepare="corrupt"),
         c("/sys/ssl_imwa_battery", "hydra.run.dir=/sys/ssl_imwa_battery/run"),
+        c("results.json", "resume=true", prepare="no_checkpoints"),
+        c("command line has supervised", "resume=true", "algorithm=supervised", prepare="refused_launch"),
+        c("config.yaml", "resume=true", prepare="empty_config"),
+        c(".lock", prepare="locked"),
+        c("there is no run to resume", "resume=true", prepare="empty_dir"),
+        # composition mistakes said in one line (not Hydra's 8-16), empty classes, odd run directories
+        c("did you mean train.iterations", "train.iteratons=5"),
+        c("did you mean algorithm=fixmatch", "algorithm=fixmatc"), c("train.lr=[1", "train.lr=[1"),
+        c("dataset.imbalance=1e+09", "dataset.imbalance=1e9"), c("dataset.imbalance=100", "dataset.imbalance=100"),
+        c("train.batch_size=500", "train.batch_size=500"),
+        c("shorter hydra.run.dir", "hydra.run.dir=/tmp/" + "a" * 300),
+        c("/sys/ssl_imwa_battery_ü", "hydra.run.dir='/sys/ssl_imwa_battery_ü/run'"),
+        c("loss is not finite", "train.lr=1e6"),
+        c("channel 0", "dataset=imagefolder", "dataset.root={data}", "model=small_cnn", prepare="black_folder"),
+        c("config.yaml", "resume=true", prepare="damaged_yaml"),
+        c("config.yaml", "resume=true", prepare="edited_algorithm"),
+        c("seed: checkpoint has 1, config has 0", "resume=true", prepare="foreign_checkpoint"),
     ]
+
+
+def _data_dir(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}_data"
+
+
+def _train(run_dir: Path, env: dict[str, str], *extra: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, *extra, f"hydra.run.dir={run_dir}"], env=env,
+                   capture_output=True, check=True, timeout=600)
+
+
+_HELD_LOCKS: list = []   # prepare="locked": run directory locks this process holds
 
 
 def _prepare(run_dir: Path, kind: str, env: dict[str, str]) -> None:
     if not kind:
         return
-    subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, f"hydra.run.dir={run_dir}"], env=env,
-                   capture_output=True, check=True, timeout=600)
+    if kind == "black_folder":
+        from PIL import Image
+
+        for split in ("train", "test"):
+            for name in ("a", "b"):
+                (_data_dir(run_dir) / split / name).mkdir(parents=True)
+                for index in range(4):
+                    Image.new("RGB", (8, 8)).save(_data_dir(run_dir) / split / name / f"{index}.png")
+        return
+    if kind in ("empty_dir", "locked"):
+        run_dir.mkdir(parents=True)
+        if kind == "locked":   # held (flock) by this process until it exits, as a live run holds it
+            from ssl_imwa.rundir import RunDirectoryLock
+
+            _HELD_LOCKS.append(RunDirectoryLock(run_dir))
+            _HELD_LOCKS[-1].acquire()
+        return
+    stopped = kind in ("damaged_yaml", "edited_algorithm", "foreign_checkpoint")
+    _train(run_dir, env, *(["train.stop_at=10"] if stopped else []))
+    record = run_dir / "config.yaml"
+    if kind == "damaged_yaml":
+        record.write_text(record.read_text() + "train: [oops\n")
+    if kind == "edited_algorithm":
+        record.write_text(record.read_text().replace("name: fixmatch", "name: acr"))
+    if kind == "foreign_checkpoint":
+        other = run_dir.parent / f"{run_dir.name}_other"
+        _train(other, env, "train.stop_at=10", "seed=1")
+        for path in (other / "checkpoints").glob("*.pt"):
+            path.replace(run_dir / "checkpoints" / path.name)
+    if kind == "no_checkpoints":     # a finished run whose checkpoints/ was deleted
+        shutil.rmtree(run_dir / "checkpoints")
+    if kind == "refused_launch":     # a fresh launch of another algorithm into it was refused first
+        subprocess.run([sys.executable, str(ROOT / "main.py"), *BASE, "algorithm=supervised",
+                        f"hydra.run.dir={run_dir}"], env=env, capture_output=True, check=False, timeout=600)
+    if kind == "empty_config":
+        record.write_text("")
     if kind == "corrupt":
         for merge in (run_dir / "checkpoints").glob("merge_*.pt"):
             merge.unlink()
@@ -127,7 +196,8 @@ def run_case(case: Case, run_dir: Path, env: dict[str, str]) -> dict[str, object
     _prepare(run_dir, case.prepare, env)
     trained_before = len(list(run_dir.glob("checkpoints/*.pt"))) if run_dir.exists() else 0
     given_dir = [argument for argument in case.arguments if argument.startswith("hydra.run.dir=")]
-    arguments = [*BASE, *case.arguments, *([] if given_dir else [f"hydra.run.dir={run_dir}"])]
+    typed = [argument.replace("{data}", str(_data_dir(run_dir))) for argument in case.arguments]
+    arguments = [*BASE, *typed, *([] if given_dir else [f"hydra.run.dir={run_dir}"])]
     started = time.perf_counter()
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), *arguments], env=env, capture_output=True,
                             text=True, timeout=600, check=False)

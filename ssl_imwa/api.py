@@ -34,18 +34,24 @@ class TrainResult(NamedTuple):
 
 
 def compose(overrides: Sequence[str] = (), run_dir: str | Path = ".") -> DictConfig:
-    """The config `python main.py <overrides>` would train, from the same files and schema (Hydra's compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The config `python main.py <overrides>` would train, from the same files and schema (Hydra's compose API),
+    validated as a run validates it (`python main.py ... --check`): a mistake raises ValueError (or an
+    OmegaConf error) naming the key, and nothing is loaded or written."""
+    from ssl_imwa.config import validate
 
-    from ssl_imwa.config import register_configs
+    cfg = _compose(overrides, run_dir)
+    validate(cfg)
+    return cfg
+
+
+def _compose(overrides: Sequence[str], run_dir: str | Path) -> DictConfig:
+    """Composed, not validated (a run validates after a resume has swapped in the run's own config)."""
+    from ssl_imwa.preflight import compose_overrides
 
     if not CONFIG_DIR.is_dir():
         raise FileNotFoundError(f"{CONFIG_DIR} does not exist: the API reads the checkout's configs/, so install the "
                                 "package from a checkout with `pip install -e .`")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=[*overrides, f"run_dir={run_dir}"])
+    return compose_overrides(overrides, run_dir)
 
 
 def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> TrainResult:
@@ -62,7 +68,7 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> T
         raise ValueError("pass the run directory as train(..., run_dir=...), not as an override")
     directory = Path(run_dir) if run_dir is not None else Path("outputs") / datetime.datetime.now().strftime(
         "%Y-%m-%d/%H-%M-%S")
-    results = run(compose(overrides, directory), list(overrides))
+    results = run(_compose(overrides, directory), list(overrides))
     return TrainResult(results, directory)
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ssl_imwa.data.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
@@ -92,7 +93,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     ValueError naming the key and what was expected.
     """
     from ssl_imwa.algorithm import get_algorithm, load_plugins
-    from ssl_imwa.data.build import validate_dataset
+    from ssl_imwa.data.build import check_labeled_counts, validate_dataset
     from ssl_imwa.models import list_models
 
     # A required value left unset ('???' in a config file) would otherwise take the schema's default.
@@ -105,13 +106,19 @@ def validate(cfg: DictConfig) -> DictConfig:
     typed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OmegaConf.to_container(cfg)))
     load_plugins(list(typed.plugins))
     algorithm_cls = get_algorithm(typed.algorithm.name)
-    typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
+    try:
+        typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
+    except OmegaConfBaseException as error:  # merged on its own: name the key as the user types it
+        error.full_key = f"algorithm.{getattr(error, 'full_key', None) or ''}".rstrip(".")
+        raise
     OmegaConf.to_object(typed.algorithm).validate()
     _check_train(typed.train, algorithm_cls.uses_unlabeled(), typed.algorithm.name)
     if typed.model.name not in list_models():
         raise ValueError(f"model.name='{typed.model.name}': expected one of {', '.join(list_models())}")
     expect_range("model.bn_momentum", typed.model.bn_momentum, 0, 1)
-    validate_dataset(OmegaConf.to_object(typed.dataset))  # after plugins: they may register a dataset
+    dataset = OmegaConf.to_object(typed.dataset)
+    validate_dataset(dataset)  # after plugins: they may register a dataset
+    check_labeled_counts(dataset, typed.train.batch_size)  # where the class count is known before reading
     expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
     _check_imwa(typed.imwa, typed.dataset.val_per_class, typed.train.iterations)
     if typed.train.batch_size % typed.imwa.data_parallel:

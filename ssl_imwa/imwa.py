@@ -11,6 +11,7 @@ of a replica are identical after every step: ssl_imwa.trainer).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import sys
 import time
@@ -35,7 +36,7 @@ from ssl_imwa.keys import SUMMARY_METRICS
 from ssl_imwa.merge import MergeResult, MergeStrategy
 from ssl_imwa.metrics import median_of_last
 from ssl_imwa.rng import rng_state, set_rng_state
-from ssl_imwa.run_logger import RunLogger
+from ssl_imwa.run_logger import RunLogger, metrics_line
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, lr_at
 
@@ -235,6 +236,8 @@ class Orchestrator:
             payload, newest = self._newest_intact()
         except (OSError, RuntimeError) as error:  # reported by every process below: none waits for the others
             problem = f"{type(error).__name__}: {error}"
+        if payload is None and problem is None and self.is_main:
+            problem = self._lost_history(newest)
         episode = None if payload is None else payload["progress"]["episode"]
         everyone = self.comm.all_gather_object({"episode": episode, "problem": problem}, "resume agreement")
         self._raise_if_any([entry["problem"] for entry in everyone])
@@ -258,7 +261,7 @@ class Orchestrator:
                         "resuming from %s", self.comm.rank, common, source or "the start")
         if payload is None:
             if self.is_main:
-                self._truncate_metrics(0)
+                self._rewrite_metrics()
             log.info("process %d restarts from the beginning (no checkpoint before merge %d)", self.comm.rank,
                      common + 1)
             return
@@ -267,14 +270,47 @@ class Orchestrator:
     def _start_again_or_refuse(self, latest: Path) -> None:
         """No checkpoint at all. A run that started here (its config.yaml is written before the first
         step) was stopped before its first checkpoint: nothing is lost by starting it again, and
-        training is deterministic, so that is the resume. Anywhere else there is nothing to resume."""
+        training is deterministic, so that is the resume. Anywhere else there is nothing to resume,
+        and a run that went past its first checkpoint (its checkpoints were deleted or lost) is not
+        trained again over its record."""
         if not (self.checkpoint_dir.parent / "config.yaml").is_file():
             raise FileNotFoundError(f"checkpoint {latest} does not exist: nothing to resume (run without "
                                     "resume=true)")
+        lost = self._lost_history(latest) if self.is_main else None
+        if lost:
+            raise FileNotFoundError(lost)
         log.warning("%s was stopped before its first checkpoint: starting it again from step 0",
                     self.checkpoint_dir.parent)
         if self.is_main:
-            self._truncate_metrics(0)
+            self._rewrite_metrics()
+
+    def _lost_history(self, latest: Path) -> str | None:
+        """Why this run, which has no checkpoint, must not start again from step 0 (None: it may).
+
+        Its results.json says it finished; an evaluation in metrics.jsonl after the first step at which
+        a checkpoint is written says it had one. Either way its checkpoints were deleted or lost.
+        """
+        run_dir = self.checkpoint_dir.parent
+        where = f"{self.checkpoint_dir} holds no checkpoint ({latest.name} does not exist)"
+        advice = ("resume=true cannot continue it and does not train it again over its record: restore its "
+                  "checkpoints, or start a new run in another directory")
+        if (run_dir / "results.json").exists():
+            return f"{where}, but the run finished ({run_dir / 'results.json'} is there): {advice}"
+        train = self.cfg.train
+        first = min(train.checkpoint_every or train.eval_every, self.steps_per_episode)
+        steps = []
+        try:
+            for line in self.logger.metrics_path.read_text().splitlines():
+                try:
+                    steps.append(int(json.loads(line)["step"]))
+                except (ValueError, KeyError, TypeError):   # a torn or foreign line proves nothing
+                    continue
+        except (OSError, ValueError):   # no file, or not text
+            return None
+        if steps and max(steps) > first:
+            return (f"{where}, but {self.logger.metrics_path} holds evaluations up to step {max(steps)}, past "
+                    f"the first checkpoint at step {first}: {advice}")
+        return None
 
     def _newest_intact(self) -> tuple[dict[str, Any] | None, Path]:
         """This process's latest checkpoint or, when that is missing or unreadable, its newest readable
@@ -339,7 +375,7 @@ class Orchestrator:
         self.state = {"cpu_threads": [], **run_state}  # checkpoints before cpu_threads was recorded lack it
         self._note_thread_count(path)
         if self.is_main:
-            self._truncate_metrics(self.state["metrics_lines"])
+            self._rewrite_metrics()
         self._clock = time.perf_counter()
         log.info("resumed from %s: episode %d, replica steps %s", path, self.episode + 1, self.replica_steps)
 
@@ -354,12 +390,21 @@ class Orchestrator:
         if not history or history[-1] != threads:
             history.append(threads)
 
-    def _truncate_metrics(self, lines: int) -> None:
-        """Drop evaluations logged after the checkpoint, so a resumed run does not log them twice."""
-        path = self.logger.metrics_path
-        if path.exists():
-            kept = path.read_text().splitlines(keepends=True)[:lines]
-            path.write_text("".join(kept))
+    def _rewrite_metrics(self) -> None:
+        """metrics.jsonl rebuilt from the run's history as restored (empty when starting again), atomically.
+
+        The checkpoint is the record: the file may hold rows logged after it (dropped, so a resumed run
+        does not log them twice), a torn last line, or nothing at all; its lines up to the checkpoint
+        are regenerated byte for byte (the same records, the same json.dumps).
+        """
+        records = self.state["evaluations"]
+        old = self.logger.rewrite_metrics(records)
+        self.state["metrics_lines"] = len(records)
+        expected = "".join(metrics_line(record) for record in records).encode()
+        if records and (old is None or not old.startswith(expected)):
+            log.warning("%s %s: rewrote its %d evaluations up to the checkpoint from the checkpoint",
+                        self.logger.metrics_path, "was missing" if old is None else "was damaged or incomplete",
+                        len(records))
 
     # ----- training ----------------------------------------------------------------------
     def _train_replica(self, replica: Replica, episode_end: int, progress: tqdm) -> bool:
@@ -396,8 +441,10 @@ class Orchestrator:
                 return False
             if self.stop.signal_name:
                 self._save("latest.pt")
-                raise Terminated(f"stopped by {self.stop.signal_name} after step {done} of replica {replica.index}, "
-                                 f"with a checkpoint there; continue with resume=true hydra.run.dir={self.cfg.run_dir}")
+                message = (f"stopped by {self.stop.signal_name} after step {done} of replica {replica.index}, with a "
+                           f"checkpoint there; continue with: python main.py resume=true hydra.run.dir={self.cfg.run_dir}")
+                log.log(logging.WARNING if self.is_main else logging.INFO, "%s", message)
+                raise Terminated(message, self.stop.signal_name)
         return True
 
     def _log_evaluation(self, replica: Replica, done: int, test: dict[str, Any]) -> None:
@@ -480,9 +527,13 @@ class Orchestrator:
             # K=1 has no merge: its model is replica 0's, evaluated at this very step a moment ago.
             test = (self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end) if merge
                     else self._evaluation_at(episode_end))
-            self.logger.scalars("merged", {key: value for key, value in report.items()
-                                           if isinstance(value, (int, float)) and not isinstance(value, bool)},
-                                episode_end, prefix="merge")
+            if merge:
+                self.logger.scalars("merged", {key: value for key, value in report.items()
+                                               if isinstance(value, (int, float)) and not isinstance(value, bool)},
+                                    episode_end, prefix="merge")
+            else:  # the `merged` stream holds the run's model after every episode: for K=1, replica 0's
+                for record in self._evaluations_at(episode_end):
+                    self.logger.evaluation_scalars(record, None, stream="merged")
             self.state["merges"].append({"episode": self.episode + 1, "step": episode_end, **report,
                                          **{key: test[key] for key in SUMMARY_METRICS}})
             log.info("episode %d/%d merged (%s, %.2f s): top1 %.4f balanced %.4f", self.episode + 1,
@@ -499,6 +550,12 @@ class Orchestrator:
         keep = self.cfg.imwa.keep_merges
         for episode in range(1, self.episode - keep + 1 if keep else 1):
             (self.checkpoint_dir / self._checkpoint_name(f"merge_{episode:03d}.pt")).unlink(missing_ok=True)
+
+    def _evaluations_at(self, step: int) -> list[dict[str, Any]]:
+        """Replica 0's evaluation records (test, then val if any) at `step` (K=1), the last of each split."""
+        latest = {entry["split"]: entry for entry in self.state["evaluations"]
+                  if entry["source"] == "replica" and entry["replica"] == 0 and entry["step"] == step}
+        return [latest[split] for split in ("test", "val") if split in latest]
 
     def _evaluation_at(self, step: int) -> dict[str, Any]:
         """Replica 0's test evaluation record at `step` (K=1)."""

@@ -30,7 +30,11 @@ def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
             raise FileNotFoundError(f"{run_dir} holds no run (no config.yaml, no checkpoints/): nothing to resume "
                                     "(run without resume=true, or point hydra.run.dir at the run to continue)")
         return cfg
-    saved = OmegaConf.load(record)
+    saved = _read_record(record)
+    if not len(saved):  # would resume with the schema's defaults: another dataset, another model
+        raise ValueError(f"{record} (the run's saved config) is empty: resume=true continues a run as its "
+                         "config.yaml records it; restore the file (.hydra/config.yaml holds the launch's config), "
+                         "or start a new run")
     typed = {override.split("=", 1)[0].lstrip("+~"): override.split("=", 1)[1]
              for override in command_line if "=" in override and not override.startswith("hydra")}
     conflicts = []
@@ -53,6 +57,35 @@ def resumed_config(cfg: DictConfig, command_line: Sequence[str]) -> DictConfig:
     return saved
 
 
+def _read_record(record: Path) -> DictConfig:
+    """The run's saved config.yaml, validated; damage (bad YAML, a key or value edited into something
+    invalid) is said in one line naming the file."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ssl_imwa.config import validate
+    from ssl_imwa.user_errors import message_of
+
+    what = f"{record} (the run's saved config)"
+    try:
+        saved = OmegaConf.load(record)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{what} is not valid YAML: {problem}{where}; repair it, or start a new run") from None
+    except (OmegaConfBaseException, ValueError) as error:
+        raise ValueError(f"{what} cannot be read: {message_of(error)}") from None
+    if not isinstance(saved, DictConfig):
+        raise TypeError(f"{what} holds a {type(saved).__name__}, not a mapping of keys; repair it, or start a new run")
+    if len(saved):  # (an empty record is refused where it is read)
+        try:
+            validate(saved)
+        except (ValueError, TypeError, LookupError, ImportError, OmegaConfBaseException) as error:
+            raise ValueError(f"{what} is not a valid config: {message_of(error)}") from error
+    return saved
+
+
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
@@ -64,3 +97,21 @@ def launch_choices(run_dir: Path) -> dict[str, str]:
         return {}
     choices = OmegaConf.select(OmegaConf.load(record), "hydra.runtime.choices", default=None)
     return {} if choices is None else {str(key): str(value) for key, value in choices.items()}
+
+
+def refuse_a_resume_of_nothing(run_dir: Path | None) -> None:
+    """resume=true where no run is, said before Hydra creates the directory (and a main.log in it).
+
+    `run_dir`: the typed hydra.run.dir (None: not typed, so Hydra's default, a new timestamped one).
+    """
+    if run_dir is None:
+        raise FileNotFoundError("resume=true needs the run to continue: hydra.run.dir=<its directory> (without it, "
+                                "a new empty directory: there is no run to resume there)")
+    if not run_dir.is_dir():
+        why = "does not exist" if not run_dir.exists() else "is not a directory"
+    elif not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").is_dir():
+        why = "holds no run (no config.yaml, no checkpoints/)"
+    else:
+        return
+    raise FileNotFoundError(f"resume=true: {run_dir} {why}: there is no run to resume (nothing to resume; run "
+                            "without resume=true to start one, or point hydra.run.dir at the run to continue)")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,30 @@ from ssl_imwa.models.batchnorm import synchronise_batchnorm
 from ssl_imwa.resume import launch_choices, resumed_config
 from ssl_imwa.rng import seed_everything
 from ssl_imwa.run_logger import RunLogger
-from ssl_imwa.rundir import RunDirectoryLock, refuse_a_used_directory
+from ssl_imwa.rundir import (
+    LOCK_NAME,
+    RunDirectoryLock,
+    refuse_a_used_directory,
+    used_by_a_run,
+)
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, Trainer, autocast_factory, build_optimizer
 
 log = logging.getLogger("ssl_imwa")
+# Where Hydra's record of a launch goes (Hydra's default hydra.output_subdir; ssl_imwa.resume reads it there).
+HYDRA_RECORD = ".hydra"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file and a rename: a kill leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     """Flattened config minus the keys a resume may change; a checkpoint must match it."""
@@ -208,11 +229,14 @@ def build_replicas(cfg: Config, data: SSLData, device: torch.device, layout: Pro
     return replicas, initial_model, type(algorithms[local[0]])
 
 
-def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | None:
+def run(cfg: DictConfig, command_line: Sequence[str] = (), hydra_record: dict[str, str] | None = None
+        ) -> dict[str, Any] | None:
     """Train according to `cfg`; returns the results dict (None when stopped by train.stop_at).
 
     `command_line`: the overrides typed for this launch; a resume takes the run's own saved
-    config and only these (ssl_imwa.resume).
+    config and only these (ssl_imwa.resume). `hydra_record`: Hydra's record of the launch (file
+    name to text), which main.py keeps Hydra from writing: written into `.hydra/` once a fresh
+    launch is accepted, so that a refused launch (or any resume) leaves the run's record as it was.
     """
     if cfg.get("run_dir") is None:
         raise ValueError("run_dir is not set: main.py takes it from Hydra's output directory (hydra.run.dir); "
@@ -224,7 +248,9 @@ def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | N
         cfg = validate(cfg)
     except Exception as error:  # recorded so a sweep's report can say why this job produced nothing
         # ...but a refused resume leaves the run it was asked to continue as it was.
-        if rank_from_environment() == 0 and not cfg.get("resume", False):
+        # ...and so does a fresh launch into a directory that holds a run (or one that runs now).
+        if rank_from_environment() == 0 and not cfg.get("resume", False) and used_by_a_run(run_dir) is None \
+                and not (run_dir / LOCK_NAME).exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             RunLogger(run_dir, []).status("failed", error=f"{type(error).__name__}: {error}")
         raise
@@ -235,7 +261,10 @@ def run(cfg: DictConfig, command_line: Sequence[str] = ()) -> dict[str, Any] | N
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = claim_run_dir(run_dir, cfg.resume, layout.world)
     try:
-        return _train(cfg, run_dir, device, layout)
+        if hydra_record and not cfg.resume and layout.world.is_main:  # accepted: now the record may be written
+            for name, text in hydra_record.items():
+                write_text_atomic(run_dir / HYDRA_RECORD / name, text)
+        return _train(cfg, run_dir, device, layout, launch_preset(run_dir, command_line, cfg.resume))
     finally:
         lock.release()
 
@@ -259,7 +288,20 @@ def claim_run_dir(run_dir: Path, resume: bool, comm: Communicator) -> RunDirecto
     return lock
 
 
-def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayout) -> dict[str, Any] | None:
+def launch_preset(run_dir: Path, command_line: Sequence[str], resume: bool) -> str:
+    """The run's experiment preset, for the start line: Hydra's record of its first launch, else (a run
+    started from Python has no record) the `experiment=` typed for this launch."""
+    typed = [override.split("=", 1)[1] for override in command_line
+             if override.lstrip("+").split("=", 1)[0] == "experiment" and "=" in override]
+    for choice in (launch_choices(run_dir).get("experiment"), typed[-1] if typed else None):
+        if choice not in (None, "", "None", "null"):
+            return choice
+    # a resume of a run started from Python, with no experiment= typed: nothing says which it was
+    return "not recorded" if resume and not (run_dir / ".hydra").is_dir() else "none"
+
+
+def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayout,
+           preset: str = "none") -> dict[str, Any] | None:
     comm = layout.world
     if not comm.is_main:
         log_secondary_process(run_dir, comm.rank)
@@ -285,8 +327,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayo
     if cfg.resume:
         orchestrator.resume()
     if comm.is_main:  # after a resume has been accepted: a refused one leaves the run's record as it was
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    preset = launch_choices(run_dir).get("experiment", "none")
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run dir %s | %s %s on %s (%s) | preset experiment=%s | k=%d episodes=%d | %d steps per replica | "
              "device %s, %d process(es) (%d per replica)", run_dir, "resuming" if cfg.resume else "starting",
              cfg.algorithm.name, cfg.dataset.name, cfg.model.name, preset, cfg.imwa.k, cfg.imwa.episodes,
@@ -294,29 +335,52 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayo
     try:
         with stop:
             results = orchestrator.run()
+        comm.close()
+        if results is not None:   # other processes than 0 return None at the end of every run
+            logger.results(results)
+            logger.hparams(_hparams(cfg), {"final_top1": results["final"]["top1"],
+                                           "final_balanced_acc": results["final"]["balanced_acc"]})
+        logger.close()   # every event written before the run is called complete
     except BaseException as error:
         if comm.is_main:
             # A stop that was asked for (Ctrl-C, a scheduler's SIGTERM, torchrun's teardown) is 'stopped'
             # even when it surfaces as another process's broken connection: resume=true continues it.
             state = "stopped" if isinstance(error, Terminated) or stop.signal_name else "failed"
             logger.status(state, error=f"{type(error).__name__}: {error}")
-        logger.close()
+        else:
+            record_a_lost_main_process(logger, run_dir, comm.rank, error)
+        logger.close(ending_a_failure=True)
         comm.close()
         raise
-    comm.close()
-    if results is None:   # other processes than 0 return None at the end of every run
+    if results is None:
         if comm.is_main:
             log.info("stopped at train.stop_at=%d with a checkpoint there; continue with: python main.py resume=true "
                      "hydra.run.dir=%s", cfg.train.stop_at, run_dir)
     else:
-        logger.results(results)
-        logger.hparams(_hparams(cfg), {"final_top1": results["final"]["top1"],
-                                       "final_balanced_acc": results["final"]["balanced_acc"]})
         logger.status("complete")
         log.info("final test top1 %.4f, balanced %.4f (%.1f s, %.0f images/s)", results["final"]["top1"],
                  results["final"]["balanced_acc"], results["wall_time_s"], results["images_per_s"])
-    logger.close()
     return results
+
+
+def record_a_lost_main_process(logger: RunLogger, run_dir: Path, rank: int, error: BaseException,
+                               wait_s: float = 3.0) -> None:
+    """Process 0 records how a run ends. When it died without a word (SIGKILL, the OOM killer), its
+    lock on the run directory is free while status.json still says `running`: a process that
+    outlives it records `failed`, naming it, so the run is never left `running` for ever. The lock
+    of a process that has just died may take a moment to be freed: asked again for `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while (owner := RunDirectoryLock(run_dir).holder_died()) is None:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+    try:
+        if json.loads(logger.status_path.read_text()).get("status") != "running":
+            return
+    except (OSError, ValueError):
+        return
+    logger.status("failed", error=f"process 0 (pid {owner['pid']} on {owner['host']}) died without recording why; "
+                                   f"process {rank} then stopped: {type(error).__name__}: {error}")
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:

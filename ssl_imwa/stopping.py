@@ -13,7 +13,17 @@ GRACEFUL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Terminated(SystemExit):
-    """The run stopped on a signal; its message (printed on exit, status 1) says how to continue."""
+    """The run stopped on a signal. Its exit status is 128 + the signal's number, as a shell reports
+    a command a signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP): neither success nor
+    a failure (1). Its message says how to continue; the orchestrator logs it (console and main.log)."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(128 + signal.Signals[signal_name].value)
+        self.message = message
+        self.signal_name = signal_name
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class StopRequests:
@@ -43,7 +53,9 @@ class StopRequests:
     def _handle(self, number: int, frame: FrameType | None) -> None:
         name = signal.Signals(number).name
         if self.signal_name is not None:
-            raise Terminated(f"stopped at once by a second {name}; resume=true continues from the last checkpoint")
+            message = f"stopped at once by a second {name}; resume=true continues from the last checkpoint"
+            log.warning("%s", message)
+            raise Terminated(message, name)
         self.signal_name = name
         log.warning("%s: stopping after the current step, with a checkpoint there (send it again to stop at once)",
                     name)

@@ -84,16 +84,22 @@ def write_session(directory: Path, trial: str, hparams: Mapping[str, HParamValue
 
 
 def write_experiment(directory: Path, hparams: Sequence[tuple[str, Sequence[HParamValue], bool]],
-                     description: str) -> None:
+                     description: str, metrics: Iterable[str] | None = None) -> None:
     """Declare the experiment: each (name, values seen, differs) with a discrete domain of those
-    values, in the order given (the tab shows the first five that differ), plus METRICS."""
+    values, in the order given (the tab shows the first five that differ), plus the METRICS whose
+    tags are in `metrics` (default: all).
+
+    TensorBoard takes the declaration from whichever run holds it: write it into a session's own
+    directory, so that the log directory has no extra run (`.`) holding only the declaration."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
+    wanted = None if metrics is None else set(metrics)
     experiment = api_pb2.Experiment(
         description=description, time_created_secs=time.time(),
         hparam_infos=[_hparam_info(api_pb2, name, values, differs) for name, values, differs in hparams],
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(group="", tag=tag), display_name=name,
-                                         description=text) for tag, name, text in METRICS])
+                                         description=text) for tag, name, text in METRICS
+                      if wanted is None or tag in wanted])
     _write_events(directory, [(0, _plugin_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
         experiment=experiment)))])
 

@@ -24,7 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Exception types this project raises for bad input; an AssertionError or an IndexError is a bug.
-DELIBERATE_TYPES = (ValueError, TypeError, LookupError, RuntimeError, OSError, ImportError)
+# FloatingPointError: training stopped on purpose at a non-finite loss (ssl_imwa.imwa), e.g. train.lr too large.
+DELIBERATE_TYPES = (ValueError, TypeError, LookupError, RuntimeError, OSError, ImportError, FloatingPointError)
 # File operations the machine refused: the message (with its path) is the whole story.
 REFUSED_FILE_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                        errno.EIO, errno.ENOTDIR, errno.EISDIR)
@@ -88,6 +89,7 @@ def refuse_an_unwritable_directory(directory: Path) -> None:
     test: `os.access` says yes to root even on a read-only mount.
     """
     ancestor = directory.absolute()
+    refuse_a_name_too_long(ancestor)
     while not ancestor.exists():
         ancestor = ancestor.parent
     probe = ancestor / f".ssl_imwa_write_probe_{os.getpid()}"
@@ -98,3 +100,31 @@ def refuse_an_unwritable_directory(directory: Path) -> None:
         raise OSError(error.errno, f"cannot create run directory {directory}: {ancestor} is not writable "
                       f"({os.strerror(error.errno or 0)}, {code}); choose another with hydra.run.dir=...") from None
     probe.rmdir()
+
+
+def refuse_a_name_too_long(directory: Path) -> None:
+    """A run directory whose name the file system cannot hold (ENAMETOOLONG), said before any work."""
+    limits = (_path_limit(directory, "PC_NAME_MAX", 255), _path_limit(directory, "PC_PATH_MAX", 4096))
+    longest = max(directory.parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > limits[0]:
+        raise OSError(errno.ENAMETOOLONG, f"cannot create run directory {str(directory)[:40]}...: its part "
+                      f"'{longest[:16]}...' has {len(os.fsencode(longest))} bytes, the file system allows "
+                      f"{limits[0]} per name; choose a shorter hydra.run.dir=...")
+    if len(os.fsencode(str(directory))) >= limits[1]:
+        raise OSError(errno.ENAMETOOLONG, f"cannot create run directory {str(directory)[:40]}...: the path has "
+                      f"{len(os.fsencode(str(directory)))} bytes, the file system allows {limits[1] - 1}; choose a "
+                      "shorter hydra.run.dir=...")
+
+
+def _path_limit(directory: Path, name: str, default: int) -> int:
+    """The file system's limit `name` where `directory` would be created (its nearest existing ancestor)."""
+    ancestor = directory
+    while True:
+        try:
+            if ancestor.exists():
+                return os.pathconf(ancestor, name)
+        except (OSError, ValueError):
+            pass
+        if ancestor == ancestor.parent:
+            return default
+        ancestor = ancestor.parent

@@ -16,9 +16,22 @@ def expect_range(key: str, value: float, low: float | None = None, high: float |
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if not math.isfinite(value) or too_low or too_high:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"{key}={value}: expected {_integer_range(low, high, low_open, high_open)}")
         left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
         right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
         raise ValueError(f"{key}={value}: expected a finite value in {left}, {right}")
+
+
+def _integer_range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """The integers in a range, in words: 'an integer >= 1', 'an integer in [0, 4294967295]'."""
+    first = None if low is None else math.floor(low) + 1 if low_open else math.ceil(low)
+    last = None if high is None else math.ceil(high) - 1 if high_open else math.floor(high)
+    if first is not None and last is not None:
+        return f"an integer in [{first}, {last}]"
+    if first is not None:
+        return f"an integer >= {first}"
+    return "an integer" if last is None else f"an integer <= {last}"
 
 
 def expect_positive(key: str, value: float, allow_zero: bool = False) -> None:

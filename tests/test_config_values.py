@@ -98,3 +98,15 @@ def test_launch_keys_have_one_definition_that_every_consumer_uses() -> None:
     assert sorted(root_config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]) == sorted(LAUNCH_KEYS)
     assert all(is_bookkeeping_key(key) for key in LAUNCH_KEYS)
     assert not is_bookkeeping_key("train.lr") and not is_bookkeeping_key("imwa.k")
+
+
+def test_an_integer_key_says_integer() -> None:
+    """`imwa.k=0` said 'expected a finite value in (0, inf)', odd for a count."""
+    cases = {"imwa.k=0": "imwa.k=0: expected an integer >= 1",
+             "seed=-1": "seed=-1: expected an integer in [0, 4294967295]",
+             "train.num_threads=-1": "train.num_threads=-1: expected an integer >= 0",
+             "train.lr=0": "train.lr=0.0: expected a finite value in (0, inf)"}  # a float key keeps the interval
+    for override, message in cases.items():
+        with pytest.raises(ValueError) as error:
+            validate(compose_config(["experiment=quickstart", override]))
+        assert str(error.value) == message

@@ -130,3 +130,37 @@ def test_split_is_independent_of_stream_seed_and_replica() -> None:
         np.testing.assert_array_equal(getattr(data.split, part), indices)
         np.testing.assert_array_equal(getattr(rebuilt.split, part), indices)
     assert torch.equal(rebuilt.labeled_images, data.labeled_images)
+
+
+def test_a_class_without_a_labeled_image_is_refused_by_name() -> None:
+    """`dataset.imbalance=1e9` gave labeled counts [40, 4, 0, ..., 0] and trained without a word."""
+    from ssl_imwa.config import validate
+    from tests.utils import compose_config
+
+    with pytest.raises(ValueError) as error:
+        validate(compose_config(["experiment=quickstart", "dataset.imbalance=100"]))
+    assert str(error.value) == (
+        "dataset.n_max=40 (N1) with dataset.imbalance=100 (gamma) leaves 2 of 10 classes without a labeled image "
+        "(class 8, class 9; N_i = int(N1 * gamma^(-i/(C-1)))): raise dataset.n_max to 100 or lower "
+        "dataset.imbalance to at most 40")
+    with pytest.raises(ValueError, match=r"^dataset.n_max=40 \(N1\) with dataset.imbalance=1e\+09 \(gamma\) leaves 8 "
+                                         r"of 10 classes without a labeled image \(class 2, class 3, class 4 and 5 more"):
+        validate(compose_config(["experiment=quickstart", "dataset.imbalance=1e9"]))
+    with pytest.raises(ValueError, match=r"^train.batch_size=200 is larger than the labeled set \(159 images from "
+                                         r"dataset.n_max=40, dataset.imbalance=10\)"):
+        validate(compose_config(["experiment=quickstart", "train.batch_size=200"]))
+    # reading the data says the same, with the class names
+    with pytest.raises(ValueError, match=r"leaves 2 of 10 classes without a labeled image \(class 8 \('8'\), class 9"):
+        build_data(DatasetConfig(name="digits", n_max=40, m_max=10, imbalance=100, hflip=False))
+
+
+def test_every_preset_gives_every_class_a_labeled_image() -> None:
+    """The quick start's digits_lt (N1=40, gamma=10) gives [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]."""
+    from pathlib import Path
+
+    from ssl_imwa.config import validate
+    from tests.utils import CONFIG_DIR, compose_config
+
+    assert long_tailed_counts(40, 10, 10) == [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
+    for preset in sorted(Path(CONFIG_DIR / "experiment").glob("*.yaml")):
+        validate(compose_config([f"experiment={preset.stem}"]))

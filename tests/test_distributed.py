@@ -227,7 +227,8 @@ def test_hydra_overrides_that_protect_a_run_directory(monkeypatch: pytest.Monkey
     assert quiet[2:] == ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
     assert main._protective_overrides(["main.py", "hydra.output_subdir=x"])[2:] == ["hydra/job_logging=disabled"]
     monkeypatch.setenv("RANK", "0")
-    assert main._protective_overrides(["main.py", "imwa.k=2"]) == ["main.py", "imwa.k=2"]
+    assert main._protective_overrides(["main.py", "imwa.k=2"]) == ["main.py", "imwa.k=2", "hydra.output_subdir=null"]
+    assert main._protective_overrides(["main.py", "hydra.output_subdir=x"]) == ["main.py", "hydra.output_subdir=x"]
     assert main._protective_overrides(["main.py", "resume=true"])[2:] == ["hydra.output_subdir=null"]
 
 
@@ -260,5 +261,38 @@ def test_torchrun_teardown_stops_every_process_at_a_step_with_a_checkpoint(tmp_p
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "stopped" and "SIGTERM" in status["error"], (status, output[-3000:])
     for rank in range(2):
-        payload = torch.load(run_dir / "checkpoints" / f"latest.rank{rank}.pt", weights_only=False)
+        payload = torch.load(run_dir / "checkpoints" / f"latest.rank{rank}.pt", weights_only=True)
         assert 0 < payload["progress"]["replica_steps"][rank] < 1000, "a checkpoint at the step the signal ended"
+
+
+def test_a_process_0_killed_outright_is_recorded_as_failed_by_the_process_that_outlives_it(tmp_path: Path) -> None:
+    """torchrun, W=2, K=2, E=2: SIGKILL process 0 in episode 2. Process 0 records how a run ends, and
+    here it cannot: process 1 finds its lock free and status.json still 'running', and records
+    'failed', naming process 0."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.utils import ROOT
+
+    run_dir = tmp_path / "run"
+    long_run = [*TINY, "train.iterations=400", "train.eval_every=200", "train.checkpoint_every=200",
+                "imwa.episodes=2"]
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              str(ROOT / "main.py"), *long_run, f"hydra.run.dir={run_dir}", "train.progress=false"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "merge_001.rank0.pt").is_file():   # episode 2 began
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[0][-3000:]
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process_0 = json.loads((run_dir / ".lock").read_text())["pid"]
+    os.kill(process_0, signal.SIGKILL)
+    output, _ = agent.communicate(timeout=120)
+    assert agent.returncode != 0
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed", (status, output[-3000:])
+    assert f"process 0 (pid {process_0} on " in status["error"] and "died without recording why" in status["error"]

@@ -5,6 +5,7 @@ tries a different one (`SSL_IMWA_KILL_DRAWS=N` for more); the test id names the 
 reproduces it. A kill lands either at the start of a training step (the n-th step of the run,
 counting every replica's) or halfway through writing the n-th checkpoint.
 """
+import logging
 import os
 import random
 import signal
@@ -129,3 +130,51 @@ def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(killed))
     strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert strip(read_metrics(full)) == strip(read_metrics(killed)), draw
+
+
+HISTORY = ["experiment=quickstart", "train.iterations=40", "train.eval_every=10", "train.batch_size=16", "train.mu=2",
+           "train.num_threads=1"]
+
+
+def test_a_resume_rewrites_metrics_jsonl_from_the_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """metrics.jsonl cut in the middle of its last line, or deleted, before a resume: the rows up to the
+    checkpoint come back from it, byte for byte, and the run ends with every row of an uninterrupted one
+    (before, the next row was appended to the half line, or only the rows after the resume remained)."""
+    import shutil
+
+    full = train_run(tmp_path, HISTORY, "full")
+    stopped = train_run(tmp_path, [*HISTORY, "train.stop_at=20"], "stopped")
+    written = (stopped / "metrics.jsonl").read_bytes()
+    assert written.count(b"\n") == 2
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    for damage in ("torn", "deleted"):
+        run_dir = tmp_path / damage
+        shutil.copytree(stopped, run_dir)
+        if damage == "torn":
+            (run_dir / "metrics.jsonl").write_bytes(written[: len(written) - len(written.splitlines()[-1]) // 2])
+        else:
+            (run_dir / "metrics.jsonl").unlink()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ssl_imwa"):
+            train_run(tmp_path, [*HISTORY, "resume=true"], damage)
+        said = "was damaged or incomplete" if damage == "torn" else "was missing"
+        assert f"metrics.jsonl {said}: rewrote its 2 evaluations" in caplog.text, damage
+        rewritten = (run_dir / "metrics.jsonl").read_bytes()
+        assert rewritten.startswith(written), damage
+        assert strip(read_metrics(run_dir)) == strip(read_metrics(full)), damage
+
+
+def test_a_run_whose_checkpoints_are_gone_is_not_started_again(tmp_path: Path) -> None:
+    """A finished run (results.json), or one with evaluations past its first checkpoint, whose checkpoints/
+    were deleted: resume=true refuses by name and changes nothing (before, it emptied metrics.jsonl and
+    retrained from step 0 beside the old results.json)."""
+    import shutil
+
+    finished = train_run(tmp_path, [*HISTORY, "train.iterations=20"], "finished")
+    stopped = train_run(tmp_path, [*HISTORY, "train.stop_at=30", "train.checkpoint_every=10"], "stopped")
+    for run_dir, named in ((finished, "results.json"), (stopped, "metrics.jsonl")):
+        shutil.rmtree(run_dir / "checkpoints")
+        before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+        with pytest.raises(FileNotFoundError, match=rf"{run_dir / 'checkpoints'}.*{named}"):
+            train_run(tmp_path, ["experiment=quickstart", "resume=true", "train.num_threads=1"], run_dir.name)
+        assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before

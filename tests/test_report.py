@@ -565,3 +565,86 @@ def test_plots_with_ten_long_labels_keep_their_axes_and_legend_in_the_figure(tmp
         assert note.startswith(f"{filename}: ")
         image = matplotlib.image.imread(tmp_path / filename)
         assert image.shape[1] == 700 and image.shape[0] > 450  # 7 in wide; taller for the legend
+
+
+def _snapshot(directory: Path) -> dict[str, bytes | str]:
+    """Every path under `directory` with its bytes (or a link's target, or 'dir')."""
+    snapshot: dict[str, bytes | str] = {}
+    for path in sorted(directory.rglob("*")):
+        key = str(path.relative_to(directory))
+        snapshot[key] = os.readlink(path) if path.is_symlink() else "dir" if path.is_dir() else path.read_bytes()
+    return snapshot
+
+
+@pytest.mark.parametrize("where", ["run", "inside", "sweep"])
+def test_an_out_that_is_inside_or_holds_a_run_is_refused_by_name(
+    tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out RUN --tensorboard` used to delete the run's own tensorboard/ (its event files) and put
+    a view there holding a link to itself, exit 0."""
+    sweep = tmp_path / "multirun"
+    run_dir = _write_run(sweep, "imwa.k=1,seed=0", 1, 0, {"status": "complete"}, _results(0.7, 0.6, None),
+                         [json.dumps(e) for e in _evaluations(1, 0.7)])
+    for stream in ("replica0", "merged", "hparams"):
+        (run_dir / "tensorboard" / stream).mkdir(parents=True)
+        (run_dir / "tensorboard" / stream / "events.out.tfevents.1.host").write_bytes(stream.encode() * 3)
+    before = _snapshot(tmp_path)
+    out = {"run": run_dir, "inside": run_dir / "report", "sweep": sweep}[where]
+    assert report.main([str(run_dir), "--out", str(out), "--tensorboard"]) == 1
+    assert _snapshot(tmp_path) == before  # nothing deleted, nothing written
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --out {out} ")
+    assert f"run directory {run_dir}" in lines[0]
+    # next to the run (not in it) the report and its view are written as before
+    assert report.main([str(run_dir), "--out", str(tmp_path / "report"), "--tensorboard"]) == 0
+    assert {key: value for key, value in _snapshot(tmp_path).items() if not key.startswith("report")} == before
+
+
+def test_a_group_with_one_evaluation_is_drawn_and_named(tmp_path: Path) -> None:
+    """curves.png drew lines without markers: a group with a single evaluation was invisible (an
+    empty chart with only a legend) and the report did not say why."""
+    from matplotlib.colors import to_rgb
+
+    from ssl_imwa.report.plots import curves_figure
+
+    done = {"status": "complete"}
+    one = [json.dumps({**e, "step": 100}) for e in _evaluations(1, 0.7)[:1]]  # one test evaluation
+    _write_run(tmp_path / "sweep", "imwa.k=1,seed=0", 1, 0, done, _results(0.7, 0.6, None), one)
+    _write_run(tmp_path / "sweep", "imwa.k=2,seed=0", 2, 0, done, _results(0.8, 0.7, None),
+               [json.dumps(e) for e in _evaluations(2, 0.8)])
+    with contextlib.redirect_stdout(None):
+        assert report.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    curves_line = next(line for line in text.splitlines() if line.startswith("- curves.png: "))
+    assert f"only one test evaluation (a single marker, no line): {K1}" in curves_line
+    assert K2 not in curves_line  # four evaluations: a line
+    summaries = [report.summarise(group) for group in report.group_runs(
+        [report.load_run(path) for path in report.discover([str(tmp_path / "sweep")])[0]])]
+    figure = curves_figure(summaries, "balanced_acc")
+    assert figure is not None
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(float) / 255
+    box = axes.get_window_extent()
+    height = pixels.shape[0]
+    inside = pixels[int(height - box.y1) + 2:int(height - box.y0) - 2, int(box.x0) + 2:int(box.x1) - 2]
+    k1_color = np.asarray(to_rgb(axes.lines[[line.get_label() for line in axes.lines].index(K1)].get_color()))
+    assert (np.abs(inside - k1_color).max(axis=-1) < 0.05).sum() >= 10  # the K=1 point shows in the axes
+
+
+DOCS_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_docs_show_the_configs_exclude_keys_and_every_preset() -> None:
+    """docs/sweeps_and_reports.md showed 4 of config.yaml's 10 exclude_keys; the README's table of
+    presets lacked cpu_digits_lt."""
+    config = yaml.safe_load((DOCS_ROOT / "configs" / "config.yaml").read_text())
+    keys = config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"]
+    page = (DOCS_ROOT / "docs" / "sweeps_and_reports.md").read_text()
+    shown = yaml.safe_load(page.split("`configs/config.yaml` sets\n\n```yaml\n", 1)[1].split("```", 1)[0])
+    assert shown["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"] == keys
+    row = next(line for line in (DOCS_ROOT / "README.md").read_text().splitlines() if line.startswith("| `experiment=`"))
+    listed = set(row.split("|")[2].replace("`", "").replace(" ", "").split(","))
+    assert listed == {path.stem for path in (DOCS_ROOT / "configs" / "experiment").glob("*.yaml")}

@@ -185,7 +185,8 @@ def test_report_view_declares_the_swept_keys_with_both_values(four_run_sweep: Pa
     with contextlib.redirect_stdout(None):
         assert report.main([str(four_run_sweep), "--out", str(out), "--tensorboard"]) == 0
     tab = hparams_tab(out / "tensorboard")
-    assert tab.experiment_tag_runs == ["."]
+    # the declaration sits in the first run's session: no extra run `.` that holds nothing else
+    assert tab.experiment_tag_runs == ["acr,K=1,seed=0"] and "." not in tab.runs
     declared = [info.name for info in tab.experiment.hparam_infos]
     # the swept keys and the key ACR's preset changes, flagged, so the tab shows them
     assert declared[:3] == ["algorithm.name", "dataset.protocol", "imwa.k"]
@@ -197,8 +198,9 @@ def test_report_view_declares_the_swept_keys_with_both_values(four_run_sweep: Pa
     assert algorithm.differs and list(algorithm.domain_discrete) == ["acr", "fixmatch"]
     assert not tab.hparam("seed").differs and not tab.hparam("train.lr").differs
     assert "algorithm.threshold" not in declared
+    # no run has a validation split: no best_* columns that every run leaves empty
     assert [(info.name.tag, info.display_name) for info in tab.experiment.metric_infos] == [
-        (tag, name) for tag, name, _ in METRICS]
+        (tag, name) for tag, name, _ in METRICS if "/best_" not in tag]
     # short trial ids: the fewest keys that tell the runs apart (protocol follows the algorithm)
     assert sorted(tab.groups) == ["acr,K=1,seed=0", "acr,K=2,seed=0", "acr,K=4,seed=0", "fixmatch,K=1,seed=0",
                                   "fixmatch,K=2,seed=0"]
@@ -226,3 +228,61 @@ def test_report_view_is_rebuilt_not_added_to(four_run_sweep: Path, tmp_path: Pat
     assert tab.experiment.hparam_infos[0].name == "imwa.k"
     # the runs the links pointed to are untouched
     assert (four_run_sweep / "algorithm=fixmatch,imwa.k=2,seed=0" / "tensorboard" / "merged").is_dir()
+
+
+def test_report_view_declares_best_metrics_when_a_run_has_them(four_run_sweep: Path, tmp_path: Path) -> None:
+    run_dir = four_run_sweep / "algorithm=acr,imwa.k=2,seed=0"
+    (run_dir / "results.json").write_text(json.dumps({**_results(0.74, 0.8), "status": "complete"}))
+    with contextlib.redirect_stdout(None):
+        assert report.main([str(four_run_sweep), "--out", str(tmp_path / "report"), "--tensorboard"]) == 0
+    tab = hparams_tab(tmp_path / "report" / "tensorboard")
+    assert [info.name.tag for info in tab.experiment.metric_infos] == METRIC_TAGS
+    assert tab.metric_values("acr,K=2,seed=0")["test/best_top1"] == pytest.approx(0.8)
+    assert "." not in tab.runs
+
+
+def test_a_sweeps_trials_are_named_by_the_keys_it_varies(tmp_path: Path) -> None:
+    """Trial ids were the job directories' names: every override of the sweep, constant ones too
+    (`algorithm=fixmatch,experiment=quickstart,imwa.k=2,seed=0,train.iterations=200`)."""
+    sweep = tmp_path / "multirun" / "2024-06-01" / "10-00-00"
+    # what Hydra writes into the sweep directory before the first job: the command's overrides
+    record = {"hydra": {"mode": "MULTIRUN", "overrides": {"hydra": ["hydra.mode=MULTIRUN"], "task": [
+        "algorithm=fixmatch", "imwa.k=1,2", "seed=0", "train.progress=false", "device=cpu"]}}}
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(record))
+    for k, top1 in ((1, 0.70), (2, 0.75)):
+        _log_session(_fake_run(sweep, "fixmatch", k), top1, None, k)
+    tab = hparams_tab(sweep)
+    assert sorted(tab.groups) == ["imwa.k=1", "imwa.k=2"]
+    assert tab.metric_values("imwa.k=2")["test/final_top1"] == pytest.approx(0.75)
+    assert tab.groups["imwa.k=2"].hparams["algorithm"].string_value == "fixmatch"  # constant keys: columns
+    # a run outside a sweep (or with no readable record) keeps its directory's name
+    (sweep / "multirun.yaml").write_text("hydra: [unclosed\n")
+    lone = tmp_path / "lone"
+    _log_session(_fake_run(lone, "acr", 2), 0.6, None, 2)
+    assert list(hparams_tab(lone).groups) == ["algorithm=acr,imwa.k=2,seed=0"]
+
+
+def test_k1_merged_stream_holds_the_runs_model_after_each_episode(tmp_path: Path) -> None:
+    """With K=1 the `merged` stream held only `merge/seconds` (always 0), although the docs say it
+    holds the evaluation tags of the run's model after each episode (for K=1, replica 0's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = train_run(tmp_path, ["experiment=quickstart", "train.iterations=8", "train.eval_every=2",
+                                   "imwa.episodes=2", "train.batch_size=8", "train.mu=1", "train.num_threads=1"])
+    streams = {}
+    for name in ("merged", "replica0"):
+        events = EventAccumulator(str(run_dir / "tensorboard" / name), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        streams[name] = events
+    merged, replica = streams["merged"], streams["replica0"]
+    tags = merged.Tags()
+    assert "merge/seconds" not in tags["scalars"]
+    evaluation_tags = {tag for tag in replica.Tags()["scalars"] if not tag.startswith("train/")}
+    assert set(tags["scalars"]) == evaluation_tags and "test/balanced_acc" in evaluation_tags
+    for tag in ("test/top1", "test/balanced_acc"):
+        at_episode_ends = [(event.step, event.value) for event in replica.Scalars(tag) if event.step in (4, 8)]
+        assert [(event.step, event.value) for event in merged.Scalars(tag)] == at_episode_ends
+    assert [image.step for image in merged.Images("test/confusion")] == [4, 8]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert merged.Scalars("test/top1")[-1].value == pytest.approx(results["final"]["top1"])

@@ -2,7 +2,11 @@
 import json
 import logging
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
 from tests.utils import (
+    ROOT,
     assert_bitwise_equal,
     checkpoint_tensors,
     compose_config,
@@ -231,8 +236,9 @@ def test_a_signal_stops_after_the_current_step_with_a_checkpoint_and_resume_fini
     full = train_run(tmp_path, overrides, "full")
     monkeypatch.setenv("SSL_IMWA_TEST_SIGNAL", signal_name)
     with pytest.raises(Terminated, match=rf"stopped by {signal_name} after step 4 of replica 0, with a checkpoint "
-                                         r"there; continue with resume=true hydra.run.dir="):
+                                         r"there; continue with: python main.py resume=true hydra.run.dir=") as caught:
         train_run(tmp_path, overrides)
+    assert caught.value.code == 128 + getattr(signal, signal_name), "a stop is neither success (0) nor failure (1)"
     monkeypatch.delenv("SSL_IMWA_TEST_SIGNAL")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "stopped" and signal_name in status["error"]
@@ -245,3 +251,21 @@ def test_a_signal_stops_after_the_current_step_with_a_checkpoint_and_resume_fini
     assert not stale.exists()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "complete"
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(tmp_path / "run"))
+
+
+def test_a_stopped_run_exits_with_the_shell_code_of_its_signal_logs_how_to_continue_and_reports_why(
+        tmp_path: Path) -> None:
+    (tmp_path / "stopped_plugin.py").write_text(STOPPED_PLUGIN)
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *TINY, "plugins=[stopped_plugin]", "algorithm.name=signalled_at_step_3",
+         f"hydra.run.dir={run_dir}", "train.progress=false"], capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "SSL_IMWA_TEST_SIGNAL": "SIGINT"})
+    assert result.returncode == 130, result.stderr[-3000:]
+    line = f"continue with: python main.py resume=true hydra.run.dir={run_dir}"
+    assert line in result.stdout + result.stderr and line in (run_dir / "main.log").read_text()
+    report = subprocess.run([sys.executable, "-m", "ssl_imwa.report", str(run_dir), "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    assert report.returncode == 0, report.stderr
+    said = report.stdout + (tmp_path / "report" / "report.md").read_text()
+    assert "stopped by SIGINT" in said and "train.stop_at" not in said, said

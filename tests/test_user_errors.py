@@ -124,3 +124,137 @@ def test_the_resolved_config_prints_without_a_run_directory(tmp_path: Path) -> N
     result = _main(["experiment=quickstart", "--cfg", "job", "--resolve"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "run_dir: null" in result.stdout and "name: fixmatch" in result.stdout
+
+
+def _lines(result: subprocess.CompletedProcess) -> list[str]:
+    return (result.stdout + result.stderr).strip().splitlines()
+
+
+def test_a_mistake_hydra_finds_while_composing_is_one_line() -> None:
+    """Hydra composes before this project's code runs and used to print 8 to 16 lines (advising
+    `+train.iteratons=5` for a typo, which then fails again); the composition is checked first."""
+    import ssl_imwa
+
+    cases = {
+        "train.iteratons=5": "unknown key train.iteratons; did you mean train.iterations?",
+        "algorithm=fixmatc": "algorithm=fixmatc: no such option; algorithm= takes one of acr, acr_short, daso, "
+                             "daso_short, fixmatch, fixmatch_quickstart, supervised; did you mean algorithm=fixmatch?",
+        "train.lr=fast": "train.lr=fast: Value 'fast' of type 'str' could not be converted to Float",
+        "+train.lr=1": "+train.lr=1: train.lr already exists; set it without the +: train.lr=1",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ValueError) as error:
+            ssl_imwa.compose(["experiment=quickstart", override])
+        assert str(error.value) == message
+    with pytest.raises(ValueError, match=r"^cannot read the override 'train.lr=\[1': no viable alternative"):
+        ssl_imwa.compose(["train.lr=[1"])
+    with pytest.raises(ValueError, match=r"^unknown key train.foo; train has iterations, batch_size, mu, lr"):
+        ssl_imwa.compose(["train.foo=1"])
+
+
+def test_main_says_a_typo_in_two_lines_even_in_a_sweep(tmp_path: Path) -> None:
+    typo = _main([*TINY, "train.iteratons=5", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert typo.returncode == 1 and _lines(typo) == [
+        "error: unknown key train.iteratons; did you mean train.iterations?",
+        "(HYDRA_FULL_ERROR=1 shows the traceback)"], _lines(typo)
+    # the second value of a sweep is composed before the first job starts
+    sweep = _main(["-m", *TINY, "algorithm=supervised,fixmatc", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert sweep.returncode == 1 and len(_lines(sweep)) == 2, _lines(sweep)
+    assert _lines(sweep)[0].startswith("error: algorithm=fixmatc: no such option; algorithm= takes one of acr, ")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_check_validates_every_job_and_writes_nothing(tmp_path: Path) -> None:
+    """`--cfg job` prints a config with bad values and exits 0; `--check` is the dry run that validates."""
+    bad = _main(["experiment=quickstart", "train.lr=-1", "imwa.k=0", "--check", f"hydra.run.dir={tmp_path / 'a'}"],
+                tmp_path)
+    assert bad.returncode == 1
+    assert _lines(bad) == ["error: train.lr=-1.0: expected a finite value in (0, inf)",
+                           "error: imwa.k=0: expected an integer >= 1"], _lines(bad)
+    good = _main(["-m", "experiment=quickstart", "train.lr=0.1,0.03", "--check",
+                  f"hydra.sweep.dir={tmp_path / 'b'}"], tmp_path)
+    assert good.returncode == 0, _lines(good)
+    assert _lines(good) == ["config OK: 2 jobs; validated without loading data, nothing written"]
+    assert list(tmp_path.iterdir()) == []  # no run directory, no outputs/, no main.log
+
+
+def test_a_damaged_saved_config_is_named_on_resume(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from ssl_imwa.resume import resumed_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = compose_config(["experiment=quickstart"], run_dir)
+    record = OmegaConf.to_yaml(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(record + "train: [oops\n")
+    with pytest.raises(ValueError) as error:
+        resumed_config(cfg, ["resume=true"])
+    assert str(error.value) == (f"{run_dir / 'config.yaml'} (the run's saved config) is not valid YAML: expected "
+                                "',' or ']', but got '<stream end>' at line "
+                                f"{len(record.splitlines()) + 2}; repair it, or start a new run")
+    (run_dir / "config.yaml").write_text(record.replace("name: fixmatch", "name: acr"))
+    with pytest.raises(ValueError) as error:
+        resumed_config(cfg, ["resume=true"])
+    assert str(error.value).startswith(f"{run_dir / 'config.yaml'} (the run's saved config) is not a valid config: "
+                                       "Key 'lambda_u' not in 'ACRConfig' (key algorithm.lambda_u)")
+
+
+def test_divergence_stopped_on_purpose_is_a_short_error() -> None:
+    """`train.lr=1e6` stops at the first non-finite loss: the message is the whole story (was 21 lines)."""
+    from types import SimpleNamespace
+
+    from ssl_imwa.imwa import Orchestrator
+
+    orchestrator = SimpleNamespace(first_nonfinite={0: torch.tensor(1)}, episode=0, replica_steps={0: 2})
+    error = _caught(lambda: Orchestrator._ensure_finite(orchestrator, [SimpleNamespace(index=0)]))
+    assert isinstance(error, FloatingPointError) and raised_on_purpose(error)
+    assert str(error).startswith("replica 0, episode 1: the loss is not finite at step 1")
+
+
+def test_a_constant_image_folder_is_refused_by_channel(tmp_path: Path) -> None:
+    """All-black images (or one constant channel) gave std 0, then 'loss is not finite at step 1'."""
+    import numpy as np
+    from PIL import Image
+
+    from ssl_imwa.data import DatasetConfig, build_data
+
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(3):
+                pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+                pixels[..., 0] = np.random.default_rng(index).integers(0, 255, (8, 8))  # red varies, green is 0
+                pixels[..., 2] = 7
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{index}.png")
+    with pytest.raises(ValueError) as error:
+        build_data(DatasetConfig(name="imagefolder", root=str(tmp_path), n_max=2, m_max=1, imbalance=1))
+    assert str(error.value).startswith(f"{tmp_path}/train: channel 1 of 3 (and 1 more) has the same value 0/255 in "
+                                       "every pixel (std 0)"), str(error.value)
+
+
+def test_a_checkpoint_of_another_experiment_names_the_keys_in_one_line(tmp_path: Path) -> None:
+    from ssl_imwa import checkpoint
+    from ssl_imwa.checkpoint import load_checkpoint, save_atomic
+    from ssl_imwa.rng import rng_state
+
+    payload = {"format_version": checkpoint.FORMAT_VERSION, "fingerprint": {"seed": 0, "model.name": "small_cnn"},
+               "progress": {"episode": 0, "replica_steps": {0: 1}}, "replicas": [{"model": {"w": torch.ones(2)}}],
+               "run_state": {"rng": {"numpy": rng_state(torch.device("cpu"))["numpy"]}}}
+    save_atomic(payload, tmp_path / "latest.pt")
+    with pytest.raises(RuntimeError) as error:
+        load_checkpoint(tmp_path / "latest.pt", {"seed": 1, "model.name": "wrn28_2"})
+    message = str(error.value)
+    assert len(message.splitlines()) == 1, message
+    assert "seed: checkpoint has 0, config has 1; model.name: checkpoint has 'small_cnn', config has 'wrn28_2'" in message
+
+
+def test_a_run_directory_name_too_long_or_quoted_is_handled_before_hydra(tmp_path: Path) -> None:
+    """300 characters: ENAMETOOLONG in 12 lines; a quoted path was probed with its quotes (Hydra strips them)."""
+    long_name = _main([*TINY, f"hydra.run.dir={tmp_path / ('a' * 300)}"], tmp_path)
+    assert long_name.returncode == 1 and len(_lines(long_name)) == 2, _lines(long_name)
+    assert "has 300 bytes, the file system allows 255 per name; choose a shorter hydra.run.dir" in _lines(long_name)[0]
+    quoted = _main([*TINY, "hydra.run.dir='/sys/ssl_imwa_ünï/run'"], tmp_path)
+    assert quoted.returncode == 1 and len(_lines(quoted)) == 2, _lines(quoted)
+    assert "cannot create run directory /sys/ssl_imwa_ünï/run: /sys is not writable" in _lines(quoted)[0]
+    assert list(tmp_path.iterdir()) == []

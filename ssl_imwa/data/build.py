@@ -7,6 +7,7 @@ Datasets are looked up in a small registry: adding one is a function returning
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,12 @@ from ssl_imwa.data.readers import (
     read_image_folder,
     read_stl10,
 )
-from ssl_imwa.data.splits import Split, make_split
+from ssl_imwa.data.splits import (
+    Split,
+    make_split,
+    refuse_a_batch_larger_than_the_labeled_set,
+    refuse_empty_classes,
+)
 from ssl_imwa.data.stream import TrainStream
 from ssl_imwa.data.transforms import DEFAULT_STATISTICS, Statistics
 
@@ -46,31 +52,38 @@ class DatasetEntry:
     reader: Callable[[DatasetConfig], DatasetParts]
     statistics: Statistics | None  # None: computed from the training images at load
     separate_unlabeled: bool  # True: unlabeled data is its own split with unknown labels
+    # How many classes, known without reading images (an int, or a cheap function of the config
+    # that may answer None); None: known only once read. Lets validation check the split's counts.
+    num_classes: int | Callable[[DatasetConfig], int | None] | None = None
 
 
 DATASETS: dict[str, DatasetEntry] = {}
 
 
 def register_dataset(
-    name: str, statistics: Statistics | None = None, separate_unlabeled: bool = False
+    name: str,
+    statistics: Statistics | None = None,
+    separate_unlabeled: bool = False,
+    num_classes: int | Callable[[DatasetConfig], int | None] | None = None,
 ) -> Callable[[Callable[[DatasetConfig], DatasetParts]], Callable[[DatasetConfig], DatasetParts]]:
     """Register `reader(cfg) -> DatasetParts` under `name` (the value of `dataset.name`).
 
     `statistics` is the (mean, std) used when the config gives none; without it they are
     computed from the training images. `separate_unlabeled` datasets (like STL-10) bring their
-    own unlabeled split and accept only `dataset.unlabeled='unknown'`.
+    own unlabeled split and accept only `dataset.unlabeled='unknown'`. `num_classes` (optional) lets
+    validation check the labeled counts of the split before any image is read.
     """
 
     def decorator(reader: Callable[[DatasetConfig], DatasetParts]) -> Callable[[DatasetConfig], DatasetParts]:
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
-        DATASETS[name] = DatasetEntry(reader, statistics, separate_unlabeled)
+        DATASETS[name] = DatasetEntry(reader, statistics, separate_unlabeled, num_classes)
         return reader
 
     return decorator
 
 
-@register_dataset("cifar10", statistics=DEFAULT_STATISTICS["cifar10"])
+@register_dataset("cifar10", statistics=DEFAULT_STATISTICS["cifar10"], num_classes=10)
 def _cifar10(cfg: DatasetConfig) -> DatasetParts:
     return DatasetParts(
         train=read_cifar(cfg.root, 10, train=True, download=cfg.download),
@@ -78,7 +91,7 @@ def _cifar10(cfg: DatasetConfig) -> DatasetParts:
     )
 
 
-@register_dataset("cifar100", statistics=DEFAULT_STATISTICS["cifar100"])
+@register_dataset("cifar100", statistics=DEFAULT_STATISTICS["cifar100"], num_classes=100)
 def _cifar100(cfg: DatasetConfig) -> DatasetParts:
     return DatasetParts(
         train=read_cifar(cfg.root, 100, train=True, download=cfg.download),
@@ -86,7 +99,7 @@ def _cifar100(cfg: DatasetConfig) -> DatasetParts:
     )
 
 
-@register_dataset("stl10", statistics=DEFAULT_STATISTICS["stl10"], separate_unlabeled=True)
+@register_dataset("stl10", statistics=DEFAULT_STATISTICS["stl10"], separate_unlabeled=True, num_classes=10)
 def _stl10(cfg: DatasetConfig) -> DatasetParts:
     return DatasetParts(
         train=read_stl10(cfg.root, "train", download=cfg.download),
@@ -95,7 +108,15 @@ def _stl10(cfg: DatasetConfig) -> DatasetParts:
     )
 
 
-@register_dataset("imagefolder")
+def _image_folder_classes(cfg: DatasetConfig) -> int | None:
+    """The class folders under root/train, counted without opening an image (None: no such folder yet)."""
+    train = Path(cfg.root) / "train" if cfg.root is not None else None
+    if train is None or not train.is_dir():
+        return None
+    return sum(1 for entry in train.iterdir() if entry.is_dir() and not entry.name.startswith(".")) or None
+
+
+@register_dataset("imagefolder", num_classes=_image_folder_classes)
 def _image_folder(cfg: DatasetConfig) -> DatasetParts:
     if cfg.root is None:
         raise ValueError("dataset.root is not set: dataset.name=imagefolder reads train/<class>/* and "
@@ -107,7 +128,7 @@ def _image_folder(cfg: DatasetConfig) -> DatasetParts:
     return DatasetParts(train=train, test=test)
 
 
-@register_dataset("digits", statistics=DEFAULT_STATISTICS["digits"])
+@register_dataset("digits", statistics=DEFAULT_STATISTICS["digits"], num_classes=10)
 def _digits(cfg: DatasetConfig) -> DatasetParts:
     return DatasetParts(train=read_digits(train=True), test=read_digits(train=False))
 
@@ -238,6 +259,25 @@ def validate_dataset(cfg: DatasetConfig) -> DatasetEntry:
     return entry
 
 
+def expected_labeled_counts(cfg: DatasetConfig) -> list[int] | None:
+    """The labeled per-class counts the split will have, when the class count is known without reading
+    images (see register_dataset); None otherwise."""
+    known = DATASETS[cfg.name].num_classes
+    num_classes = known(cfg) if callable(known) else known
+    return None if num_classes is None else long_tailed_counts(cfg.n_max, num_classes, cfg.imbalance)
+
+
+def check_labeled_counts(cfg: DatasetConfig, batch_size: int | None = None) -> None:
+    """Part of validation: every class gets a labeled image, and a batch fits in the labeled set
+    (checked here where the class count is known before reading; build_data checks every dataset)."""
+    counts = expected_labeled_counts(cfg)
+    if counts is None:
+        return
+    refuse_empty_classes(counts, cfg.n_max, cfg.imbalance)
+    if batch_size is not None:
+        refuse_a_batch_larger_than_the_labeled_set(batch_size, counts, cfg.n_max, cfg.imbalance)
+
+
 def _to_tensor(images: np.ndarray, image_size: int | None) -> torch.Tensor:
     """uint8 NHWC (possibly memory-mapped) -> uint8 NCHW tensor, resized with antialiasing, chunk by chunk.
 
@@ -297,6 +337,7 @@ def build_data(cfg: DatasetConfig) -> SSLData:
     mean, std = _statistics(cfg, entry, parts.train.images)
 
     labeled_counts = long_tailed_counts(cfg.n_max, num_classes, cfg.imbalance)
+    refuse_empty_classes(labeled_counts, cfg.n_max, cfg.imbalance, class_names)
     if cfg.unlabeled == "unknown":
         unlabeled_from_train = [0] * num_classes
     else:
@@ -365,6 +406,16 @@ def _statistics(cfg: DatasetConfig, entry: DatasetEntry, train_images: np.ndarra
     else:
         computed_mean, computed_std = _channel_statistics(train_images)
         mean, std = [round(value, 4) for value in computed_mean], [round(value, 4) for value in computed_std]
+        flat = [channel for channel, value in enumerate(std) if value <= 0]
+        if flat:  # normalising would divide by zero: "loss is not finite at step 1"
+            where = f"{cfg.root}/train" if cfg.name == "imagefolder" else f"the {cfg.name} training images"
+            channel = (f"channel {flat[0]} of {len(std)}" if len(std) > 1 else "the one channel") + (
+                f" (and {len(flat) - 1} more)" if len(flat) > 1 else "")
+            raise ValueError(
+                f"{where}: {channel} has the same value {round(mean[flat[0]] * 255)}/255 in every pixel (std 0), "
+                "so normalising by it divides by zero, as dataset.std=0 would; check the images, or give "
+                "dataset.mean and dataset.std yourself"
+            )
         logger.info(
             "%s: no standard statistics, computed from the training images: mean %s std %s", cfg.name, mean, std
         )

@@ -4,6 +4,7 @@ The split is a pure function of the targets, the counts, the protocol and `split
 so every replica, episode and training seed sees the same images.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,45 @@ def _class_label(class_index: int, class_names: Sequence[str] | None) -> str:
     if class_names is not None and class_index < len(class_names):
         return f"class {class_index} ({class_names[class_index]!r})"
     return f"class {class_index}"
+
+
+def refuse_empty_classes(
+    labeled_counts: Sequence[int], n_max: int, imbalance: float, class_names: Sequence[str] | None = None
+) -> None:
+    """Every class needs a labeled image: with none, a class is trained on without a single label
+    (and a balanced accuracy averages in a class the model can only guess)."""
+    from ssl_imwa.data.counts import long_tailed_counts
+
+    empty = [index for index, count in enumerate(labeled_counts) if count < 1]
+    if not empty:
+        return
+    num_classes = len(labeled_counts)
+    named = ", ".join(_class_label(index, class_names) for index in empty[:3])
+    more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+    head = max(1, math.ceil(imbalance))  # the tail class gets int(N1 / gamma): N1 >= gamma, up to rounding
+    for _ in range(100):
+        if min(long_tailed_counts(head, num_classes, imbalance)) >= 1:
+            break
+        head += 1
+    ratio = "at most" if min(long_tailed_counts(n_max, num_classes, float(n_max))) >= 1 else "below"
+    raise ValueError(
+        f"dataset.n_max={n_max} (N1) with dataset.imbalance={imbalance:g} (gamma) leaves {len(empty)} of "
+        f"{num_classes} classes without a labeled image ({named}{more}; N_i = int(N1 * gamma^(-i/(C-1)))): "
+        f"raise dataset.n_max to {head} or lower dataset.imbalance to {ratio} {n_max}"
+    )
+
+
+def refuse_a_batch_larger_than_the_labeled_set(
+    batch_size: int, labeled_counts: Sequence[int], n_max: int, imbalance: float
+) -> None:
+    """A step draws train.batch_size labeled images: more than the labeled set holds is not a batch of it."""
+    total = sum(labeled_counts)
+    if batch_size > total:
+        raise ValueError(
+            f"train.batch_size={batch_size} is larger than the labeled set ({total} images from dataset.n_max="
+            f"{n_max}, dataset.imbalance={imbalance:g}): lower train.batch_size to at most {total} or raise "
+            "dataset.n_max"
+        )
 
 
 def make_split(

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from ssl_imwa.report.plots import (
 )
 from ssl_imwa.report.runs import (
     METRICS,
+    RUN_MARKERS,
     SkipRun,
     discover,
     load_run,
@@ -23,6 +26,38 @@ from ssl_imwa.report.tables import format_report, write_csv
 from ssl_imwa.report.tensorboard import write_view
 
 # --------------------------------------------------------------------------- CLI
+
+
+def _is_run_directory(path: Path, run_dirs: set[Path]) -> bool:
+    """A run the report read, or a directory holding a file or folder only runs have (RUN_MARKERS)."""
+    return path in run_dirs or any(os.path.lexists(path / name) for name in RUN_MARKERS)
+
+
+def run_directory_clash(out: Path, run_dirs: Sequence[Path]) -> str | None:
+    """How `out` collides with a run directory (it is one, lies inside one, or contains one), or None.
+
+    The report deletes and rewrites what it owns in `out` (`tensorboard/`, the PNGs): in a run
+    directory that would be the run's own files. Links are not followed, so a report's earlier
+    view (links into the runs) is not a run.
+    """
+    target = Path(os.path.abspath(out))
+    runs = {Path(os.path.abspath(run_dir)) for run_dir in run_dirs}
+    runs |= {Path(os.path.realpath(run_dir)) for run_dir in run_dirs}
+    resolved = Path(os.path.realpath(target))
+    for candidate in dict.fromkeys([target, resolved, *target.parents, *resolved.parents]):
+        if candidate.is_dir() and _is_run_directory(candidate, runs):
+            return f"{'is' if candidate in (target, resolved) else 'lies inside'} the run directory {candidate}"
+    if resolved.is_dir():
+        for dirpath, dirnames, _ in os.walk(resolved):
+            if _is_run_directory(Path(dirpath), runs):
+                return f"contains the run directory {dirpath}"
+            # a sweep's runs sit a few levels down (multirun/<date>/<time>/<job>); no need to walk a data tree
+            depth = len(Path(dirpath).relative_to(resolved).parts)
+            dirnames[:] = [name for name in dirnames if not name.startswith(".")] if depth < 4 else []
+    for run_dir in runs:
+        if run_dir.is_relative_to(resolved) or run_dir.is_relative_to(target):
+            return f"contains the run directory {run_dir}"
+    return None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -38,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path("report"),
         metavar="DIR",
-        help="output dir (default: ./report)",
+        help="output dir (default: ./report); refused if it is, lies inside or holds a run directory",
     )
     parser.add_argument(
         "--metric",
@@ -76,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the report; returns 1 only when no run could be read at all."""
     args = parse_args(argv)
     run_dirs, skipped = discover(args.paths)
+    if (clash := run_directory_clash(args.out, run_dirs)) is not None:
+        print(f"error: --out {args.out} {clash}: the report never writes into a run directory; "
+              "choose an --out outside every run", file=sys.stderr)
+        return 1
     now = time.time()
     runs = []
     for run_dir in run_dirs:

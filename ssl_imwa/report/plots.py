@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ def plot_curves(summaries: Sequence[GroupSummary], metric: str, path: Path) -> s
         path.unlink(missing_ok=True)  # never leave a plot from an earlier report next to this one
         return f"{path.name} not written: no test {metric} values in metrics.jsonl of the included runs"
     figure.savefig(path)
-    return f"{path.name}: test {metric} vs step per group, mean over seeds with min-max band"
+    return f"{path.name}: test {metric} vs step per group, mean over seeds with min-max band" \
+        + _few_points_note(summaries, lambda run: run.curve, "step", metric, "test evaluation")
 
 
 def curves_figure(summaries: Sequence[GroupSummary], metric: str) -> Figure | None:
@@ -62,7 +63,8 @@ def plot_episodes(summaries: Sequence[GroupSummary], metric: str, path: Path) ->
         path.unlink(missing_ok=True)
         return f"{path.name} not written: no merged test {metric} values in metrics.jsonl of the included runs"
     figure.savefig(path)
-    return f"{path.name}: merged test {metric} after each episode, mean over seeds, min-max band"
+    return f"{path.name}: merged test {metric} after each episode, mean over seeds, min-max band" \
+        + _few_points_note(_merging(summaries), lambda run: run.episodes, "episode", metric, "merged evaluation")
 
 
 def episodes_figure(summaries: Sequence[GroupSummary], metric: str) -> Figure | None:
@@ -74,6 +76,22 @@ def episodes_figure(summaries: Sequence[GroupSummary], metric: str) -> Figure | 
                           ylabel=f"merged model: test {METRIC_NAMES[metric]} (%)",
                           title=f"Merged model after each IMWA episode: test {METRIC_NAMES[metric]}",
                           integer_x=True)
+
+
+def _few_points_note(summaries: Sequence[GroupSummary], evaluations: Callable[[Run], list[dict[str, Any]]],
+                     x_key: str, metric: str, what: str) -> str:
+    """What the plot's note says about groups with fewer than two points: one x value (a single
+    marker, no line to see) or none (not drawn), by label; '' when every group has a line."""
+    counts = {s.label: len(set().union(*(_series(evaluations(run), x_key, metric) for run in s.included)))
+              for s in summaries}
+    single = [label for label, count in counts.items() if count == 1]
+    empty = [label for label, count in counts.items() if count == 0]
+    note = ""
+    if single:
+        note += f"; only one {what} (a single marker, no line): {'; '.join(single)}"
+    if empty:
+        note += f"; no {what} with {metric} (not drawn): {'; '.join(empty)}"
+    return note
 
 
 def _merging(summaries: Sequence[GroupSummary]) -> list[GroupSummary]:
@@ -103,7 +121,7 @@ def _series_figure(
     for label, style, series in lines:
         series = [points for points in series if points]
         if series:
-            _plot_band(axes, series, label, style, marker="o" if integer_x else None)
+            _plot_band(axes, series, label, style, marker="o")  # a group with one evaluation is a dot
             plotted += 1
     if not plotted:
         return None
@@ -122,7 +140,7 @@ def _plot_band(
     xs = sorted(set().union(*series))
     columns = [[points[x] for points in series if x in points] for x in xs]
     means = [np.mean(column) for column in columns]
-    axes.plot(xs, means, label=label, color=color, linestyle=linestyle, marker=marker, markersize=3)
+    axes.plot(xs, means, label=label, color=color, linestyle=linestyle, marker=marker, markersize=4)
     lows, highs = [min(column) for column in columns], [max(column) for column in columns]
     axes.fill_between(xs, lows, highs, color=color, alpha=0.2, linewidth=0)
 

@@ -285,8 +285,10 @@ def _unfinished_state(status_path: Path, stale_seconds: float, now: float) -> tu
     state = status.get("status")
     if state == "failed":
         return CRASHED, f"failed: {status.get('error') or 'no error message'}"
-    if state == "stopped":
-        return STOPPED, "stopped early by train.stop_at (continue it with resume=true)"
+    if state == "stopped":  # by a signal (its message says which), else at train.stop_at
+        error = status.get("error")
+        why = error.removeprefix("Terminated: ").split(",")[0] if error else "stopped early by train.stop_at"
+        return STOPPED, f"{why} (continue it with resume=true)"
     if state != "running":
         return CRASHED, f"status {state!r} but no results.json"
     updated = as_float(status.get("updated"))

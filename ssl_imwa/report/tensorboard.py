@@ -1,6 +1,7 @@
 """`--tensorboard`: one TensorBoard log directory for a whole comparison.
 
-    OUT/tensorboard/                       the experiment: which hparams vary, their values, metrics
+    OUT/tensorboard/acr,K=1,seed=0/        the first run's session, plus the experiment: which hparams
+                                           vary, their values, the metrics some run has
     OUT/tensorboard/acr,K=2,seed=0/        a run's session (hparams, final/best/median, status)
         replica0 -> RUN/tensorboard/replica0   its event streams, linked (so they keep updating)
         merged   -> RUN/tensorboard/merged
@@ -20,6 +21,7 @@ from pathlib import Path
 from ssl_imwa.report.groups import GroupSummary, aliases, splitting_keys
 from ssl_imwa.report.runs import COMPLETE, CRASHED, RUNNING, Run
 from ssl_imwa.tensorboard_hparams import (
+    METRICS,
     HParamValue,
     as_declared,
     declared_type,
@@ -46,11 +48,20 @@ def write_view(summaries: Sequence[GroupSummary], directory: Path) -> str:
     runs = _unique(run_names(summaries))
     declared = _declared_keys(summaries, [run for _, run in runs])
     kinds = {key: declared_type(values) for key, values, _ in declared}
-    write_experiment(directory, declared, description=f"{len(runs)} runs compared by python -m ssl_imwa.report")
+    sessions = []
     for name, run in runs:
         values = {key: as_declared(hparam_value(run.config[key]), kinds[key]) for key in kinds if key in run.config}
         metrics = metric_values({"final": run.final, "best": run.best, "median_last20": run.median_last20}) \
             if run.state == COMPLETE else {}
+        sessions.append((name, run, values, metrics))
+    # Declared: the metrics some run has (no best_* column when no run has a validation split); with
+    # no complete run yet, those every complete run has.
+    found = {tag for *_, metrics in sessions for tag in metrics}
+    # The declaration goes into the first run's directory: a file in `directory` itself is a run named `.`.
+    if runs:
+        write_experiment(directory / runs[0][0], declared, description=f"{len(runs)} runs compared by python -m "
+                         "ssl_imwa.report", metrics=found or [tag for tag, _, _ in METRICS if "/best_" not in tag])
+    for name, run, values, metrics in sessions:
         step = run.curve[-1]["step"] if run.curve else 0
         write_session(directory / name, name, values, metrics, step, SESSION_STATUS.get(run.state, "UNKNOWN"))
         streams = run.path / "tensorboard"

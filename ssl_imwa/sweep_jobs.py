@@ -1,0 +1,55 @@
+"""A sweep (`python main.py -m ...`) outlives its bad jobs.
+
+Each job that fails (a bad value, missing data, a bug) records `failed` and its reason in its own
+`status.json`, says so in a line, and the sweep goes on to the next job; a report of the sweep
+lists it. At the end the sweep's exit status is the number of jobs that failed (0: none; at most
+125, above which shells reserve the codes), after one line naming them. A stop that was asked for
+(Ctrl-C, SIGTERM) stops the whole sweep, as it stops a run.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from ssl_imwa.stopping import Terminated
+from ssl_imwa.user_errors import short_user_errors
+
+log = logging.getLogger("ssl_imwa")
+Result = TypeVar("Result")
+HIGHEST_EXIT_STATUS = 125
+
+
+class SweepJobs:
+    """The jobs of one sweep in this process: how many ran, which failed and why."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.failed: list[str] = []   # their run directories
+
+    def run(self, job: Callable[[], Result], run_dir: str) -> Result | None:
+        """`job()`, or None when it fails: a user's mistake in its `error:` line, a bug with its traceback."""
+        self.started += 1
+        try:
+            with short_user_errors():
+                return job()
+        except Terminated:
+            raise
+        except SystemExit as refused:
+            if refused.code != 1:   # 130: interrupted outside training; anything else is not a job's failure
+                raise
+        except Exception:   # a bug in one job: its traceback, then the next job
+            log.exception("sweep job %d (%s) failed", self.started, run_dir)
+        self.failed.append(run_dir)
+        log.error("sweep job %d (%s) failed; the sweep goes on", self.started, run_dir)
+        return None
+
+    def exit_status(self) -> int:
+        """The number of failed jobs (capped), after a line that names them; 0 when none failed."""
+        if not self.failed:
+            return 0
+        names = ", ".join(self.failed)
+        print(f"error: {len(self.failed)} of {self.started} sweep jobs failed ({names}); the report of the sweep "
+              "lists why (python -m ssl_imwa.report <sweep dir>)", file=sys.stderr)
+        return min(len(self.failed), HIGHEST_EXIT_STATUS)
