@@ -25,13 +25,28 @@ SECONDARY_PROCESS_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=di
 RECORD_OVERRIDES = ("hydra.output_subdir=null",)
 
 
+# Hydra's flags that take a value: an override typed after one is still read as an override.
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+               "-cd", "--experimental-rerun", "--shell-completion", "-sc")
+
+
 def _protective_overrides(argv: list[str]) -> list[str]:
-    """Hydra overrides that keep a run directory's record intact, added unless the user set them."""
+    """Hydra overrides that keep a run directory's record intact, added unless the user set them.
+
+    They go right after the typed overrides: Hydra's argument parser reads the overrides as one
+    run of positional arguments, so one added after a flag (`--cfg job`) would be refused.
+    """
     given = {arg.split("=", 1)[0].lstrip("+~") for arg in argv[1:]}
     extra: list[str] = list(RECORD_OVERRIDES)
     if rank_from_environment() != 0:
         extra += [override for override in SECONDARY_PROCESS_OVERRIDES if override not in extra]
-    return argv + [override for override in extra if override.split("=", 1)[0] not in given]
+    added = [override for override in extra if override.split("=", 1)[0] not in given]
+    after = len(argv)
+    positions = [index for index, arg in enumerate(argv) if index and not arg.startswith("-")
+                 and argv[index - 1] not in VALUE_FLAGS]
+    if positions:
+        after = positions[-1] + 1
+    return argv[:after] + added + argv[after:]
 
 
 def _resume_target(argv: list[str]) -> Path | None | bool:

@@ -58,7 +58,10 @@ def parse_overrides(overrides: Sequence[str]) -> list[Override]:
 def _values(override: Override) -> list[str]:
     """The values a (possibly sweeping) override takes, as override text; [] when they cannot be listed."""
     if not override.is_sweep_override():
-        return [override.input_line.split("=", 1)[1]] if "=" in override.input_line else []
+        if "=" not in override.input_line:
+            return []
+        value = override.value()  # unquoted; a list for a multi-select group option
+        return [str(item) for item in value] if isinstance(value, list) else ["null" if value is None else str(value)]
     try:
         return list(override.sweep_string_iterator())
     except Exception:  # noqa: BLE001 - a glob or an interval (for an optimising sweeper): not listable
@@ -71,7 +74,7 @@ def _check_group_options(parsed: list[Override]) -> None:
         group = override.key_or_group
         if group not in groups or override.is_delete():
             continue
-        for value in _values(override):
+        for value in (value.strip("'\"") for value in _values(override)):
             if value not in groups[group] and value != "null":
                 close = difflib.get_close_matches(value, groups[group], n=1)
                 hint = f"; did you mean {group}={close[0]}?" if close else ""
@@ -270,14 +273,10 @@ def preflight(argv: Sequence[str], run_dir: Path, check: bool) -> None:
 
 
 def _typed_culprit(message: str, overrides: list[str]) -> str | None:
-    """The override a validation message names (`train.lr=-1.0: expected ...` names `train.lr=...`)."""
-    key = message.split("=", 1)[0].split(":", 1)[0].strip().lstrip("+~") if "=" in message.split(":", 1)[0] else None
-    if key is None or key.startswith("unknown key"):
-        match = re.match(r"unknown key (\S+?);", message)
-        key = match.group(1) if match else None
-    if key is None:
-        return None
-    for override in overrides:
-        if override.split("=", 1)[0].lstrip("+~") == key:
-            return override
-    return None
+    """The typed override a message is about: the key it starts with (`train.lr=-1.0: expected ...`,
+    `unknown key train.iteratons; ...`), else the first typed key it names as `key=`."""
+    match = re.match(r"(?:unknown key )?[+~]?([\w.@/-]+)", message)
+    named = [match.group(1)] if match else []
+    named += re.findall(r"([\w.]+)=", message)
+    typed = {override.split("=", 1)[0].lstrip("+~"): override for override in overrides}
+    return next((typed[key] for key in named if key in typed), None)

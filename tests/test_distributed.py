@@ -230,6 +230,11 @@ def test_hydra_overrides_that_protect_a_run_directory(monkeypatch: pytest.Monkey
     assert main._protective_overrides(["main.py", "imwa.k=2"]) == ["main.py", "imwa.k=2", "hydra.output_subdir=null"]
     assert main._protective_overrides(["main.py", "hydra.output_subdir=x"]) == ["main.py", "hydra.output_subdir=x"]
     assert main._protective_overrides(["main.py", "resume=true"])[2:] == ["hydra.output_subdir=null"]
+    # next to the typed overrides, never after a flag that takes a value (Hydra would refuse it)
+    assert main._protective_overrides(["main.py", "experiment=quickstart", "--cfg", "job"]) == [
+        "main.py", "experiment=quickstart", "hydra.output_subdir=null", "--cfg", "job"]
+    assert main._protective_overrides(["main.py", "--cfg", "job"]) == ["main.py", "--cfg", "job",
+                                                                     "hydra.output_subdir=null"]
 
 
 def test_torchrun_teardown_stops_every_process_at_a_step_with_a_checkpoint(tmp_path: Path) -> None:
