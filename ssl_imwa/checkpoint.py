@@ -27,6 +27,9 @@ REQUIRED_KEYS = ("format_version", "fingerprint", "progress", "replicas", "run_s
 DIGEST_KEY = "sha256"
 UPGRADE_COMMAND = "python -m ssl_imwa.upgrade_checkpoint --trust"
 PLAIN_VALUE_TYPES = (str, bool, int, float, type(None))
+# What torch's weights-only unpickler says when a file asks for an object or a call it does not allow
+# (torch/_weights_only_unpickler.py); any other refusal (an unknown opcode: random bytes) is damage.
+OBJECT_REFUSALS = re.compile(r"GLOBAL |call reduce for|Can only (create new object|build)|persistent_load")
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -197,9 +200,10 @@ def read_weights_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
+        if not OBJECT_REFUSALS.search(str(error)):   # garbage bytes, a truncated pickle: damage, not code
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a torch file (UnpicklingError: "
-                                    f"{error}); delete it or point run_dir at a run with a valid checkpoint") from None
+                                    f"{_weights_only_reason(str(error))}); delete it or point run_dir at a run with "
+                                    "a valid checkpoint") from None
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = refused.group(1) if refused else _weights_only_reason(str(error))
         raise UnsafeCheckpoint(
@@ -213,10 +217,10 @@ def read_weights_only(path: Path) -> Any:
 
 
 def _weights_only_reason(message: str) -> str:
-    """The unpickler's own words when it names no global (an opcode or a call it does not allow)."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    detail = [line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")]
-    return (detail or lines[-1:] or ["an object"])[0].removeprefix("WeightsUnpickler error: ")
+    """The unpickler's own words, one line, without torch's advice around them."""
+    detail = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation of torch.load", 1)[0]
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    return lines[0] if lines else "an object it does not allow"
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:

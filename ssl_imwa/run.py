@@ -206,6 +206,11 @@ def log_secondary_process(run_dir: Path, rank: int) -> None:
     to_console.setFormatter(logging.Formatter(f"[rank {rank}][%(levelname)s] %(message)s"))
     logger = logging.getLogger("ssl_imwa")  # ssl_imwa.data and the algorithms' loggers are its children
     logger.setLevel(logging.INFO)
+    # Hydra's `job_logging=disabled` (main.py gives it to these processes) disables every logger that
+    # exists when it is applied, and main.py's checks before Hydra have created ours by then.
+    for name, existing in logging.Logger.manager.loggerDict.items():
+        if (name == "ssl_imwa" or name.startswith("ssl_imwa.")) and isinstance(existing, logging.Logger):
+            existing.disabled = False
     logger.addHandler(to_file)
     logger.addHandler(to_console)
 

@@ -162,3 +162,11 @@ def test_a_full_disk_as_torch_reports_it_is_named_and_leaves_no_temporary(
     monkeypatch.undo()
     assert sorted(entry.name for entry in folder.iterdir()) == ["latest.pt"], "no half-written temporary is left"
     assert load_checkpoint(folder / "latest.pt", FINGERPRINT)["progress"] == small["progress"]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b"xyz", b"PK\x03\x04 half a zip"])
+def test_random_bytes_are_corrupt_not_unsafe_in_one_line(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "latest.pt").write_bytes(content)
+    with pytest.raises(CorruptCheckpoint, match="latest.pt is corrupt or not a torch file") as caught:
+        load_checkpoint(tmp_path / "latest.pt", FINGERPRINT)
+    assert "\n" not in str(caught.value)
