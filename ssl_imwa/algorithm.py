@@ -6,18 +6,13 @@ work as for any module. The trainer owns the loop, optimiser, EMA update, evalua
 checkpoints; the orchestrator owns replicas and merges. An algorithm never sees any of those.
 
 The built-in algorithms (`ssl_imwa/algorithms/`) are plugins like any other: this module never
-imports them by name; `load_builtin_algorithms` imports every module of that package, and
-`load_plugins` the modules a config names under `plugins`.
+imports them by name: its registry imports every module of that package on first lookup, and
+`ssl_imwa.registry.load_plugins` the modules a config names under `plugins`.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import pkgutil
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -209,7 +204,7 @@ class Algorithm(nn.Module):
         return mean_of_states(states)
 
 
-_ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+_ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", BUILTIN_PACKAGE)
 
 
 def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]]:
@@ -230,47 +225,10 @@ def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]
 
 
 def get_algorithm(name: str) -> type[Algorithm]:
-    load_builtin_algorithms()
     return _ALGORITHMS.get(name)
 
 
 def list_algorithms() -> list[str]:
-    load_builtin_algorithms()
     return _ALGORITHMS.names()
 
 
-@functools.cache
-def load_builtin_algorithms() -> None:
-    """Import every module of `ssl_imwa.algorithms`, as `load_plugins` imports a user's: a new built-in
-    algorithm is one file there (plus its YAML), and no list names it."""
-    package = importlib.import_module(BUILTIN_PACKAGE)
-    load_plugins([f"{BUILTIN_PACKAGE}.{module.name}" for module in pkgutil.iter_modules(package.__path__)])
-
-
-def load_plugins(modules: list[str]) -> None:
-    """Import each plugin module so its `@register_algorithm` runs.
-
-    Any error while importing one (a missing module, a syntax error, an exception in its body)
-    becomes an ImportError naming the module and the file and line where it went wrong.
-    """
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as error:
-            raise ImportError(f"plugins: could not import plugin module '{module}': {_where(error)}"
-                              f"{type(error).__name__}: {error}") from error
-
-
-def _where(error: Exception) -> str:
-    """`file:line: ` of the failing line inside the plugin: the innermost frame outside importlib and
-    the engine (empty for a module that was not found). Built-in algorithms count as plugins."""
-    if isinstance(error, SyntaxError) and error.filename:
-        return f"{error.filename}:{error.lineno}: "
-    package = Path(__file__).resolve().parent
-    builtins = str(package / "algorithms")
-
-    def in_plugin(filename: str) -> bool:
-        return "importlib" not in filename and (not filename.startswith(str(package)) or filename.startswith(builtins))
-
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if in_plugin(frame.filename)]
-    return f"{frames[-1].filename}:{frames[-1].lineno}: " if frames and not isinstance(error, ModuleNotFoundError) else ""

@@ -92,9 +92,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     Unknown keys and wrong types raise OmegaConf errors that name the key; bad values raise
     ValueError naming the key and what was expected.
     """
-    from ssl_imwa.algorithm import get_algorithm, load_plugins
+    from ssl_imwa.algorithm import get_algorithm
     from ssl_imwa.data.build import check_labeled_counts, validate_dataset
     from ssl_imwa.models import list_models
+    from ssl_imwa.registry import load_plugins
 
     # A required value left unset ('???' in a config file) would otherwise take the schema's default.
     missing = sorted(OmegaConf.missing_keys(cfg))

@@ -26,7 +26,8 @@ def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_example_loss_matches_hand_computation(plugin_module: str) -> None:
-    from ssl_imwa.algorithm import get_algorithm, load_plugins
+    from ssl_imwa.algorithm import get_algorithm
+    from ssl_imwa.registry import load_plugins
 
     load_plugins([plugin_module])
     cls = get_algorithm("teacher_pseudo_label")

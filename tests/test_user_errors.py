@@ -91,7 +91,7 @@ def test_an_unwritable_run_directory_is_named_before_hydra_starts(tmp_path: Path
 
 
 def test_plugin_faults_name_the_plugin_and_the_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ssl_imwa.algorithm import load_plugins
+    from ssl_imwa.registry import load_plugins
 
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "broken_syntax_plugin.py").write_text("import torch\ndef losses(:\n")

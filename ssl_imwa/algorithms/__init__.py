@@ -1,2 +1,2 @@
-"""The built-in algorithms, each a plugin module: `ssl_imwa.algorithm.load_builtin_algorithms` imports
-every module here, so adding one is a file in this folder plus its `configs/algorithm/<name>.yaml`."""
+"""The built-in algorithms, each a plugin module: the algorithm registry imports every
+module here on first lookup (`ssl_imwa.registry`), so adding one is a file in this folder plus its `configs/algorithm/<name>.yaml`."""
