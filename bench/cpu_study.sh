@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The CPU-scale real-data studies of docs/results.md, one run at a time per CPU core (two runs on two
 # cores with two threads each slow each other several-fold).
-#   STUDY=cifar10 (default): CIFAR-10-LT JPEGs at 32x32 (issues 3 and 4). Needs the JPEGs in $DATA
+#   STUDY=cifar10 (default): CIFAR-10-LT JPEGs at 32x32. Needs the JPEGs in $DATA
 #     (default /tmp/cifar10): mkdir -p /tmp/cifar10 && tar -xzf cifar10-jpeg.tar.gz -C /tmp/cifar10
-#   STUDY=digits: the regime where semi-supervision pays (issue 14): bundled digits at 8x8, no download,
+#   STUDY=digits: the regime where semi-supervision pays: bundled digits at 8x8, no download,
 #     one thread per run ($THREADS, default 1), so two sections can run side by side on two cores.
 # Usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]
 #   sections: imwa0 imwa1 imwa2 (per seed), algorithms0 algorithms1 algorithms2, acr0 acr1 acr2 (ACR with
-#   the official code's estimate, issue 14 part 3), precision (cifar10 only)
+#   the official code's estimate), precision (cifar10 only)
 # A run whose results.json exists is skipped, so the script can be restarted.
 set -uo pipefail
 OUT=${1:?usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]}
@@ -41,7 +41,7 @@ run() {
     && echo "$(date '+%F %T') done  $name" || echo "$(date '+%F %T') FAILED $name (see $OUT/$name.log)"
 }
 
-imwa_arms() {  # issue 4: supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, FixMatch K=1 with twice the steps, IMWA with TWA
+imwa_arms() {  # supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, FixMatch K=1 with twice the steps, IMWA with TWA
   local s=$1
   run "imwa/supervised_s$s" algorithm=supervised seed="$s"
   run "imwa/fixmatch_k1_s$s" algorithm=fixmatch seed="$s"
@@ -56,7 +56,7 @@ imwa_arms() {  # issue 4: supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, F
   fi
 }
 
-algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabeled data
+algorithm_arms() {  # every algorithm on consistent and reversed unlabeled data
   # (supervised and FixMatch on consistent data are the imwa/ runs of the same seed: same config)
   local s=$1 u tdist
   for u in consistent reversed; do
@@ -76,7 +76,7 @@ algorithm_arms() {  # issue 3: every algorithm on consistent and reversed unlabe
   done
 }
 
-acr_official_arms() {  # issue 14 part 3: ACR with the official code's estimate beside the paper's
+acr_official_arms() {  # ACR with the official code's estimate beside the paper's
   local s=$1 u
   for u in consistent reversed; do
     run "algorithms/acr_official_${u}_s$s" algorithm=acr_short dataset.unlabeled=$u dataset.protocol=disjoint \

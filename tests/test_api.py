@@ -129,7 +129,7 @@ def test_an_editable_install_trains_and_loads_from_anywhere(tmp_path: Path) -> N
 
 
 def test_compose_validates_as_a_run_would() -> None:
-    """docs/python_api.md: compose gives every error; `train.lr=-1` used to compose without a word."""
+    """docs/python_api.md: compose gives every error a run would give, `train.lr=-1` included."""
     with pytest.raises(ValueError, match=r"^train.lr=-1.0: expected a finite value in \(0, inf\)$"):
         ssl_imwa.compose(["experiment=quickstart", "train.lr=-1"])
     with pytest.raises(ValueError, match=r"^unknown key train.iteratons; did you mean train.iterations\?$"):

@@ -58,7 +58,7 @@ def test_the_presets_and_defaults_are_valid() -> None:
 
 
 def test_an_image_folder_without_a_root_names_the_key() -> None:
-    """The schema's default used to fill the required root in, and the error named ./data/train."""
+    """A required root is named as missing, not filled in by the schema's default (./data)."""
     cfg = validate(compose_config(["dataset=imagefolder"]))
     with pytest.raises(ValueError, match=r"^dataset.root is not set: dataset.name=imagefolder"):
         build_data(cfg.dataset)
@@ -79,7 +79,7 @@ def test_expect_range_bounds(value: float, low: float | None, high: float | None
 
 
 def test_a_semi_supervised_algorithm_without_unlabeled_images_names_train_mu(tmp_path: Path) -> None:
-    """mu=0 used to train until 'loss is nan at step 20' (a mean over zero unlabeled images)."""
+    """mu=0 is refused before training: it would train until 'loss is nan' (a mean over zero unlabeled images)."""
     with pytest.raises(ValueError, match=r"^train.mu=0: fixmatch learns from unlabeled images"):
         train_run(tmp_path, ["experiment=quickstart", "train.mu=0", "train.iterations=4"])
     supervised = train_run(tmp_path, ["experiment=quickstart", "algorithm=supervised", "train.mu=0",

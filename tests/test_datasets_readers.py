@@ -188,7 +188,7 @@ def test_mixed_image_sizes_name_the_file(fake_image_folder_root: FakeDataset) ->
 
 
 def test_channel_mode_is_decided_by_every_image_not_the_first(fake_image_folder_root: FakeDataset) -> None:
-    """A grayscale first image used to turn a whole colour split gray (or mismatch the other split)."""
+    """A grayscale first image does not turn a whole colour split gray (or mismatch the other split)."""
     root = fake_image_folder_root.root
     first_train = min((root / "train" / "cat").iterdir())
     gray = np.asarray(Image.open(first_train).convert("L"))

@@ -142,7 +142,7 @@ def test_merged_algorithm_states_come_back_on_the_local_gpu(monkeypatch: pytest.
 
 
 def test_a_uniform_merge_seen_from_process_1_stays_on_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Integer buffers are broadcast from process 0: they used to arrive on process 0's GPU."""
+    """Integer buffers broadcast from process 0 arrive on this process's own GPU, not on process 0's."""
     _fake_peer(monkeypatch, "cuda:0")
     local = torch.device("cuda", 1)
     with FakeTensorMode(allow_non_fake_inputs=True):

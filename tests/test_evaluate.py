@@ -55,7 +55,7 @@ def test_command_line_prints_the_table(acr_run: Path, capsys: pytest.CaptureFixt
 
 
 def test_table_columns_have_distinct_names() -> None:
-    """The model-head column and the head-class accuracy column used to share the name `head`."""
+    """The model-head column and the head-class accuracy column have names of their own."""
     metrics = {"top1": 0.5, "balanced_acc": 0.4, "macro_f1": 0.3, "head": 0.9, "medium": 0.2, "tail": 0.1}
     header, rule, row = format_table({"logits": metrics}).splitlines()
     names = [cell.strip() for cell in header.strip("|").split("|")]

@@ -470,8 +470,8 @@ def test_keys_implied_by_other_keys_are_dropped_from_labels() -> None:
 
 
 def test_keys_that_vary_together_are_all_kept_in_reader_order() -> None:
-    """The TWA arm used to be labelled `dataset.val_per_class=20` only: imwa.merge varies with it
-    and was dropped as adding no groups, so the label never said which arm merges with TWA."""
+    """Keys that vary together (imwa.merge with dataset.val_per_class in a TWA arm) are all in the
+    label, though either alone makes the same groups: the label says which arm merges with TWA."""
 
     def run(merge: str, val_per_class: int, lr: float, seed: int) -> report.Run:
         config = {"algorithm.name": "fixmatch", "imwa.k": 2, "imwa.merge": merge,
@@ -527,8 +527,8 @@ def _long_label_sweep() -> list[report.GroupSummary]:
 
 
 def test_plots_with_ten_long_labels_keep_their_axes_and_legend_in_the_figure(tmp_path: Path) -> None:
-    """Long labels used to push the legend off the image and shrink the axes to a sliver
-    ("constrained_layout not applied because axes sizes collapsed to zero")."""
+    """Long labels must not push the legend off the image or shrink the axes to a sliver
+    (matplotlib: "constrained_layout not applied because axes sizes collapsed to zero")."""
     from ssl_imwa.report.plots import curves_figure, episodes_figure, per_class_figure
 
     summaries = _long_label_sweep()
@@ -580,8 +580,8 @@ def _snapshot(directory: Path) -> dict[str, bytes | str]:
 def test_an_out_that_is_inside_or_holds_a_run_is_refused_by_name(
     tmp_path: Path, where: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--out RUN --tensorboard` used to delete the run's own tensorboard/ (its event files) and put
-    a view there holding a link to itself, exit 0."""
+    """The report never writes into a run: `--out RUN --tensorboard` would replace the run's own
+    tensorboard/ (its event files) with a view holding a link to itself."""
     sweep = tmp_path / "multirun"
     run_dir = _write_run(sweep, "imwa.k=1,seed=0", 1, 0, {"status": "complete"}, _results(0.7, 0.6, None),
                          [json.dumps(e) for e in _evaluations(1, 0.7)])

@@ -117,8 +117,8 @@ def test_command_line_keys_take_their_typed_values(tmp_path: Path) -> None:
 
 
 def test_runs_write_sessions_whose_swept_key_differs(tmp_path: Path) -> None:
-    """Each run used to write its own experiment declaration with only its values: TensorBoard
-    took one, marked every hparam as not differing and hid the swept key."""
+    """A run's session names every swept hparam with its own value, so TensorBoard, which takes one
+    experiment declaration for all runs, marks the swept key as differing and shows it."""
     for k, top1, best in ((1, 0.70, None), (2, 0.75, 0.80)):
         _log_session(_fake_run(tmp_path, "fixmatch", k), top1, best, k)
     tab = hparams_tab(tmp_path)

@@ -131,8 +131,8 @@ def _lines(result: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_a_mistake_hydra_finds_while_composing_is_one_line() -> None:
-    """Hydra composes before this project's code runs and used to print 8 to 16 lines (advising
-    `+train.iteratons=5` for a typo, which then fails again); the composition is checked first."""
+    """Hydra composes before this project's code runs and would print 8 to 16 lines (advising
+    `+train.iteratons=5` for a typo, which then fails again): main.py checks the composition first."""
     import ssl_imwa
 
     cases = {
