@@ -50,7 +50,7 @@ def header(title: str, threads: int, device: torch.device | str = "cpu") -> str:
             f"CPU busy before start {share:.0%} ({verdict})")
 
 
-# ----- helpers for bench/gpu_smoke.py and any benchmark that may run on a GPU ----------------------
+# ----- helpers for bench/gpu_smoke/ and any benchmark that may run on a GPU ----------------------
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,7 +75,6 @@ def run_main(overrides: list[str], run_dir: Path, world: int = 1) -> tuple[dict[
             raise SystemExit(f"run failed ({status}): see {run_dir}.rank*.log")
         peaks.append(usage.ru_maxrss / 1024)
     return json.loads((run_dir / "results.json").read_text()), peaks
-CONFIG_DIR = ROOT / "configs"
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -123,17 +122,13 @@ def cpu_name() -> str:
 
 
 def compose_config(overrides: list[str], run_dir: Path | str = ".") -> Any:
-    """The real config (same files and schema as main.py) composed with Hydra's compose API, unvalidated.
+    """The real config, unvalidated and without the progress bar (ssl_imwa.composition).
 
     Pass it to `ssl_imwa.config.validate` to type-check it, or to `ssl_imwa.run.run` to train.
     """
-    from hydra import compose, initialize_config_dir
+    from ssl_imwa.composition import compose_config as compose_package_config
 
-    from ssl_imwa.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"run_dir={run_dir}", "train.progress=false"])
+    return compose_package_config([*overrides, "train.progress=false"], run_dir)
 
 
 def checkpoint_tensors(run_dir: Path | str, name: str = "latest.pt") -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from ssl_imwa.rng import rng_state
 
 
 def replica_state(model_name: str) -> dict:
-    model = create_model(model_name, 10, 3, 0.001)
+    model = create_model(model_name, 10, 3, bn_momentum=0.001)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True)
     model(torch.randn(2, 3, 32, 32))["logits"].sum().backward()
     optimizer.step()

@@ -62,6 +62,7 @@ def _cases() -> list[Case]:
         c("train.precision", "train.precision=fp8"), c("imwa.merge", "imwa.merge=greedy"),
         c("imwa.momentum", "imwa.momentum=bogus"), c("imwa.twa.parameterisation", "imwa.twa.parameterisation=bogus"),
         c("imwa.twa.data", "imwa.twa.data=bogus"), c("imwa.twa.bn", "imwa.twa.bn=bogus"),
+        c("imwa.twa.stps", "imwa.twa.stps=3"), c("did you mean imwa.episodes", "imwa.episdoes=3"),
         c("dataset.unlabeled", "dataset.unlabeled=bogus"), c("dataset.protocol", "dataset.protocol=bogus"),
         c("algorithm.weak_pass", "algorithm.weak_pass=bogus"), c("algorithm.ema.buffers", "algorithm.ema.buffers=bogus"),
         c("device", "device=tpu"),

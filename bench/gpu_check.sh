@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU smoke check (bench/gpu_smoke.py) on the lent GPU machine, in one command.
+# The GPU smoke check (python -m bench.gpu_smoke) on the lent GPU machine, in one command.
 #
 #   here, once (needs PyPI):  bash bench/gpu_check.sh --fetch-wheels
 #       hydra-core and omegaconf (pure-Python wheels) and antlr4-python3-runtime 4.9.3 (PyPI has
 #       only its sdist: the wheel is built here) into .whl/, which is added to .git/info/exclude.
 #   there, through the device tool's `run` (carry [".whl"], timeout_s 600):
-#       bash bench/gpu_check.sh [extra gpu_smoke.py arguments, e.g. --quick or --budget-s 300]
+#       bash bench/gpu_check.sh [extra bench.gpu_smoke arguments, e.g. --quick or --budget-s 300]
 #       installs the wheels into /tmp/site when hydra is missing, runs
-#       `bench/gpu_smoke.py --device cuda --out $OUT --work /tmp/gpu_smoke_runs`, and leaves in $OUT
-#       smoke.json, summary.md, log.txt and nvidia-smi.txt. Exit status: gpu_smoke.py's.
+#       `python -m bench.gpu_smoke --device cuda --out $OUT --work /tmp/gpu_smoke_runs`, and leaves in $OUT
+#       smoke.json, summary.md, log.txt and nvidia-smi.txt. Exit status: the check's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

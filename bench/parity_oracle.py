@@ -73,15 +73,15 @@ def build_ours(algo: str, seed: int, run_dir: Path, engine: Path) -> tuple[Any, 
     sys.path.insert(0, str(engine))
     from hydra import compose, initialize_config_dir
 
-    from ssl_imwa.config import register_configs, validate
-    from ssl_imwa.data import build_data
-    from ssl_imwa.rng import seed_everything
-    from ssl_imwa.run import (
+    from ssl_imwa.builders import (
         build_algorithm,
         build_initial_model,
         build_replica,
         configure_torch,
     )
+    from ssl_imwa.config import register_configs, validate
+    from ssl_imwa.data import build_data
+    from ssl_imwa.rng import seed_everything
     from ssl_imwa.trainer import Trainer
 
     register_configs()

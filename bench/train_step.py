@@ -27,18 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench._common import header, peak_memory_mb, reset_peak_memory, synchronize
 from ssl_imwa.algorithm import AlgorithmContext
 from ssl_imwa.algorithms.fixmatch import FixMatch, FixMatchConfig
+from ssl_imwa.builders import ReplicaRecipe, assemble_replica, tune_glibc_malloc
 from ssl_imwa.config import TrainConfig
 from ssl_imwa.data import TrainStream
-from ssl_imwa.ema import EMATeacher
 from ssl_imwa.models import create_model
-from ssl_imwa.run import tune_glibc_malloc
-from ssl_imwa.trainer import (
-    PRECISION_DTYPES,
-    Replica,
-    Trainer,
-    autocast_factory,
-    build_optimizer,
-)
+from ssl_imwa.trainer import PRECISION_DTYPES, Trainer, autocast_factory
 
 
 class _RepeatBatch:
@@ -59,7 +52,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
     cfg = TrainConfig(iterations=10_000, batch_size=args.batch, mu=args.mu, precision=args.precision,
                       channels_last=args.channels_last)
     device = torch.device(args.device)
-    model = create_model(args.model, 10, 3, 0.001).to(device)
+    model = create_model(args.model, 10, 3, bn_momentum=0.001).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
@@ -74,8 +67,8 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
              "u_weak": torch.randn(unlabeled, *shape, device=device),
              "u_strong": [torch.randn(unlabeled, *shape, device=device)],
              "u_target": torch.randint(0, 10, (unlabeled,), device=device)}
-    replica = Replica(0, model, EMATeacher(model, algorithm.cfg.ema), build_optimizer(model, cfg), algorithm,
-                      _RepeatBatch(batch), None)
+    # The run's own assembly (EMA teacher, SGD, an fp16 gradient scaler) around the resident batch.
+    replica = assemble_replica(0, model, _RepeatBatch(batch), algorithm, ReplicaRecipe(cfg, algorithm.cfg.ema), device)
     trainer = Trainer(cfg, device)
     images = trainer.images_per_step(replica)
     compile_started = time.perf_counter()
@@ -113,7 +106,7 @@ def bench_bare(args: argparse.Namespace, images: int) -> dict[str, float]:
     no optimiser, no EMA."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = create_model(args.model, 10, 3, 0.001).to(device)
+    model = create_model(args.model, 10, 3, bn_momentum=0.001).to(device)
     inputs = torch.randn(images, 3, args.size, args.size, device=device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

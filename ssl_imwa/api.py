@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 
     from ssl_imwa.data import SSLData
 
-# The checkout's config tree, the one main.py reads (the package is installed editable: pip install -e .).
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
 class TrainResult(NamedTuple):
     """What `train` returns: results.json's contents (None when stopped at train.stop_at) and the run directory."""
 
@@ -46,6 +42,7 @@ def compose(overrides: Sequence[str] = (), run_dir: str | Path = ".") -> DictCon
 
 def _compose(overrides: Sequence[str], run_dir: str | Path) -> DictConfig:
     """Composed, not validated (a run validates after a resume has swapped in the run's own config)."""
+    from ssl_imwa.composition import CONFIG_DIR
     from ssl_imwa.preflight import compose_overrides
 
     if not CONFIG_DIR.is_dir():

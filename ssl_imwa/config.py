@@ -1,29 +1,21 @@
 """Typed configuration: the schema Hydra composes into, and validation before any work starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from ssl_imwa.data.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
-from ssl_imwa.twa import TWAConfig
+from ssl_imwa.models.config import ModelConfig
 from ssl_imwa.validation import expect_choice, expect_positive, expect_range
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "wrn28_2"
-    bn_momentum: float = 0.001  # PyTorch convention; DASO 0.1, FixMatch/ACR 0.001
-    # imwa.data_parallel > 1: BN statistics over the whole step's batch across the replica's D processes,
-    # as with D = 1 (false: each process normalises its own slice; docs/imwa.md)
-    sync_batchnorm: bool = False
 
 
 @dataclass
@@ -60,7 +52,8 @@ class IMWAConfig:
     keep_merges: int = 0
     # D: processes per replica (DistributedDataParallel over a replica group; each takes 1/D of every batch)
     data_parallel: int = 1
-    twa: TWAConfig = field(default_factory=TWAConfig)  # used when merge == 'twa' (docs/twa.md)
+    # Each merge strategy's options are the section imwa.<strategy> (imwa.twa.steps=10), typed at
+    # validation by the dataclass the strategy registered (docs/imwa.md, "Merge strategies").
 
 
 @dataclass
@@ -74,27 +67,39 @@ class Config:
     # Hydra's output directory (configs/config.yaml); None only where Hydra has none, as in `--cfg job`.
     run_dir: str | None = None
     plugins: list[str] = field(default_factory=list)
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # Untyped while Hydra composes, so that a dataset's or a backbone's own options (`dataset.<option>`,
+    # `model.<option>`) fit; the defaults hold every shared key, so a typo is still an unknown key.
+    # validate() types each section by the dataclass its plugin registered (docs/extending.md).
+    dataset: Any = field(default_factory=lambda: asdict(DatasetConfig()))
+    model: Any = field(default_factory=lambda: asdict(ModelConfig()))
     algorithm: Any = field(default_factory=lambda: {"name": "fixmatch"})
     train: TrainConfig = field(default_factory=TrainConfig)
     imwa: IMWAConfig = field(default_factory=IMWAConfig)
 
 
 def register_configs() -> None:
-    """Make the schema available to Hydra as `base_config` (configs/config.yaml lists it first)."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """Make the schema available to Hydra as `base_config` (configs/config.yaml lists it first).
+
+    `imwa` accepts keys the schema does not declare while Hydra composes: the merge strategies'
+    option sections (`imwa.twa.steps=10`), which only the strategies know. validate() types each by
+    the dataclass its strategy registered and refuses any other key there, by name.
+    """
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema.imwa, False)
+    ConfigStore.instance().store(name="base_config", node=schema)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Check the composed config and type the algorithm section with its plugin's dataclass.
+    """Check the composed config; type the algorithm section, and each merge strategy's `imwa.<name>`
+    section, with the dataclass its plugin registered.
 
     Unknown keys and wrong types raise OmegaConf errors that name the key; bad values raise
     ValueError naming the key and what was expected.
     """
     from ssl_imwa.algorithm import get_algorithm
     from ssl_imwa.data.build import check_labeled_counts, validate_dataset
-    from ssl_imwa.models import list_models
+    from ssl_imwa.data.dataset import typed_dataset_section
+    from ssl_imwa.models.factory import typed_model_section
     from ssl_imwa.registry import load_plugins
 
     # A required value left unset ('???' in a config file) would otherwise take the schema's default.
@@ -104,8 +109,11 @@ def validate(cfg: DictConfig) -> DictConfig:
                          f"e.g. {missing[0]}=...)")
     # Merged as plain data: a section that already carries its dataclass type (as Hydra composes it)
     # would otherwise accept a key added with `+train.bogus=1` without a word.
-    typed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(OmegaConf.to_container(cfg)))
+    plain = OmegaConf.to_container(cfg)
+    merge_sections = _pop_merge_sections(plain)
+    typed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(plain))
     load_plugins(list(typed.plugins))
+    _type_merge_options(typed.imwa, merge_sections)  # after plugins: they may register a strategy
     algorithm_cls = get_algorithm(typed.algorithm.name)
     try:
         typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
@@ -114,11 +122,11 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise
     OmegaConf.to_object(typed.algorithm).validate()
     _check_train(typed.train, algorithm_cls.uses_unlabeled(), typed.algorithm.name)
-    if typed.model.name not in list_models():
-        raise ValueError(f"model.name='{typed.model.name}': expected one of {', '.join(list_models())}")
+    typed.model = typed_model_section(typed.model)  # after plugins: they may register a backbone
     expect_range("model.bn_momentum", typed.model.bn_momentum, 0, 1)
+    typed.dataset = typed_dataset_section(typed.dataset)  # ...or a dataset
     dataset = OmegaConf.to_object(typed.dataset)
-    validate_dataset(dataset)  # after plugins: they may register a dataset
+    validate_dataset(dataset)
     check_labeled_counts(dataset, typed.train.batch_size)  # where the class count is known before reading
     expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
     _check_imwa(typed.imwa, typed.dataset.val_per_class, typed.train.iterations)
@@ -151,7 +159,7 @@ def _check_train(train: DictConfig, uses_unlabeled: bool, algorithm: str) -> Non
 
 
 def _check_imwa(imwa: DictConfig, val_per_class: int, iterations: int) -> None:
-    from ssl_imwa.merge import list_merges
+    from ssl_imwa.merge import MergePlan, get_merge, list_merges, merge_options
 
     expect_positive("imwa.timeout_s", imwa.timeout_s)
     expect_positive("imwa.k", imwa.k)
@@ -162,16 +170,50 @@ def _check_imwa(imwa: DictConfig, val_per_class: int, iterations: int) -> None:
                          "(a resume over several processes may need the merge before the newest)")
     expect_choice("imwa.merge", imwa.merge, tuple(list_merges()))  # after plugins: they may add one
     expect_choice("imwa.momentum", imwa.momentum, MOMENTUM_POLICIES)
-    twa = imwa.twa
-    expect_choice("imwa.twa.parameterisation", twa.parameterisation, ("simplex", "affine"))
-    expect_choice("imwa.twa.granularity", twa.granularity, ("model", "layer"))
-    expect_choice("imwa.twa.data", twa.data, ("twa-v", "twa-t"))
-    expect_choice("imwa.twa.bn", twa.bn, ("average", "recompute"))
-    for key in ("steps", "lr", "batch_size", "bn_batches"):
-        expect_positive(f"imwa.twa.{key}", twa[key])
-    if imwa.merge == "twa" and val_per_class == 0 and (twa.data == "twa-v" or twa.accept):
-        raise ValueError("imwa.merge=twa with imwa.twa.data=twa-v or imwa.twa.accept=true needs a labeled "
-                         "held-out split: set dataset.val_per_class > 0 (those labels are reported as consumed)")
+    get_merge(imwa.merge).check(merge_options(imwa), MergePlan(imwa.k, val_per_class))
     if iterations % imwa.episodes:
         raise ValueError(f"train.iterations={iterations} is not divisible by imwa.episodes={imwa.episodes}: "
                          "every episode must run the same number of steps")
+
+
+def _pop_merge_sections(plain: dict[str, Any]) -> dict[str, Any]:
+    """Take the keys that are not IMWAConfig's out of `plain['imwa']`: the merge strategies' option
+    sections, typed once the plugins that may register a strategy are loaded."""
+    imwa = plain.get("imwa")
+    if not isinstance(imwa, dict):
+        return {}
+    own = {item.name for item in fields(IMWAConfig)}
+    return {key: imwa.pop(key) for key in list(imwa) if key not in own}
+
+
+def _type_merge_options(imwa: DictConfig, sections: dict[str, Any]) -> None:
+    """Add `imwa.<name>` for every registered strategy with options, typed by its dataclass and holding
+    the values given in `sections`, and check the values; a section no strategy owns is an unknown key."""
+    from ssl_imwa.merge import merge_option_types
+
+    option_types = merge_option_types()
+    _refuse_unknown("imwa", sections, [item.name for item in fields(IMWAConfig)] + list(option_types))
+    with open_dict(imwa):
+        for name, options_type in option_types.items():
+            values = sections.get(name, {})
+            if not isinstance(values, dict):
+                raise TypeError(f"imwa.{name}={values!r}: expected the options of merge strategy {name}, "
+                                f"set one by one (imwa.{name}.<option>=...)")
+            _refuse_unknown(f"imwa.{name}", values, [item.name for item in fields(options_type)])
+            try:
+                imwa[name] = OmegaConf.merge(OmegaConf.structured(options_type), values)
+            except OmegaConfBaseException as error:  # merged on its own: name the key as the user types it
+                error.full_key = f"imwa.{name}.{getattr(error, 'full_key', None) or ''}".rstrip(".")
+                raise
+            options = OmegaConf.to_object(imwa[name])
+            if callable(getattr(options, "validate", None)):
+                options.validate()
+
+
+def _refuse_unknown(section: str, given: dict[str, Any], known: list[str]) -> None:
+    """'unknown key imwa.twa.stps; did you mean imwa.twa.steps?' for the first key of `given` not in `known`."""
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            raise ValueError(f"unknown key {section}.{key}; " + (f"did you mean {section}.{close[0]}?" if close
+                                                                 else f"{section} has {', '.join(known)}"))

@@ -22,17 +22,17 @@ import torch
 from omegaconf import OmegaConf
 
 from ssl_imwa.algorithm import Algorithm
-from ssl_imwa.checkpoint import load_checkpoint
-from ssl_imwa.config import Config, register_configs, validate
-from ssl_imwa.data import SSLData, build_data
-from ssl_imwa.keys import SUMMARY_METRICS
-from ssl_imwa.run import (
+from ssl_imwa.builders import (
     build_algorithm,
     build_evaluator,
     build_initial_model,
     configure_torch,
-    fingerprint,
 )
+from ssl_imwa.checkpoint import load_checkpoint
+from ssl_imwa.checkpoint_store import fingerprint
+from ssl_imwa.config import Config, register_configs, validate
+from ssl_imwa.data import SSLData, build_data
+from ssl_imwa.keys import SUMMARY_METRICS
 
 # Table headers: the first column is the model head (`--head`), so the head/medium/tail class
 # groups get their own names rather than a second column called `head`.

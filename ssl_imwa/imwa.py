@@ -11,7 +11,6 @@ of a replica are identical after every step: ssl_imwa.trainer).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import sys
 import time
@@ -22,23 +21,16 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ssl_imwa.checkpoint import (
-    FORMAT_VERSION,
-    CorruptCheckpoint,
-    link_atomic,
-    load_checkpoint,
-    save_atomic,
-)
+from ssl_imwa.builders import RunParts
+from ssl_imwa.checkpoint_store import CheckpointStore
 from ssl_imwa.config import Config
 from ssl_imwa.distributed import Communicator, to_device
-from ssl_imwa.evaluator import Evaluator
+from ssl_imwa.history import RunHistory
 from ssl_imwa.keys import SUMMARY_METRICS
-from ssl_imwa.merge import MergeResult, MergeStrategy
-from ssl_imwa.metrics import median_of_last
+from ssl_imwa.merge import MergeResult, merge_optimizers_and_algorithms
 from ssl_imwa.rng import rng_state, set_rng_state
-from ssl_imwa.run_logger import RunLogger, metrics_line
 from ssl_imwa.stopping import StopRequests, Terminated
-from ssl_imwa.trainer import Replica, Trainer, lr_at
+from ssl_imwa.trainer import Replica, lr_at
 
 log = logging.getLogger("ssl_imwa")
 # Teacher top-1 this far (absolute) below its student's at the first evaluation: worth a warning.
@@ -60,105 +52,55 @@ def host_scalars(outputs: dict[str, torch.Tensor], data_parallel: Communicator |
 
 
 class Orchestrator:
-    """Owns replicas, episodes, merges, evaluation bookkeeping and run-level checkpoints."""
+    """The episode loop: trains this process's replicas up to each episode's end, evaluates them, merges
+    them, and checkpoints; the run's record is its `history`, the files on disk its `store`."""
 
-    def __init__(self, cfg: Config, replicas: list[Replica], trainer: Trainer, evaluator: Evaluator,
-                 logger: RunLogger, fingerprint: dict[str, Any], split_counts: dict[str, list[int]],
-                 merger: MergeStrategy, comm: Communicator, stop: StopRequests | None = None,
-                 data_parallel: Communicator | None = None) -> None:
+    def __init__(self, cfg: Config, parts: RunParts, history: RunHistory, store: CheckpointStore,
+                 stop: StopRequests | None = None) -> None:
         self.cfg = cfg
         # comm: the processes holding the other replicas (one per replica group, this data-parallel rank);
         # data_parallel: the processes sharing this process's replicas. Its rank 0 leads: it alone evaluates,
-        # logs and checkpoints; the run's files are written by the leader of group 0.
-        self.data_parallel = data_parallel or Communicator()
-        self.leads = self.data_parallel.rank == 0
-        self.is_main = comm.is_main and self.leads
+        # logs and checkpoints; the run's files are written by the leader of group 0. The checkpoint store
+        # agrees with the same processes, so both are taken from it.
+        self.comm, self.data_parallel = store.comm, store.data_parallel
+        self.leads, self.is_main = store.leads, store.is_main
         self.stop = stop or StopRequests()
         self.watch_teacher = not cfg.algorithm.ema.warmup
         self.steps_at_launch, self.launch_clock = 0, time.perf_counter()  # for the ETA
-        self.replicas = replicas
+        self.replicas = parts.replicas
         self.k = cfg.imwa.k
-        self.trainer = trainer
-        self.evaluator = evaluator
-        self.logger = logger
-        self.fingerprint = fingerprint
-        self.split_counts = split_counts
-        self.merger = merger
-        self.comm = comm
-        self.checkpoint_dir = Path(cfg.run_dir) / "checkpoints"
+        self.trainer = parts.trainer
+        self.evaluator = parts.evaluator
+        self.history = history
+        self.logger = history.logger
+        self.store = store
+        self.merger = parts.merger
         self.steps_per_episode = cfg.train.iterations // cfg.imwa.episodes
         self.episode = 0
-        self.replica_steps = {replica.index: 0 for replica in replicas}
+        self.replica_steps = {replica.index: 0 for replica in self.replicas}
         # The episode's common start point, which TWA may use as a candidate; checkpointed when it
         # does, since after a resume mid-episode no replica holds it any more.
         self.episode_start: dict[str, Any] | None = None
-        self.keeps_start = merger.needs_episode_start
+        self.keeps_start = self.merger.needs_episode_start
         # Per replica, on the device: the first step whose loss was not finite (-1: none yet).
         self.first_nonfinite: dict[int, torch.Tensor] = {}
-        # Evaluations of this process's replicas not yet handed to process 0 (W > 1 only).
-        self.pending: list[dict[str, Any]] = []
-        self.state: dict[str, Any] = {
-            "evaluations": [], "merges": [], "train_seconds": 0.0, "images": 0, "metrics_lines": 0, "best": None,
-            # Intra-op CPU threads of each launch (one entry per resume that changed it): on the CPU the
-            # thread count splits reductions differently, so it is part of what makes a run repeatable.
-            "cpu_threads": [torch.get_num_threads()],
-        }
-        self._clock = time.perf_counter()
 
-    # ----- bookkeeping -------------------------------------------------------------------
-    def _elapsed(self) -> float:
-        now = time.perf_counter()
-        self.state["train_seconds"] += now - self._clock
-        self._clock = now
-        return self.state["train_seconds"]
-
-    def _keep(self, record: dict[str, Any]) -> None:
-        """Process 0 appends to metrics.jsonl and the run's history; others queue it for the next merge."""
-        if not self.is_main:
-            self.pending.append(record)
-            return
-        self.logger.append_metrics(record)
-        self.state["metrics_lines"] += 1
-        self.state["evaluations"].append(record)
-
-    def _collect_pending(self) -> None:
-        for chunk in self.comm.all_gather_object(self.pending, "evaluation gather")[1:]:
-            if self.is_main:
-                for record in chunk:
-                    self._keep(record)
-        self.pending = []
-
-    def _representative(self, source: str, replica: int | None) -> bool:
-        """The evaluations that describe the run's output model: replica 0 when K=1, merges otherwise."""
-        return source == "merged" if self.k > 1 else (source == "replica" and replica == 0)
-
+    # ----- evaluations and checkpoints ---------------------------------------------------
     def _evaluate(self, module: torch.nn.Module, source: str, replica: int | None, step: int) -> dict[str, Any]:
         results = {}
         for split in ("test", "val") if "val" in self.evaluator.splits else ("test",):
             metrics = self.evaluator.evaluate(module, split)
             record = {"step": step, "source": source, "replica": replica, "episode": self.episode + 1,
                       "split": split, **{key: metrics[key] for key in (*SUMMARY_METRICS, "per_class")},
-                      "time_s": self._elapsed()}
+                      "time_s": self.history.elapsed()}
             self.logger.evaluation_scalars(record, metrics["confusion"])
-            self._keep(record)
+            self.history.keep(record)
             results[split] = metrics
-        if "val" in results and self._representative(source, replica):
-            best = self.state["best"]
-            if best is None or results["val"]["top1"] > best["val_top1"]:
-                test = results["test"]
-                self.state["best"] = {"step": step, "val_top1": results["val"]["top1"],
-                                      **{key: test[key] for key in (*SUMMARY_METRICS, "per_class")}}
-                self._save("best.pt")
+        if "val" in results and self.history.improves_best(source, replica, step, results):
+            self._save("best.pt")
         if self.is_main:
             self.logger.status("running")
         return results["test"]
-
-    def _checkpoint_name(self, name: str) -> str:
-        """One file per process when replicas are spread over processes."""
-        if self.comm.world_size == 1:
-            return name
-        stem, suffix = name.rsplit(".", 1)
-        return f"{stem}.rank{self.comm.rank}.{suffix}"
 
     def _watch_loss(self, replica: Replica, loss: torch.Tensor, done: int) -> None:
         """Remember on the device the first step whose loss was not finite; read back only by the checks."""
@@ -189,174 +131,30 @@ class Orchestrator:
         self._ensure_finite(self.replicas)
         if not self.leads:
             return None
-        self._elapsed()
-        payload = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
+        self.history.elapsed()
+        return self.store.write(name, {
             "progress": {"episode": self.episode, "replica_steps": dict(self.replica_steps)},
             "replicas": [replica.state_dict() for replica in self.replicas],
-            "run_state": {**self.state, "pending": self.pending, "rng": rng_state(self.trainer.device)},
+            "run_state": {**self.history.checkpoint_state(), "rng": rng_state(self.trainer.device)},
             "episode_start": self.episode_start if self.keeps_start else None,
-        }
-        path = self.checkpoint_dir / self._checkpoint_name(name)
-        save_atomic(payload, path)
-        return path
+        })
 
     def resume(self) -> None:
-        """Restore every replica, the episode cursor and the run's history from the newest common state.
-
-        One process: its latest checkpoint. W processes: each may have been stopped at a different
-        point, so they agree first. Ranks whose latest checkpoints lie in the same episode continue
-        from them (they train independently until the next merge); a rank that is already past a
-        merge the others have not reached goes back to its checkpoint of the last merge they all
-        passed (`merge_NNN`), or to the start if that is merge 0. Training is deterministic, so the
-        steps done twice come out the same.
-        """
-        if self.leads:
-            self._remove_stale_temporaries()
-        latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
-        writers = self._processes_that_wrote()
-        if writers is not None and writers != self.comm.world_size:
-            dp = self.data_parallel.world_size   # the run's own: imwa.data_parallel cannot change at a resume
-            processes = writers * dp
-            how = (f"torchrun --nproc_per_node={processes} main.py ... (or {processes} processes over the nodes)"
-                   if processes > 1 else "python main.py ... (no torchrun)")
-            raise ValueError(f"run {self.checkpoint_dir.parent} was written by {processes} process(es) "
-                             f"({writers} replica group(s) of imwa.data_parallel={dp}), this resume has "
-                             f"{self.comm.world_size * dp}: every group holds its own replicas, so resume with {how}")
-        if self.comm.world_size == 1:
-            payload, source = self._newest_intact()
-            if payload is None:
-                self._start_again_or_refuse(latest)
-                return
-            self._restore(payload, source)
-            return
-        payload, problem, newest = None, None, latest
-        try:
-            payload, newest = self._newest_intact()
-        except (OSError, RuntimeError) as error:  # reported by every process below: none waits for the others
-            problem = f"{type(error).__name__}: {error}"
-        if payload is None and problem is None and self.is_main:
-            problem = self._lost_history(newest)
-        episode = None if payload is None else payload["progress"]["episode"]
-        everyone = self.comm.all_gather_object({"episode": episode, "problem": problem}, "resume agreement")
-        self._raise_if_any([entry["problem"] for entry in everyone])
-        if all(entry["episode"] is None for entry in everyone):
-            self._start_again_or_refuse(self.checkpoint_dir / "latest.rank<r>.pt")
-            return
-        common = min(entry["episode"] or 0 for entry in everyone)
-        source: Path | None = newest
-        if episode is None or episode > common:
-            payload, problem = None, None
-            source = self.checkpoint_dir / self._checkpoint_name(f"merge_{common:03d}.pt") if common else None
-            if source is not None:
-                try:
-                    payload = load_checkpoint(source, self.fingerprint)
-                except (OSError, RuntimeError) as error:
-                    problem = (f"its latest checkpoint is in episode {(episode or 0) + 1}, past the others' episode "
-                               f"{common + 1}, and going back needs {source}: {type(error).__name__}: {error}")
-        self._raise_if_any(self.comm.all_gather_object(problem, "resume agreement"))
-        if episode is not None and episode > common:
-            log.warning("process %d: latest checkpoint is past merge %d, which not every process has reached: "
-                        "resuming from %s", self.comm.rank, common, source or "the start")
-        if payload is None:
+        """Restore every replica, the episode cursor and the run's history from the newest common state
+        (ssl_imwa.checkpoint_store: one process's latest checkpoint, or what W processes agree on), or
+        start again from step 0 where the store says nothing is lost by it."""
+        found = self.store.resume_point(self._lost_history)
+        if found is None:
             if self.is_main:
-                self._rewrite_metrics()
-            log.info("process %d restarts from the beginning (no checkpoint before merge %d)", self.comm.rank,
-                     common + 1)
+                self.history.rewrite_metrics()
             return
-        self._restore(payload, source)
-
-    def _start_again_or_refuse(self, latest: Path) -> None:
-        """No checkpoint at all. A run that started here (its config.yaml is written before the first
-        step) was stopped before its first checkpoint: nothing is lost by starting it again, and
-        training is deterministic, so that is the resume. Anywhere else there is nothing to resume,
-        and a run that went past its first checkpoint (its checkpoints were deleted or lost) is not
-        trained again over its record."""
-        if not (self.checkpoint_dir.parent / "config.yaml").is_file():
-            raise FileNotFoundError(f"checkpoint {latest} does not exist: nothing to resume (run without "
-                                    "resume=true)")
-        lost = self._lost_history(latest) if self.is_main else None
-        if lost:
-            raise FileNotFoundError(lost)
-        log.warning("%s was stopped before its first checkpoint: starting it again from step 0",
-                    self.checkpoint_dir.parent)
-        if self.is_main:
-            self._rewrite_metrics()
+        self._restore(*found)
 
     def _lost_history(self, latest: Path) -> str | None:
-        """Why this run, which has no checkpoint, must not start again from step 0 (None: it may).
-
-        Its results.json says it finished; an evaluation in metrics.jsonl after the first step at which
-        a checkpoint is written says it had one. Either way its checkpoints were deleted or lost.
-        """
-        run_dir = self.checkpoint_dir.parent
-        where = f"{self.checkpoint_dir} holds no checkpoint ({latest.name} does not exist)"
-        advice = ("resume=true cannot continue it and does not train it again over its record: restore its "
-                  "checkpoints, or start a new run in another directory")
-        if (run_dir / "results.json").exists():
-            return f"{where}, but the run finished ({run_dir / 'results.json'} is there): {advice}"
+        """Why this run, which has no checkpoint, must not start again (None: it may)."""
         train = self.cfg.train
-        first = min(train.checkpoint_every or train.eval_every, self.steps_per_episode)
-        steps = []
-        try:
-            for line in self.logger.metrics_path.read_text().splitlines():
-                try:
-                    steps.append(int(json.loads(line)["step"]))
-                except (ValueError, KeyError, TypeError):   # a torn or foreign line proves nothing
-                    continue
-        except (OSError, ValueError):   # no file, or not text
-            return None
-        if steps and max(steps) > first:
-            return (f"{where}, but {self.logger.metrics_path} holds evaluations up to step {max(steps)}, past "
-                    f"the first checkpoint at step {first}: {advice}")
-        return None
-
-    def _newest_intact(self) -> tuple[dict[str, Any] | None, Path]:
-        """This process's latest checkpoint or, when that is missing or unreadable, its newest readable
-        merge checkpoint: a consistent state, from which the steps after it are trained again
-        (deterministically). None when there is no checkpoint at all; raises when checkpoints exist
-        but none can be read, or when one belongs to another experiment (never a silent fresh start)."""
-        latest = self.checkpoint_dir / self._checkpoint_name("latest.pt")
-        merges = [path for path in self.checkpoint_dir.glob(self._checkpoint_name("merge_*.pt"))
-                  if self.comm.world_size > 1 or ".rank" not in path.name]
-        damaged: list[str] = []
-        for path in [latest, *sorted(merges, key=lambda path: path.name, reverse=True)]:
-            if not path.exists():
-                continue
-            try:
-                payload = load_checkpoint(path, self.fingerprint)
-            except CorruptCheckpoint as error:
-                damaged.append(str(error))
-                continue
-            if path != latest:
-                log.warning("%s; resuming from %s, the newest intact checkpoint (the steps after it are trained "
-                            "again)", "; ".join(damaged) or f"{latest} is missing", path)
-            return payload, path
-        if damaged:
-            raise CorruptCheckpoint("; ".join(damaged) + "; no intact checkpoint is left to resume from")
-        return None, latest
-
-    def _remove_stale_temporaries(self) -> None:
-        """Half-written checkpoints of this process left by a kill during a write (never read: the
-        rename that publishes a checkpoint did not happen)."""
-        mine = self._checkpoint_name("*.pt")
-        for path in self.checkpoint_dir.glob(f"{mine}.*.tmp"):
-            if self.comm.world_size > 1 or ".rank" not in path.name:
-                path.unlink(missing_ok=True)
-                log.info("removed %s, a checkpoint whose write was interrupted", path)
-
-    def _processes_that_wrote(self) -> int | None:
-        """How many processes wrote this run's latest checkpoints (None: there are none)."""
-        ranks = [int(path.name.split(".")[1].removeprefix("rank")) for path in self.checkpoint_dir.glob("latest.rank*.pt")]
-        if ranks:
-            return max(ranks) + 1
-        return 1 if (self.checkpoint_dir / "latest.pt").exists() else None
-
-    def _raise_if_any(self, problems: list[str | None]) -> None:
-        found = [f"process {rank}: {problem}" for rank, problem in enumerate(problems) if problem]
-        if found:
-            raise RuntimeError("cannot resume:\n  " + "\n  ".join(found))
+        return self.history.lost_history(latest, min(train.checkpoint_every or train.eval_every,
+                                                     self.steps_per_episode))
 
     def _restore(self, payload: dict[str, Any], path: Path) -> None:
         saved = sorted(payload["progress"]["replica_steps"])
@@ -369,42 +167,10 @@ class Orchestrator:
         self.replica_steps = dict(payload["progress"]["replica_steps"])
         run_state = dict(payload["run_state"])
         set_rng_state(run_state.pop("rng"), self.trainer.device)
-        self.pending = run_state.pop("pending")
         start = payload.get("episode_start")
         self.episode_start = None if start is None else to_device(start, self.trainer.device)
-        self.state = {"cpu_threads": [], **run_state}  # checkpoints before cpu_threads was recorded lack it
-        self._note_thread_count(path)
-        if self.is_main:
-            self._rewrite_metrics()
-        self._clock = time.perf_counter()
+        self.history.restore(run_state, path, on_cpu=self.trainer.device.type == "cpu")
         log.info("resumed from %s: episode %d, replica steps %s", path, self.episode + 1, self.replica_steps)
-
-    def _note_thread_count(self, path: Path) -> None:
-        """Record this launch's CPU thread count; say so when it differs from the checkpoint's, since
-        the steps from here on are then not bitwise those of an uninterrupted run."""
-        threads, history = torch.get_num_threads(), self.state["cpu_threads"]
-        if history and history[-1] != threads and self.trainer.device.type == "cpu":
-            log.warning("%s was written with %d CPU threads, this resume uses %d: the result will differ from an "
-                        "uninterrupted run in the last bits (reductions split by thread count); "
-                        "train.num_threads=%d continues it bitwise", path, history[-1], threads, history[-1])
-        if not history or history[-1] != threads:
-            history.append(threads)
-
-    def _rewrite_metrics(self) -> None:
-        """metrics.jsonl rebuilt from the run's history as restored (empty when starting again), atomically.
-
-        The checkpoint is the record: the file may hold rows logged after it (dropped, so a resumed run
-        does not log them twice), a torn last line, or nothing at all; its lines up to the checkpoint
-        are regenerated byte for byte (the same records, the same json.dumps).
-        """
-        records = self.state["evaluations"]
-        old = self.logger.rewrite_metrics(records)
-        self.state["metrics_lines"] = len(records)
-        expected = "".join(metrics_line(record) for record in records).encode()
-        if records and (old is None or not old.startswith(expected)):
-            log.warning("%s %s: rewrote its %d evaluations up to the checkpoint from the checkpoint",
-                        self.logger.metrics_path, "was missing" if old is None else "was damaged or incomplete",
-                        len(records))
 
     # ----- training ----------------------------------------------------------------------
     def _train_replica(self, replica: Replica, episode_end: int, progress: tqdm) -> bool:
@@ -416,7 +182,7 @@ class Orchestrator:
             outputs = self.trainer.step(replica, step)
             self.replica_steps[replica.index] = done = step + 1
             self._watch_loss(replica, outputs["loss"], done)
-            self.state["images"] += images_per_step
+            self.history.state["images"] += images_per_step
             progress.update(1)
             if done % train.log_every == 0 or done == episode_end:
                 self._ensure_finite([replica])
@@ -456,7 +222,7 @@ class Orchestrator:
         eta = tqdm.format_interval(remaining * elapsed / trained) if trained else "?"
         log.info("replica %d step %d/%d: top1 %.4f balanced %.4f | %.0f images/s | ETA %s", replica.index, done,
                  self.cfg.train.iterations, test["top1"], test["balanced_acc"],
-                 self.state["images"] / max(self.state["train_seconds"], 1e-9), eta)
+                 self.history.state["images"] / max(self.history.state["train_seconds"], 1e-9), eta)
 
     def _warn_if_the_teacher_lags(self, replica: Replica, done: int, test: dict[str, Any]) -> None:
         """Compare the evaluated EMA teacher with its student, once it has lagged, or until the teacher
@@ -479,16 +245,25 @@ class Orchestrator:
         self.watch_teacher = not lagging and done < horizon
 
     def _merge(self, start: dict[str, Any]) -> MergeResult:
+        """Momentum (per imwa.momentum) and the algorithm's state merged here, the same for every strategy;
+        the strategy merges the students and teachers. Its report names it and times the whole merge
+        unless the strategy says otherwise."""
+        started = time.perf_counter()
         indices = [replica.index for replica in self.replicas]
-        result = self.merger([replica.state_dict() for replica in self.replicas], indices, start, self.episode)
+        states = [replica.state_dict() for replica in self.replicas]
+        optimizer, algorithm = merge_optimizers_and_algorithms(
+            states, indices, self.cfg.imwa.momentum, self.replicas[0].algorithm.merge_states, self.k, self.comm)
+        result = self.merger([{"model": state["model"], "teacher": state["teacher"]} for state in states], indices,
+                             start, self.episode)
         for replica in self.replicas:
             replica.model.load_state_dict(result.model)
             replica.teacher.load_state_dict(result.teacher)
             # Optimizer.load_state_dict (and an algorithm's) may keep the given tensors rather than copy
             # them: without a copy, time-sliced replicas would share, and mutate, one momentum buffer.
-            if result.optimizer is not None:
-                replica.optimizer.load_state_dict(copy.deepcopy(result.optimizer))
-            replica.algorithm.load_state_dict(copy.deepcopy(result.algorithm))
+            if optimizer is not None:
+                replica.optimizer.load_state_dict(copy.deepcopy(optimizer))
+            replica.algorithm.load_state_dict(copy.deepcopy(algorithm))
+        result.report = {"strategy": self.merger.name, "seconds": time.perf_counter() - started, **result.report}
         return result
 
     def run(self) -> dict[str, Any] | None:
@@ -519,77 +294,36 @@ class Orchestrator:
         return self.results() if self.is_main else None
 
     def _end_episode(self, episode_end: int, start: dict[str, Any]) -> None:
-        self._collect_pending()
+        self.history.collect_pending(self.comm)
         merge = self._merge(start) if self.k > 1 else None
         self.episode_start = None
         report = merge.report if merge else {"strategy": "identity (k=1)", "seconds": 0.0}
         if self.is_main:
             # K=1 has no merge: its model is replica 0's, evaluated at this very step a moment ago.
             test = (self._evaluate(self.replicas[0].teacher.module, "merged", None, episode_end) if merge
-                    else self._evaluation_at(episode_end))
+                    else self.history.evaluation_at(episode_end))
             if merge:
                 self.logger.scalars("merged", {key: value for key, value in report.items()
                                                if isinstance(value, (int, float)) and not isinstance(value, bool)},
                                     episode_end, prefix="merge")
             else:  # the `merged` stream holds the run's model after every episode: for K=1, replica 0's
-                for record in self._evaluations_at(episode_end):
+                for record in self.history.evaluations_at(episode_end):
                     self.logger.evaluation_scalars(record, None, stream="merged")
-            self.state["merges"].append({"episode": self.episode + 1, "step": episode_end, **report,
-                                         **{key: test[key] for key in SUMMARY_METRICS}})
+            self.history.record_merge({"episode": self.episode + 1, "step": episode_end, **report,
+                                       **{key: test[key] for key in SUMMARY_METRICS}})
             log.info("episode %d/%d merged (%s, %.2f s): top1 %.4f balanced %.4f", self.episode + 1,
                      self.cfg.imwa.episodes, report["strategy"], report["seconds"], test["top1"],
                      test["balanced_acc"])
         self.episode += 1
-        merge_checkpoint = self._save(f"merge_{self.episode:03d}.pt")
-        if merge_checkpoint is not None:
-            link_atomic(merge_checkpoint, self.checkpoint_dir / self._checkpoint_name("latest.pt"))
-            self._remove_old_merges()
-
-    def _remove_old_merges(self) -> None:
-        """imwa.keep_merges=N: only the newest N merge checkpoints stay (after the newest is safely written)."""
-        keep = self.cfg.imwa.keep_merges
-        for episode in range(1, self.episode - keep + 1 if keep else 1):
-            (self.checkpoint_dir / self._checkpoint_name(f"merge_{episode:03d}.pt")).unlink(missing_ok=True)
-
-    def _evaluations_at(self, step: int) -> list[dict[str, Any]]:
-        """Replica 0's evaluation records (test, then val if any) at `step` (K=1), the last of each split."""
-        latest = {entry["split"]: entry for entry in self.state["evaluations"]
-                  if entry["source"] == "replica" and entry["replica"] == 0 and entry["step"] == step}
-        return [latest[split] for split in ("test", "val") if split in latest]
-
-    def _evaluation_at(self, step: int) -> dict[str, Any]:
-        """Replica 0's test evaluation record at `step` (K=1)."""
-        return next(entry for entry in reversed(self.state["evaluations"]) if entry["split"] == "test"
-                    and entry["source"] == "replica" and entry["replica"] == 0 and entry["step"] == step)
+        self.store.publish_merge(self._save(f"merge_{self.episode:03d}.pt"), self.episode, self.cfg.imwa.keep_merges)
 
     def results(self) -> dict[str, Any]:
-        evaluations = self.state["evaluations"]
-        tests = [entry for entry in evaluations if entry["split"] == "test"]
-        representative = [entry for entry in tests if self._representative(entry["source"], entry["replica"])]
-        final = representative[-1]
-        replicas_final = []
-        for index in range(self.k):
-            own = [entry for entry in tests if entry["source"] == "replica" and entry["replica"] == index]
-            replicas_final.append({"replica": index, "final": own[-1] if own else None})
-        seconds = self.state["train_seconds"]
-        return {
-            "status": "complete",
-            "final": {key: final[key] for key in (*SUMMARY_METRICS, "per_class", "step")},
-            "best": ({**self.state["best"], "selected_on": "val"} if self.state["best"] else None),
-            "median_last20": {key: median_of_last([entry[key] for entry in representative])
-                              for key in ("top1", "balanced_acc")},
-            "split_counts": self.split_counts,
-            "wall_time_s": seconds,
-            # images this process trained on; with W processes the run's throughput is about W times this
-            "images_per_s": self.state["images"] / seconds if seconds else float("nan"),
-            "cpu_threads": self.state["cpu_threads"],
-            # this process's peak of allocated GPU memory (None off CUDA)
-            "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(self.trainer.device) / 2 ** 20
-                                   if self.trainer.device.type == "cuda" else None),
-            "imwa": {"k": self.k, "episodes": self.cfg.imwa.episodes, "merge": self.cfg.imwa.merge,
-                     "momentum": self.cfg.imwa.momentum,
-                     "processes": self.comm.world_size * self.data_parallel.world_size,
-                     "data_parallel": self.data_parallel.world_size,
-                     "per_episode": self.state["merges"]},
-            "replicas": replicas_final,
-        }
+        """results.json's contents (process 0)."""
+        device = self.trainer.device
+        imwa = {"k": self.k, "episodes": self.cfg.imwa.episodes, "merge": self.cfg.imwa.merge,
+                "momentum": self.cfg.imwa.momentum,
+                "processes": self.comm.world_size * self.data_parallel.world_size,
+                "data_parallel": self.data_parallel.world_size}
+        # this process's peak of allocated GPU memory (None off CUDA)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+        return self.history.results(imwa, peak)

@@ -1,15 +1,18 @@
-"""Merging replicas: arithmetic on state dicts, and merge strategies found by name.
+"""Merging replicas, the engine's side: arithmetic on state dicts, the strategy contract and its registry.
 
-A strategy is a class registered with `@register_merge(name)` (`imwa.merge=<name>`): built from
-a `MergeContext` once per run, called once per episode end with this process's replica states.
-Every piece takes the communicator, so the same code merges time-sliced replicas on one device
-and replicas spread over processes. The uniform mean lives here, TWA in `ssl_imwa/twa.py`; a new
-strategy (a greedy soup, say) is one module named in `plugins=[...]` or in BUILTIN_MERGE_MODULES.
+A merge strategy is a plugin (`imwa.merge=<name>`): a class registered with
+`@register_merge(name, config=Options)`, built once per run from a narrow `MergeContext` (its typed
+options, K, the seed, the communicator and, only for a strategy that asks, the run's data) and
+called at every episode end with this process's replicas' student and teacher weights. It returns
+the merged weights and its report; the orchestrator merges optimizer momentum (`imwa.momentum`) and
+the algorithm's state itself, the same way for every strategy (`merge_optimizers_and_algorithms`).
+
+Built-in strategies live in `ssl_imwa/merges/` (found by a package scan on first lookup), user
+strategies in modules named under `plugins=[...]`; the engine names none of them. A strategy's
+options live in `imwa.<name>.*` and are typed by its registered dataclass in `ssl_imwa.config.validate`.
 """
 from __future__ import annotations
 
-import importlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -20,13 +23,13 @@ from ssl_imwa.distributed import Communicator, average_across
 from ssl_imwa.registry import Registry
 
 if TYPE_CHECKING:
-    from ssl_imwa.config import Config
+    from omegaconf import DictConfig
+
     from ssl_imwa.data import SSLData
 
 MOMENTUM_POLICIES = ("average", "keep", "reset")
 MergeAlgorithmStates = Callable[[list[dict[str, Any]]], dict[str, Any]]
-# Strategies that ship with the project, imported (so registered) on first lookup, as plugins are.
-BUILTIN_MERGE_MODULES = ("ssl_imwa.twa",)
+BUILTIN_PACKAGE = "ssl_imwa.merges"
 
 
 def average_tensors(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -50,17 +53,6 @@ def merge_optimizer_states(states: list[dict[str, Any]], policy: str, total: int
     return {"state": merged_state, "param_groups": first["param_groups"]}
 
 
-@dataclass
-class MergeResult:
-    """The merged state every replica restarts from, and the merge's own report."""
-
-    model: dict[str, torch.Tensor]
-    teacher: dict[str, torch.Tensor]
-    optimizer: dict[str, Any] | None
-    algorithm: dict[str, Any]
-    report: dict[str, Any] = field(default_factory=dict)
-
-
 def gather_algorithm_states(local: list[tuple[int, dict[str, Any]]], comm: Communicator) -> list[dict[str, Any]]:
     """Every replica's algorithm state, ordered by replica index, on every process."""
     everything = [item for chunk in comm.all_gather_object(local, "algorithm state gather") for item in chunk]
@@ -70,62 +62,73 @@ def gather_algorithm_states(local: list[tuple[int, dict[str, Any]]], comm: Commu
 def merge_optimizers_and_algorithms(replica_states: list[dict[str, Any]], indices: list[int], momentum_policy: str,
                                     merge_algorithm_states: MergeAlgorithmStates, total: int,
                                     comm: Communicator | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """What every strategy merges the same way: SGD momentum (per `momentum_policy`) and the
-    algorithm's own state (its `merge_states`, over all K replicas in index order)."""
+    """What the orchestrator merges the same way whatever the strategy: SGD momentum (per
+    `momentum_policy`) and the algorithm's own state (its `merge_states`, over all K replicas in index order)."""
     algorithm_states = gather_algorithm_states(
         [(index, state["algorithm"]) for index, state in zip(indices, replica_states)], comm or Communicator())
     optimizer = merge_optimizer_states([state["optimizer"] for state in replica_states], momentum_policy, total, comm)
     return optimizer, merge_algorithm_states(algorithm_states)
 
 
-def uniform_merge(replica_states: list[dict[str, Any]], momentum_policy: str,
-                  merge_algorithm_states: MergeAlgorithmStates, total: int | None = None,
-                  comm: Communicator | None = None, replica_indices: list[int] | None = None) -> MergeResult:
-    """IMWA's merge: the plain mean of students and, separately, of EMA teachers.
-
-    `replica_states` are this process's replicas (all of them when there is one process);
-    `total` is K across all processes.
-    """
-    started = time.perf_counter()
-    total = total or len(replica_states)
-    indices = replica_indices if replica_indices is not None else list(range(len(replica_states)))
-    optimizer, algorithm = merge_optimizers_and_algorithms(replica_states, indices, momentum_policy,
-                                                           merge_algorithm_states, total, comm)
-    result = MergeResult(
-        model=average_across([state["model"] for state in replica_states], total, comm, "student merge"),
-        teacher=average_across([state["teacher"] for state in replica_states], total, comm, "teacher merge"),
-        optimizer=optimizer, algorithm=algorithm)
-    result.report = {"strategy": "uniform", "coefficients": [1.0 / total] * total,
-                     "seconds": time.perf_counter() - started}
-    return result
-
-
 @dataclass
-class MergeContext:
-    """What a strategy may use, given once per run: the config, how the algorithm merges its state and
-    which head it evaluates, the communicator, the data (e.g. a held-out split to fit on), a template
-    model and the device."""
+class MergeResult:
+    """What a strategy returns: the student and teacher weights every replica restarts from, and its report
+    (logged per episode in results.json; `coefficients`: the weights it applied, if it has any). The
+    orchestrator adds `strategy` (the registered name) and `seconds` (the whole merge) unless given."""
 
-    cfg: Config
-    merge_algorithm_states: MergeAlgorithmStates
-    algorithm_eval_head: str
-    comm: Communicator
+    model: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeData:
+    """The run's images, for a strategy that learns or checks its merge on them (`uses_data = True`):
+    the data, a template model (its architecture only; its tensors are not the replicas'), the output head
+    the algorithm evaluates, and the device."""
+
     data: SSLData
     template: torch.nn.Module
+    eval_head: str
     device: torch.device
 
 
-class MergeStrategy:
-    """Base of every merge strategy: `__call__` turns the replicas' states into one state.
+@dataclass(frozen=True)
+class MergeContext:
+    """What a strategy is given once per run, and nothing more (not the run's config)."""
 
-    `states` are this process's replicas (`indices` their replica numbers), `start` the episode's
-    common start point (student and teacher), `episode` the 0-based episode just ended.
+    options: Any               # its registered options dataclass, from `imwa.<name>.*` (None: it registered none)
+    replicas: int              # K, the replicas merged across all processes
+    seed: int                  # the run's seed, for any randomness of its own
+    comm: Communicator         # the processes holding the other replicas
+    data: MergeData | None = None  # only for a strategy with `uses_data = True`
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What a strategy may check its options against while the config is validated, before any work."""
+
+    replicas: int              # imwa.k
+    held_out_per_class: int    # labeled held-out images per class (dataset.val_per_class; 0: none)
+
+
+class MergeStrategy:
+    """Base of every merge strategy: `__call__` turns the replicas' weights into one merged pair.
+
+    `states` are this process's replicas, each `{"model": ..., "teacher": ...}` (`indices` their
+    replica numbers; all K when there is one process), `start` the episode's common start point
+    (same keys), `episode` the 0-based episode just ended.
     """
 
     name: ClassVar[str] = "base"
+    uses_data: ClassVar[bool] = False  # True: the context carries MergeData
 
     def __init__(self, context: MergeContext) -> None:
         self.context = context
+
+    @classmethod
+    def check(cls, options: Any, plan: MergePlan) -> None:
+        """Raise ValueError naming the keys when `options` cannot work for this run (validation time)."""
 
     @property
     def needs_episode_start(self) -> bool:
@@ -138,41 +141,46 @@ class MergeStrategy:
         raise NotImplementedError
 
 
-_MERGES: Registry[type[MergeStrategy]] = Registry("merge strategy (imwa.merge)")
+_MERGES: Registry[type[MergeStrategy]] = Registry("merge strategy (imwa.merge)", BUILTIN_PACKAGE)
 
 
-def register_merge(name: str) -> Callable[[type[MergeStrategy]], type[MergeStrategy]]:
-    """Class decorator: `@register_merge("soup")` makes `imwa.merge=soup` find the class."""
+def register_merge(name: str, config: type | None = None) -> Callable[[type[MergeStrategy]], type[MergeStrategy]]:
+    """Class decorator: `@register_merge("soup", config=SoupOptions)` makes `imwa.merge=soup` find the class
+    and types `imwa.soup.*` by the dataclass `SoupOptions` (whose optional `validate()` checks values)."""
 
     def decorator(cls: type[MergeStrategy]) -> type[MergeStrategy]:
+        if not (isinstance(cls, type) and issubclass(cls, MergeStrategy)):
+            raise TypeError(f"@register_merge('{name}') decorates {cls!r}: expected a subclass of "
+                            "ssl_imwa.merge.MergeStrategy")
         cls.name = name
-        return _MERGES.register(name)(cls)
+        return _MERGES.register(name, config)(cls)
 
     return decorator
 
 
-def _load_builtins() -> None:
-    for module in BUILTIN_MERGE_MODULES:
-        importlib.import_module(module)
-
-
 def list_merges() -> list[str]:
-    _load_builtins()
     return _MERGES.names()
 
 
-def create_merge(name: str, context: MergeContext) -> MergeStrategy:
-    """The strategy registered as `name`, built for this run."""
-    _load_builtins()
-    return _MERGES.get(name)(context)
+def get_merge(name: str) -> type[MergeStrategy]:
+    return _MERGES.get(name)
 
 
-@register_merge("uniform")
-class UniformMerge(MergeStrategy):
-    """The plain mean of the K students and, separately, of the K teachers (IMWA, MWA)."""
+def merge_option_types() -> dict[str, type]:
+    """Registered strategy name -> the dataclass typing its `imwa.<name>` section (strategies with options)."""
+    return {name: config for name in _MERGES.names() if (config := _MERGES.config_of(name)) is not None}
 
-    def __call__(self, states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int
-                 ) -> MergeResult:
-        context = self.context
-        return uniform_merge(states, context.cfg.imwa.momentum, context.merge_algorithm_states, context.cfg.imwa.k,
-                             context.comm, indices)
+
+def merge_options(imwa: DictConfig) -> Any:
+    """The options of the strategy `imwa.merge` names, from a validated `imwa` section, as its dataclass
+    (None: it registered none)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(imwa[imwa.merge]) if _MERGES.config_of(imwa.merge) is not None else None
+
+
+def build_merge(imwa: DictConfig, seed: int, comm: Communicator, data: Callable[[], MergeData]) -> MergeStrategy:
+    """The strategy `imwa.merge` names, built with its typed options; `data()` is called only for a
+    strategy that uses data."""
+    cls = _MERGES.get(imwa.merge)
+    return cls(MergeContext(merge_options(imwa), imwa.k, seed, comm, data() if cls.uses_data else None))

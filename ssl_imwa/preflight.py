@@ -22,11 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ssl_imwa.composition import CONFIG_DIR, compose_config
+
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
     from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CHECK_FLAG = "--check"
 GRAMMAR = "https://hydra.cc/docs/1.3/advanced/override_grammar/basic"
 # Hydra's own command-line flags after which nothing is composed for a run (help, shell completion, ...).
@@ -131,16 +132,6 @@ def _key_problem(base: DictConfig, override: Override) -> str | None:
     return None
 
 
-def _hydra_compose(overrides: Sequence[str], with_hydra: bool = False) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from ssl_imwa.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
-
-
 def _composition_message(error: BaseException) -> str:
     """Hydra's composition error in one line: the override, then what its cause says."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -163,18 +154,14 @@ def compose_overrides(overrides: Sequence[str], run_dir: str | Path | None = Non
     parsed = parse_overrides(overrides)
     _check_group_options(parsed)
     try:
-        cfg = _hydra_compose(overrides)
+        return compose_config(overrides, run_dir)
     except (HydraException, OmegaConfBaseException) as error:
         message = _composition_message(error)
-    else:
-        if run_dir is not None:
-            cfg.run_dir = str(run_dir)
-        return cfg
     groups = config_groups()
     group_overrides = [override.input_line for override in parsed
                        if override.key_or_group in groups or "/" in override.key_or_group]
     try:
-        base = _hydra_compose(group_overrides, with_hydra=True)  # hydra.* keys are checked too
+        base = compose_config(group_overrides, with_hydra=True)  # hydra.* keys are checked too
     except (HydraException, OmegaConfBaseException):
         base = None
     if base is not None:

@@ -110,4 +110,4 @@ def _where(error: Exception) -> str:
 
 
 # Folders of ssl_imwa/ that hold built-in plugins (an error inside one is the plugin's, not the engine's).
-BUILTIN_PLUGIN_FOLDERS = ("algorithms",)
+BUILTIN_PLUGIN_FOLDERS = ("algorithms", "data/sources", "models/backbones", "merges")

@@ -7,7 +7,7 @@ computes the current one. What blocks it is (1) a value read back to the host (`
 and (3) a host-to-device copy from pageable memory (it is staged synchronously). `SyncAudit`
 is a `TorchDispatchMode` that sees every op of a step run on a stand-in device (`meta`, or fake
 CUDA tensors) and records each of these with the line of our code that caused it. On a real GPU,
-`torch.cuda.set_sync_debug_mode("warn")` is the ground truth (`bench/gpu_smoke.py` uses it).
+`torch.cuda.set_sync_debug_mode("warn")` is the ground truth (`bench/gpu_smoke/` uses it).
 
     with SyncAudit(torch.device("meta")) as audit:
         trainer.step(replica, step)

@@ -36,3 +36,16 @@ def _integer_range(low: float | None, high: float | None, low_open: bool, high_o
 
 def expect_positive(key: str, value: float, allow_zero: bool = False) -> None:
     expect_range(key, value, 0, low_open=not allow_zero)
+
+
+def typed_section(key: str, schema: type, values: Any) -> Any:
+    """Config section `key` (a mapping) merged into the dataclass `schema` that types it (a plugin's options):
+    an unknown key or a wrong type raises OmegaConf's error, its `full_key` named as the user types it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as error:  # merged on its own: the key is relative to the section
+        error.full_key = f"{key}.{getattr(error, 'full_key', None) or ''}".rstrip(".")
+        raise

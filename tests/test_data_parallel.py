@@ -125,7 +125,7 @@ def test_two_processes_per_replica_train_what_one_does(d2_and_d1: Path, algorith
 def test_sync_batchnorm_converts_every_bn_layer_and_keeps_its_state(device_type: str, kind: type) -> None:
     """PyTorch's SyncBatchNorm where it has kernels, ours on the CPU; the same parameters and buffers
     (so checkpoints load either way), and a plain BN's output where there is no group to sync with."""
-    model = create_model("small_cnn", 10, 1, 0.001)
+    model = create_model("small_cnn", 10, 1, bn_momentum=0.001)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):

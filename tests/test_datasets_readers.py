@@ -8,15 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_imwa.data import DatasetConfig, build_data, register_dataset
-from ssl_imwa.data.build import DATASETS, DatasetParts
-from ssl_imwa.data.readers import (
+from ssl_imwa.data import (
+    DatasetConfig,
+    DatasetParts,
     ImageArray,
-    read_cifar,
-    read_digits,
-    read_image_folder,
-    read_stl10,
+    build_data,
+    register_dataset,
 )
+from ssl_imwa.data.sources.cifar import read_cifar
+from ssl_imwa.data.sources.digits import read_digits
+from ssl_imwa.data.sources.image_folder import read_image_folder
+from ssl_imwa.data.sources.stl10 import read_stl10
 from tests.conftest import FakeDataset
 
 
@@ -145,7 +147,10 @@ def test_digits_partition_is_fixed_and_stratified() -> None:
 
 
 def test_register_dataset_adds_a_reader(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ssl_imwa.data.build.DATASETS", dict(DATASETS))  # leave the real registry untouched
+    from ssl_imwa.data.dataset import _DATASETS
+
+    monkeypatch.setattr(_DATASETS, "_entries", dict(_DATASETS._entries))  # leave the real registry untouched
+    monkeypatch.setattr(_DATASETS, "_configs", dict(_DATASETS._configs))
     rng = np.random.default_rng(0)
 
     def parts(count: int) -> ImageArray:

@@ -19,7 +19,8 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from ssl_imwa import distributed
 from ssl_imwa.algorithm import get_algorithm
 from ssl_imwa.distributed import Communicator, init_process_layout, process_device
-from ssl_imwa.merge import gather_algorithm_states, uniform_merge
+from ssl_imwa.merge import gather_algorithm_states, merge_optimizers_and_algorithms
+from ssl_imwa.merges.uniform import uniform_merge
 from tests.utils import (
     algorithm_context,
     assert_bitwise_equal,
@@ -59,8 +60,8 @@ def test_one_named_gpu_for_several_processes_is_refused() -> None:
 
 def test_the_process_gpu_is_current_before_anything_is_allocated_and_nccl_is_bound_to_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_imwa.builders import configure_torch
     from ssl_imwa.config import validate
-    from ssl_imwa.run import configure_torch
 
     calls: list[Any] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -87,8 +88,8 @@ def test_the_process_gpu_is_current_before_anything_is_allocated_and_nccl_is_bou
 
 
 def test_deterministic_true_on_cuda_turns_autotuning_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_imwa.builders import configure_torch
     from ssl_imwa.config import validate
-    from ssl_imwa.run import configure_torch
 
     calls: list[Any] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -150,8 +151,10 @@ def test_a_uniform_merge_seen_from_process_1_stays_on_its_gpu(monkeypatch: pytes
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         state = {"model": model.state_dict(), "teacher": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "algorithm": {"estimate": torch.zeros(3, device=local)}}
-        result = uniform_merge([state], "average", lambda states: states[0], 2, Communicator(1, 2, device=local), [1])
-    assert _devices(result.model) == _devices(result.teacher) == _devices(result.algorithm) == {local}
+        comm = Communicator(1, 2, device=local)
+        _, algorithm = merge_optimizers_and_algorithms([state], [1], "average", lambda states: states[0], 2, comm)
+        result = uniform_merge([state], 2, comm)
+    assert _devices(result.model) == _devices(result.teacher) == _devices(algorithm) == {local}
 
 
 # ----- 5. K and W -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def meta_setup(algorithm_cls: type[Algorithm], config: AlgorithmConfig) -> tuple
     """The algorithm, a small CNN with the algorithm's heads, and its teacher, all on the meta device."""
     num_classes = 4
     algorithm = algorithm_cls(config, algorithm_context([5, 3, 2, 1], 100, META))
-    model = create_model("small_cnn", num_classes, 3, 0.001)
+    model = create_model("small_cnn", num_classes, 3, bn_momentum=0.001)
     for name, head in algorithm.build_heads(model.feature_dim, num_classes).items():
         model.add_head(name, head)
     model = model.to(META)

@@ -1,4 +1,4 @@
-"""bench/gpu_smoke.py end to end on the CPU (--quick), so that it works the first time on a lent GPU.
+"""The GPU smoke check (bench/gpu_smoke/) end to end on the CPU (--quick), so that it works the first time on a lent GPU.
 
 One run of the script (about a minute on two busy cores) is shared by the tests below; the sync
 counts are only required to be recorded, not to be zero (other work changes them).

@@ -1,8 +1,21 @@
-"""Merge arithmetic on hand-made state dicts."""
+"""Merge arithmetic on hand-made state dicts, and merge strategies as plugins."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from ssl_imwa.algorithm import mean_of_states
-from ssl_imwa.merge import average_tensors, merge_optimizer_states, uniform_merge
+from ssl_imwa.merge import (
+    average_tensors,
+    merge_optimizer_states,
+    merge_optimizers_and_algorithms,
+)
+from ssl_imwa.merges.uniform import uniform_merge
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
 def _state(scale: float, batches: int) -> dict:
@@ -23,12 +36,14 @@ def test_floats_averaged_and_integers_copied() -> None:
 
 
 def test_students_and_teachers_merged_separately() -> None:
-    result = uniform_merge([_state(1.0, 5), _state(0.5, 6)], "average", mean_of_states)
+    states = [_state(1.0, 5), _state(0.5, 6)]
+    result = uniform_merge(states)
+    _, algorithm = merge_optimizers_and_algorithms(states, [0, 1], "average", mean_of_states, 2, None)
     assert torch.allclose(result.model["w"], torch.tensor([0.75, 1.5]))
     assert torch.allclose(result.teacher["w"], torch.tensor([7.5, 15.0]))
     assert result.model["bn.num_batches_tracked"].item() == 5
-    assert torch.allclose(result.algorithm["estimate"], torch.tensor([0.75, 0.25]))
-    assert result.algorithm["epoch"] == 3
+    assert torch.allclose(algorithm["estimate"], torch.tensor([0.75, 0.25]))
+    assert algorithm["epoch"] == 3
     assert result.report["strategy"] == "uniform" and result.report["coefficients"] == [0.5, 0.5]
 
 
@@ -42,38 +57,61 @@ def test_momentum_policies() -> None:
 
 def test_merging_one_replica_is_identity() -> None:
     state = _state(0.3, 2)
-    result = uniform_merge([state], "average", mean_of_states)
+    result = uniform_merge([state])
+    optimizer, _ = merge_optimizers_and_algorithms([state], [0], "average", mean_of_states, 1, None)
     assert torch.equal(result.model["w"], state["model"]["w"])
-    assert torch.equal(result.optimizer["state"][0]["momentum_buffer"], state["optimizer"]["state"][0]["momentum_buffer"])
+    assert torch.equal(optimizer["state"][0]["momentum_buffer"], state["optimizer"]["state"][0]["momentum_buffer"])
 
 
-FIRST_REPLICA_MERGE = '''
-from ssl_imwa.merge import MergeResult, MergeStrategy, merge_optimizers_and_algorithms, register_merge
+@pytest.fixture()
+def pick_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """docs/extending.md's merge strategy, as a module outside the repository."""
+    code = re.search(r"```python\n(# my_merges/pick.py\n.*?)```", DOC.read_text(), re.DOTALL).group(1)
+    (tmp_path / "my_merges").mkdir()
+    (tmp_path / "my_merges" / "__init__.py").write_text("")
+    (tmp_path / "my_merges" / "pick.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_merges.pick"
+    for name in [name for name in sys.modules if name.startswith("my_merges")]:
+        del sys.modules[name]
 
 
-@register_merge("first_replica")
-class FirstReplica(MergeStrategy):
-    """Every replica restarts from replica 0 (a degenerate 'soup' of one ingredient)."""
+def test_a_plugin_strategy_s_options_are_typed_and_checked_by_name(pick_plugin: str) -> None:
+    from omegaconf.errors import ValidationError
 
-    def __call__(self, states, indices, start, episode):
-        context = self.context
-        optimizer, algorithm = merge_optimizers_and_algorithms(
-            states, indices, "keep", context.merge_algorithm_states, context.cfg.imwa.k, context.comm)
-        first = states[indices.index(0)]
-        return MergeResult(first["model"], first["teacher"], optimizer, algorithm,
-                           {"strategy": "first_replica", "seconds": 0.0})
-'''
+    from ssl_imwa.config import validate
+    from tests.utils import compose_config
+
+    base = ["experiment=quickstart", "imwa.k=2", f"plugins=[{pick_plugin}]", "imwa.merge=pick"]
+    assert validate(compose_config([*base, "imwa.pick.replica=1"])).imwa.pick.replica == 1
+    assert validate(compose_config(base)).imwa.pick.replica == 0  # the dataclass's default
+    with pytest.raises(ValueError, match=r"^imwa\.pick\.replica=2: expected an integer in \[0, 1\]"):
+        validate(compose_config([*base, "imwa.pick.replica=2"]))
+    with pytest.raises(ValidationError) as error:
+        validate(compose_config([*base, "imwa.pick.replica=first"]))
+    assert error.value.full_key == "imwa.pick.replica"
+    with pytest.raises(ValueError, match=r"^unknown key imwa\.pik; did you mean imwa\.pick\?"):
+        validate(compose_config([*base, "imwa.pik.replica=1"]))
 
 
-def test_a_new_merge_strategy_is_one_module(tmp_path, monkeypatch) -> None:
-    """Registered from a plugin module and chosen by imwa.merge, without touching the engine."""
+def test_a_plugin_strategy_from_outside_the_repository_merges_a_run(tmp_path: Path, pick_plugin: str) -> None:
+    """Registered from a module in tmp_path and chosen by imwa.merge, without touching the engine."""
     from tests.utils import read_metrics, read_results, train_run
 
-    (tmp_path / "first_replica_merge.py").write_text(FIRST_REPLICA_MERGE)
-    monkeypatch.syspath_prepend(str(tmp_path))
     run_dir = train_run(tmp_path, [
         "experiment=quickstart", "train.iterations=10", "train.eval_every=10", "train.batch_size=16", "train.mu=2",
-        "train.num_threads=1", "imwa.k=2", "plugins=[first_replica_merge]", "imwa.merge=first_replica"])
-    assert read_results(run_dir)["imwa"]["per_episode"][0]["strategy"] == "first_replica"
+        "train.num_threads=1", "imwa.k=2", f"plugins=[{pick_plugin}]", "imwa.merge=pick", "imwa.pick.replica=1"])
+    assert read_results(run_dir)["imwa"]["per_episode"][0]["strategy"] == "pick"
     evaluations = {(row["source"], row["replica"]): row["per_class"] for row in read_metrics(run_dir)}
-    assert evaluations[("merged", None)] == evaluations[("replica", 0)] != evaluations[("replica", 1)]
+    assert evaluations[("merged", None)] == evaluations[("replica", 1)] != evaluations[("replica", 0)]
+
+
+def test_the_engine_imports_no_merge_strategy_until_one_is_looked_up() -> None:
+    """The built-in strategies are plugins: the engine names none, the registry's scan finds them."""
+    code = ("import sys\n"
+            "import ssl_imwa.config, ssl_imwa.merge, ssl_imwa.imwa, ssl_imwa.builders, ssl_imwa.run\n"
+            "assert not [name for name in sys.modules if name.startswith('ssl_imwa.merges')], sys.modules\n"
+            "from ssl_imwa.merge import list_merges\n"
+            "assert {'uniform', 'twa'} <= set(list_merges())\n"
+            "assert 'ssl_imwa.merges.twa' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=DOC.parents[1])

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_imwa import composition
 from tests.utils import CONFIG_DIR, ROOT, compose_config
 
 PRESETS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -39,8 +39,7 @@ RECIPE_KEYS = sorted(set().union(*(_leaf_keys(yaml.safe_load(path.read_text()))
 
 
 def _compose_with_choices(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "run_dir=."], return_hydra_config=True)
+    cfg = composition.compose_config(overrides, ".", with_hydra=True)
     choices = {group: str(cfg.hydra.runtime.choices[group]) for group in GROUPS}
     return cfg, choices
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
+from ssl_imwa.builders import build_replicas
 from ssl_imwa.config import validate
 from ssl_imwa.data import build_data
 from ssl_imwa.distributed import Communicator, ProcessLayout
-from ssl_imwa.run import build_replicas
 from ssl_imwa.sync_audit import SyncAudit
 from ssl_imwa.trainer import Replica, Trainer
 from tests.utils import compose_config

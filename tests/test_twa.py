@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_imwa.merge import average_tensors
-from ssl_imwa.models import create_model
-from ssl_imwa.twa import (
+from ssl_imwa.merges.twa import (
     EXTRA_LOGIT,
     Candidate,
     TWAConfig,
@@ -17,6 +16,7 @@ from ssl_imwa.twa import (
     stratified_halves,
     twa_merge,
 )
+from ssl_imwa.models import create_model
 
 NUM_CLASSES = 3
 QUICK = {"steps": 40, "batch_size": 64}  # enough for the toy problem, a fraction of the default cost

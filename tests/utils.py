@@ -10,21 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from ssl_imwa import composition
 from ssl_imwa.algorithm import AlgorithmContext
 from ssl_imwa.checkpoint import replica_tensors
 from ssl_imwa.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
+CONFIG_DIR = composition.CONFIG_DIR
 register_configs()
 
 
 def compose_config(overrides: list[str], run_dir: Path | str = ".") -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[*overrides, f"run_dir={run_dir}", "train.progress=false"])
+    """The package's composition (ssl_imwa.composition), without the progress bar."""
+    return composition.compose_config([*overrides, "train.progress=false"], run_dir)
 
 
 def algorithm_context(labeled_counts: list[int], total_steps: int, device: torch.device | str = "cpu"

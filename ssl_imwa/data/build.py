@@ -1,13 +1,12 @@
 """From a `DatasetConfig` to resident uint8 tensors, a logged long-tailed split and a stream factory.
 
-Datasets are looked up in a small registry: adding one is a function returning
-`DatasetParts` plus `@register_dataset("name")`.
+Datasets are found by name in the dataset registry (`ssl_imwa.data.dataset`); what happens after a
+reader returns its arrays (the long-tailed split, resizing, statistics, tensors) is the same for all.
 """
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,12 +14,14 @@ import torch.nn.functional as F
 
 from ssl_imwa.data.config import PROTOCOLS, UNLABELED_SETTINGS, DatasetConfig
 from ssl_imwa.data.counts import long_tailed_counts, unlabeled_counts
-from ssl_imwa.data.readers import (
+from ssl_imwa.data.dataset import (
+    Dataset,
+    DatasetParts,
     ImageArray,
-    read_cifar,
-    read_digits,
-    read_image_folder,
-    read_stl10,
+    Statistics,
+    get_dataset,
+    list_datasets,
+    with_own_options,
 )
 from ssl_imwa.data.splits import (
     Split,
@@ -29,108 +30,10 @@ from ssl_imwa.data.splits import (
     refuse_empty_classes,
 )
 from ssl_imwa.data.stream import TrainStream
-from ssl_imwa.data.transforms import DEFAULT_STATISTICS, Statistics
 
 logger = logging.getLogger("ssl_imwa.data")
 
 CONVERSION_PIXELS = 1 << 24  # uint8 values converted at a time, so memory-mapped splits are never copied whole
-
-
-@dataclass
-class DatasetParts:
-    """What a dataset reader returns: train and test arrays, and a separate unlabeled split if it has one."""
-
-    train: ImageArray
-    test: ImageArray
-    unlabeled: ImageArray | None = None
-
-
-@dataclass
-class DatasetEntry:
-    """A registered dataset: its reader and what build_data must know before reading it."""
-
-    reader: Callable[[DatasetConfig], DatasetParts]
-    statistics: Statistics | None  # None: computed from the training images at load
-    separate_unlabeled: bool  # True: unlabeled data is its own split with unknown labels
-    # How many classes, known without reading images (an int, or a cheap function of the config
-    # that may answer None); None: known only once read. Lets validation check the split's counts.
-    num_classes: int | Callable[[DatasetConfig], int | None] | None = None
-
-
-DATASETS: dict[str, DatasetEntry] = {}
-
-
-def register_dataset(
-    name: str,
-    statistics: Statistics | None = None,
-    separate_unlabeled: bool = False,
-    num_classes: int | Callable[[DatasetConfig], int | None] | None = None,
-) -> Callable[[Callable[[DatasetConfig], DatasetParts]], Callable[[DatasetConfig], DatasetParts]]:
-    """Register `reader(cfg) -> DatasetParts` under `name` (the value of `dataset.name`).
-
-    `statistics` is the (mean, std) used when the config gives none; without it they are
-    computed from the training images. `separate_unlabeled` datasets (like STL-10) bring their
-    own unlabeled split and accept only `dataset.unlabeled='unknown'`. `num_classes` (optional) lets
-    validation check the labeled counts of the split before any image is read.
-    """
-
-    def decorator(reader: Callable[[DatasetConfig], DatasetParts]) -> Callable[[DatasetConfig], DatasetParts]:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
-        DATASETS[name] = DatasetEntry(reader, statistics, separate_unlabeled, num_classes)
-        return reader
-
-    return decorator
-
-
-@register_dataset("cifar10", statistics=DEFAULT_STATISTICS["cifar10"], num_classes=10)
-def _cifar10(cfg: DatasetConfig) -> DatasetParts:
-    return DatasetParts(
-        train=read_cifar(cfg.root, 10, train=True, download=cfg.download),
-        test=read_cifar(cfg.root, 10, train=False, download=False),
-    )
-
-
-@register_dataset("cifar100", statistics=DEFAULT_STATISTICS["cifar100"], num_classes=100)
-def _cifar100(cfg: DatasetConfig) -> DatasetParts:
-    return DatasetParts(
-        train=read_cifar(cfg.root, 100, train=True, download=cfg.download),
-        test=read_cifar(cfg.root, 100, train=False, download=False),
-    )
-
-
-@register_dataset("stl10", statistics=DEFAULT_STATISTICS["stl10"], separate_unlabeled=True, num_classes=10)
-def _stl10(cfg: DatasetConfig) -> DatasetParts:
-    return DatasetParts(
-        train=read_stl10(cfg.root, "train", download=cfg.download),
-        test=read_stl10(cfg.root, "test", download=False),
-        unlabeled=read_stl10(cfg.root, "unlabeled", download=False),
-    )
-
-
-def _image_folder_classes(cfg: DatasetConfig) -> int | None:
-    """The class folders under root/train, counted without opening an image (None: no such folder yet)."""
-    train = Path(cfg.root) / "train" if cfg.root is not None else None
-    if train is None or not train.is_dir():
-        return None
-    return sum(1 for entry in train.iterdir() if entry.is_dir() and not entry.name.startswith(".")) or None
-
-
-@register_dataset("imagefolder", num_classes=_image_folder_classes)
-def _image_folder(cfg: DatasetConfig) -> DatasetParts:
-    if cfg.root is None:
-        raise ValueError("dataset.root is not set: dataset.name=imagefolder reads train/<class>/* and "
-                         "test/<class>/* from there (set dataset.root=/path/to/folder)")
-    train, test = read_image_folder(cfg.root, "train"), read_image_folder(cfg.root, "test")
-    if train.images.shape[-1] != test.images.shape[-1]:  # one split all grayscale, the other not: both RGB
-        train, test = (ImageArray(np.repeat(part.images, 3, axis=-1) if part.images.shape[-1] == 1 else part.images,
-                                  part.targets, part.classes) for part in (train, test))
-    return DatasetParts(train=train, test=test)
-
-
-@register_dataset("digits", statistics=DEFAULT_STATISTICS["digits"], num_classes=10)
-def _digits(cfg: DatasetConfig) -> DatasetParts:
-    return DatasetParts(train=read_digits(train=True), test=read_digits(train=False))
 
 
 @dataclass
@@ -213,12 +116,12 @@ class SSLData:
         )
 
 
-def validate_dataset(cfg: DatasetConfig) -> DatasetEntry:
+def validate_dataset(cfg: Any) -> Dataset:
     """Reject bad values before any file is read, naming the offending key (also part of the run's one
-    validation pass, `ssl_imwa.config.validate`)."""
-    if cfg.name not in DATASETS:
-        raise ValueError(f"dataset.name={cfg.name!r}: expected one of {', '.join(sorted(DATASETS))}")
-    entry = DATASETS[cfg.name]
+    validation pass, `ssl_imwa.config.validate`): the common keys here, then the dataset's own checks
+    (`validate()` of its config class). `cfg`: a DatasetConfig (or its dataset's subclass), or its config node."""
+    entry = get_dataset(cfg.name)
+    cfg = with_own_options(cfg, entry)
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"dataset.protocol={cfg.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     if cfg.unlabeled not in UNLABELED_SETTINGS:
@@ -229,11 +132,18 @@ def validate_dataset(cfg: DatasetConfig) -> DatasetEntry:
             "unknown, so the only valid setting is 'unknown'"
         )
     if not entry.separate_unlabeled and cfg.unlabeled == "unknown":
-        separate = sorted(name for name, candidate in DATASETS.items() if candidate.separate_unlabeled)
+        separate = [name for name in list_datasets() if get_dataset(name).separate_unlabeled]
         raise ValueError(
             f"dataset.unlabeled='unknown' needs a separate unlabeled split, which {cfg.name} lacks "
             f"(datasets that have one: {', '.join(separate)}); use consistent, uniform, reversed or custom"
         )
+    _check_common_values(cfg)
+    cfg.validate()
+    return entry
+
+
+def _check_common_values(cfg: DatasetConfig) -> None:
+    """The long-tailed protocol's counts and ratios, the augmentation fractions and the statistics."""
     if cfg.unlabeled == "custom" and cfg.imbalance_u is None:
         raise ValueError("dataset.imbalance_u must be set when dataset.unlabeled='custom'")
     if cfg.imbalance_u is not None and cfg.imbalance_u < 1:
@@ -256,14 +166,12 @@ def validate_dataset(cfg: DatasetConfig) -> DatasetEntry:
         raise ValueError("dataset.mean and dataset.std must be given together")
     if cfg.std is not None and any(value <= 0 for value in cfg.std):
         raise ValueError(f"dataset.std={list(cfg.std)}: expected positive values")
-    return entry
 
 
 def expected_labeled_counts(cfg: DatasetConfig) -> list[int] | None:
     """The labeled per-class counts the split will have, when the class count is known without reading
     images (see register_dataset); None otherwise."""
-    known = DATASETS[cfg.name].num_classes
-    num_classes = known(cfg) if callable(known) else known
+    num_classes = get_dataset(cfg.name).classes_known_before_reading(cfg)
     return None if num_classes is None else long_tailed_counts(cfg.n_max, num_classes, cfg.imbalance)
 
 
@@ -320,38 +228,21 @@ def _check_targets(parts: ImageArray, num_classes: int, what: str) -> None:
         raise ValueError(f"{what}: target {known.max()} out of range for {num_classes} classes")
 
 
-def build_data(cfg: DatasetConfig) -> SSLData:
-    """Read the dataset, split it (the DASO/ACR split protocols), convert every part to tensors once and log the counts."""
+def build_data(cfg: Any) -> SSLData:
+    """Read the dataset, split it (the DASO/ACR split protocols), convert every part to tensors once and log the counts.
+
+    `cfg`: a DatasetConfig (a plain one gets the dataset's defaults for its own options) or the run's
+    `dataset` config node."""
     entry = validate_dataset(cfg)
-    parts = entry.reader(cfg)
-    class_names = list(parts.train.classes)
+    cfg = with_own_options(cfg, entry)
+    parts, class_names = _read_checked(cfg, entry)
     num_classes = len(class_names)
-    _check_targets(parts.train, num_classes, f"{cfg.name} train split")
-    _check_targets(parts.test, num_classes, f"{cfg.name} test split")
     train_targets = np.asarray(parts.train.targets, dtype=np.int64)
     in_channels = parts.train.images.shape[-1]
-    height, width = parts.train.images.shape[1:3]
-    if cfg.image_size is None and height != width:
-        raise ValueError(f"{cfg.name} images are {height}x{width}; set dataset.image_size to train on square images")
-    image_size = cfg.image_size if cfg.image_size is not None else height
+    image_size = cfg.image_size if cfg.image_size is not None else parts.train.images.shape[1]
     mean, std = _statistics(cfg, entry, parts.train.images)
 
-    labeled_counts = long_tailed_counts(cfg.n_max, num_classes, cfg.imbalance)
-    refuse_empty_classes(labeled_counts, cfg.n_max, cfg.imbalance, class_names)
-    if cfg.unlabeled == "unknown":
-        unlabeled_from_train = [0] * num_classes
-    else:
-        unlabeled_from_train = unlabeled_counts(cfg.unlabeled, cfg.m_max, num_classes, cfg.imbalance, cfg.imbalance_u)
-    split = make_split(
-        train_targets,
-        num_classes,
-        cfg.protocol,
-        labeled_counts,
-        unlabeled_from_train,
-        cfg.val_per_class,
-        cfg.split_seed,
-        class_names=class_names,
-    )
+    split = _long_tailed_split(cfg, train_targets, class_names)
     counts = split.counts()
 
     def images_of(indices: np.ndarray) -> torch.Tensor:
@@ -366,29 +257,20 @@ def build_data(cfg: DatasetConfig) -> SSLData:
         unlabeled_is_labeled = torch.zeros(len(unlabeled_images), dtype=torch.bool)
         counts["unlabeled"] = []  # per-class counts of an unlabeled split with unknown labels do not exist
     else:
-        unlabeled_images = images_of(split.unlabeled)
-        unlabeled_targets = targets_of(split.unlabeled)
+        unlabeled_images, unlabeled_targets = images_of(split.unlabeled), targets_of(split.unlabeled)
         unlabeled_is_labeled = torch.from_numpy(split.unlabeled_is_labeled.copy())
 
     has_validation = len(split.validation) > 0
     data = SSLData(
-        labeled_images=images_of(split.labeled),
-        labeled_targets=targets_of(split.labeled),
-        unlabeled_images=unlabeled_images,
-        unlabeled_targets=unlabeled_targets,
+        labeled_images=images_of(split.labeled), labeled_targets=targets_of(split.labeled),
+        unlabeled_images=unlabeled_images, unlabeled_targets=unlabeled_targets,
         unlabeled_is_labeled=unlabeled_is_labeled,
         val_images=images_of(split.validation) if has_validation else None,
         val_targets=targets_of(split.validation) if has_validation else None,
         test_images=_to_tensor(parts.test.images, cfg.image_size),
         test_targets=torch.from_numpy(np.asarray(parts.test.targets, dtype=np.int64).copy()),
-        num_classes=num_classes,
-        class_names=class_names,
-        in_channels=in_channels,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        split=split,
-        counts=counts,
+        num_classes=num_classes, class_names=class_names, in_channels=in_channels, image_size=image_size,
+        mean=mean, std=std, split=split, counts=counts,
         pad=int(cfg.crop_pad_fraction * image_size),  # truncated, as int(32 * 0.125) in kekmodel
         hflip=cfg.hflip,
         cutout=int(cfg.cutout_fraction * image_size),
@@ -397,7 +279,32 @@ def build_data(cfg: DatasetConfig) -> SSLData:
     return data
 
 
-def _statistics(cfg: DatasetConfig, entry: DatasetEntry, train_images: np.ndarray) -> tuple[list[float], list[float]]:
+def _read_checked(cfg: DatasetConfig, entry: Dataset) -> tuple[DatasetParts, list[str]]:
+    """The reader's arrays and class names; targets checked against the classes, the side against image_size."""
+    parts = entry.reader(cfg)
+    class_names = list(parts.train.classes)
+    _check_targets(parts.train, len(class_names), f"{cfg.name} train split")
+    _check_targets(parts.test, len(class_names), f"{cfg.name} test split")
+    height, width = parts.train.images.shape[1:3]
+    if cfg.image_size is None and height != width:
+        raise ValueError(f"{cfg.name} images are {height}x{width}; set dataset.image_size to train on square images")
+    return parts, class_names
+
+
+def _long_tailed_split(cfg: DatasetConfig, train_targets: np.ndarray, class_names: list[str]) -> Split:
+    """The labeled, unlabeled and validation indices of the training images (the DASO/ACR protocols)."""
+    num_classes = len(class_names)
+    labeled_counts = long_tailed_counts(cfg.n_max, num_classes, cfg.imbalance)
+    refuse_empty_classes(labeled_counts, cfg.n_max, cfg.imbalance, class_names)
+    if cfg.unlabeled == "unknown":
+        unlabeled_from_train = [0] * num_classes
+    else:
+        unlabeled_from_train = unlabeled_counts(cfg.unlabeled, cfg.m_max, num_classes, cfg.imbalance, cfg.imbalance_u)
+    return make_split(train_targets, num_classes, cfg.protocol, labeled_counts, unlabeled_from_train,
+                      cfg.val_per_class, cfg.split_seed, class_names=class_names)
+
+
+def _statistics(cfg: DatasetConfig, entry: Dataset, train_images: np.ndarray) -> tuple[list[float], list[float]]:
     """Normalisation from the config, else the dataset's registered values, else computed from its train images."""
     if cfg.mean is not None and cfg.std is not None:
         mean, std = list(cfg.mean), list(cfg.std)

@@ -12,9 +12,13 @@ UNLABELED_SETTINGS = ("consistent", "uniform", "reversed", "unknown", "custom")
 
 @dataclass
 class DatasetConfig:
-    """Which dataset, how it is made long-tailed, and how it is augmented (the benchmark protocols of DASO and ACR)."""
+    """Which dataset, how it is made long-tailed, and how it is augmented (the benchmark protocols of DASO and ACR).
 
-    name: str = "cifar10"  # cifar10 | cifar100 | stl10 | imagefolder | digits
+    These keys are common to every dataset. A dataset with options of its own registers a subclass
+    that adds them (`@register_dataset(name, config=...)`, docs/extending.md).
+    """
+
+    name: str = "cifar10"  # a registered dataset: cifar10 | cifar100 | stl10 | imagefolder | digits | a plugin's
     root: Optional[str] = "./data"  # where files live (imagefolder: the folder holding train/ and test/, required)
     download: bool = False  # torchvision download only when True
     protocol: str = "disjoint"  # disjoint | nested (the DASO/ACR split protocols)
@@ -31,3 +35,7 @@ class DatasetConfig:
     cutout_fraction: float = 0.5  # cutout side as a fraction of the image side (16 px at 32)
     mean: Optional[list[float]] = None  # None -> the dataset's standard statistics
     std: Optional[list[float]] = None
+
+    def validate(self) -> None:
+        """The dataset's own checks: a subclass raises ValueError naming `dataset.<key>` for a value of one of
+        its options out of range (the keys above are checked for every dataset by `validate_dataset`)."""

@@ -17,17 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-Statistics = tuple[tuple[float, ...], tuple[float, ...]]
-
-DEFAULT_STATISTICS: dict[str, Statistics] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    # The values of kekmodel/FixMatch-pytorch and USB (112.4 109.1 98.6 / 68.4 66.6 68.5, over 255).
-    "stl10": ((0.4408, 0.4278, 0.3867), (0.2682, 0.2612, 0.2686)),
-    # Computed once from the fixed digits training partition (pixels scaled to 0..255).
-    "digits": ((0.3048,), (0.3757,)),
-}
-
 # kekmodel's fixmatch_augment_pool, in its order.
 RANDAUGMENT_OPS = (
     "auto_contrast",

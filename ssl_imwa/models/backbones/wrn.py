@@ -1,5 +1,11 @@
-"""Wide ResNet-28 as used by FixMatch, DASO and ACR (LeakyReLU 0.1, pre-activation blocks)."""
+"""Wide ResNet as used by FixMatch, DASO and ACR (LeakyReLU 0.1, pre-activation blocks).
+
+`wrn28_2` and `wrn28_8` are the papers' networks; `wrn` takes its depth and width as options
+(`model=wrn model.depth=16 model.widen=4`).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -66,6 +72,25 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn(self.blocks(self.conv1(x))))
         return global_average_pool(out)
+
+
+@dataclass
+class WideResNetOptions:
+    """`model.depth` (6n+4: 10, 16, 22, 28, ...) and `model.widen` (the width multiplier) of `model=wrn`."""
+
+    depth: int = 28
+    widen: int = 2
+
+    def validate(self) -> None:
+        if self.depth < 10 or (self.depth - 4) % 6:
+            raise ValueError(f"model.depth={self.depth}: expected 6n+4 with n >= 1 (10, 16, 22, 28, ...)")
+        if self.widen < 1:
+            raise ValueError(f"model.widen={self.widen}: expected an integer >= 1")
+
+
+@register_model("wrn", config=WideResNetOptions)
+def wrn(in_channels: int = 3, bn_momentum: float = 0.001, depth: int = 28, widen: int = 2) -> WideResNet:
+    return WideResNet(in_channels, depth, widen, bn_momentum)
 
 
 @register_model("wrn28_2")

@@ -3,6 +3,7 @@
 The search starts at IMWA's uniform merge, learns the coefficients on the EMA teachers (the models that
 are evaluated and carried forward), builds the students with the same coefficients so the pair stays
 consistent, and keeps the learned merge only if it beats uniform on a second labeled split.
+`imwa.merge=twa` chooses it; its options are `imwa.twa.*` (TWAConfig, registered with it).
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from torch.func import functional_call
 from ssl_imwa.data.transforms import normalize
 from ssl_imwa.merge import (
     MergeContext,
+    MergePlan,
     MergeResult,
     MergeStrategy,
     average_tensors,
-    merge_optimizers_and_algorithms,
     register_merge,
 )
 from ssl_imwa.metrics import classification_metrics
+from ssl_imwa.validation import expect_choice, expect_positive
 
 PARAMETERISATIONS = ("simplex", "affine")
 GRANULARITIES = ("model", "layer")
@@ -52,6 +54,17 @@ class TWAConfig:
     bn: str = "average"                 # average: BN running stats averaged uniformly; recompute: re-estimated on unlabeled images
     bn_batches: int = 10
     accept: bool = True                 # accept the learned merge only if it beats uniform on the second split
+
+    def validate(self) -> None:
+        """Raise ValueError naming `imwa.twa.<key>` for a value out of range."""
+        self.check_choices()
+        for option in ("steps", "lr", "batch_size", "bn_batches"):
+            expect_positive(f"imwa.twa.{option}", getattr(self, option))
+
+    def check_choices(self) -> None:
+        for option, allowed in (("parameterisation", PARAMETERISATIONS), ("granularity", GRANULARITIES),
+                                ("data", DATA_SOURCES), ("bn", BN_POLICIES)):
+            expect_choice(f"imwa.twa.{option}", getattr(self, option), allowed)
 
 
 @dataclass
@@ -141,11 +154,7 @@ def stratified_halves(targets: Tensor, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def _check(cfg: TWAConfig, accept: tuple[Tensor, Tensor] | None, bn_images: Tensor | None) -> None:
-    for option, value, allowed in (("parameterisation", cfg.parameterisation, PARAMETERISATIONS),
-                                   ("granularity", cfg.granularity, GRANULARITIES),
-                                   ("data", cfg.data, DATA_SOURCES), ("bn", cfg.bn, BN_POLICIES)):
-        if value not in allowed:
-            raise ValueError(f"twa.{option}='{value}': expected one of {', '.join(allowed)}")
+    cfg.check_choices()
     if cfg.accept and accept is None:
         raise ValueError("twa.accept=true needs an accept split (a labeled validation half)")
     if cfg.bn == "recompute" and bn_images is None:
@@ -313,46 +322,53 @@ def twa_merge(candidates: list[Candidate], num_replicas: int, template: nn.Modul
     )
 
 
-@register_merge("twa")
+@register_merge("twa", config=TWAConfig)
 class TWAMerge(MergeStrategy):
     """`imwa.merge=twa`: coefficients learned on a labeled split (imwa.twa.*), then accepted or not.
 
     The fit and acceptance splits, and the unlabeled images for BN re-estimation, are prepared once
-    per run. The students' and teachers' states go to process 0 only, which learns the merge and
-    broadcasts it; momentum and the algorithm's state merge as in the uniform strategy.
+    per run from the context's data. The students' and teachers' states go to process 0 only, which
+    learns the merge and broadcasts it.
     """
+
+    uses_data = True
+
+    @classmethod
+    def check(cls, options: TWAConfig, plan: MergePlan) -> None:
+        if plan.held_out_per_class == 0 and (options.data == "twa-v" or options.accept):
+            raise ValueError("imwa.merge=twa with imwa.twa.data=twa-v or imwa.twa.accept=true needs a labeled "
+                             "held-out split: set dataset.val_per_class > 0 (those labels are reported as consumed)")
 
     def __init__(self, context: MergeContext) -> None:
         super().__init__(context)
-        cfg, data = context.cfg, context.data
-        self.twa_cfg: TWAConfig = cfg.imwa.twa
-        prepare = lambda images: normalize(images, data.mean, data.std).to(context.device)
+        assert context.data is not None  # uses_data: the engine gives the run's images
+        data, device, seed = context.data.data, context.data.device, context.seed
+        self.options: TWAConfig = context.options
+        prepare = lambda images: normalize(images, data.mean, data.std).to(device)
         self.fit: tuple[Tensor, Tensor] | None = None
         self.accept: tuple[Tensor, Tensor] | None = None
         if data.val_images is not None:
-            val = (prepare(data.val_images), data.val_targets.to(context.device))
-            if self.twa_cfg.data == "twa-v":  # fit on one class-stratified half, accept on the other
-                first, second = stratified_halves(data.val_targets, cfg.seed)
+            val = (prepare(data.val_images), data.val_targets.to(device))
+            if self.options.data == "twa-v":  # fit on one class-stratified half, accept on the other
+                first, second = stratified_halves(data.val_targets, seed)
                 self.fit, self.accept = (val[0][first], val[1][first]), (val[0][second], val[1][second])
             else:
                 self.accept = val
-        if self.twa_cfg.data == "twa-t":  # the training objective's labeled images: no extra labels to fit
-            self.fit = (prepare(data.labeled_images), data.labeled_targets.to(context.device))
+        if self.options.data == "twa-t":  # the training objective's labeled images: no extra labels to fit
+            self.fit = (prepare(data.labeled_images), data.labeled_targets.to(device))
         self.bn_images: Tensor | None = None
-        if self.twa_cfg.bn == "recompute":
-            count = min(len(data.unlabeled_images), self.twa_cfg.bn_batches * self.twa_cfg.batch_size)
-            order = torch.randperm(len(data.unlabeled_images), generator=torch.Generator().manual_seed(cfg.seed))
+        if self.options.bn == "recompute":
+            count = min(len(data.unlabeled_images), self.options.bn_batches * self.options.batch_size)
+            order = torch.randperm(len(data.unlabeled_images), generator=torch.Generator().manual_seed(seed))
             self.bn_images = prepare(data.unlabeled_images[order[:count]])
 
     @property
     def needs_episode_start(self) -> bool:
-        return self.twa_cfg.include_start
+        return self.options.include_start
 
     def __call__(self, states: list[dict[str, Any]], indices: list[int], start: dict[str, Any], episode: int
                  ) -> MergeResult:
-        context, cfg = self.context, self.context.cfg
-        optimizer, algorithm = merge_optimizers_and_algorithms(states, indices, cfg.imwa.momentum,
-                                                               context.merge_algorithm_states, cfg.imwa.k, context.comm)
+        context, learn = self.context, self.context.data
         shipped = [(index, {"model": state["model"], "teacher": state["teacher"]})
                    for index, state in zip(indices, states)]
         gathered = context.comm.gather_object(shipped, "TWA candidate gather")
@@ -360,11 +376,9 @@ class TWAMerge(MergeStrategy):
         if gathered is not None:  # process 0
             ordered = [state for _, state in sorted((item for chunk in gathered for item in chunk),
                                                     key=lambda item: item[0])]
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + episode)
-            merged = twa_merge(build_candidates(ordered, start, self.twa_cfg), cfg.imwa.k, context.template,
-                               context.algorithm_eval_head, self.fit, self.accept, self.twa_cfg, self.bn_images,
-                               generator)
+            generator = torch.Generator().manual_seed(context.seed * 100_003 + episode)
+            merged = twa_merge(build_candidates(ordered, start, self.options), context.replicas, learn.template,
+                               learn.eval_head, self.fit, self.accept, self.options, self.bn_images, generator)
             result = (merged.student, merged.teacher, merged.report())
         student, teacher, report = context.comm.broadcast_object(result, "TWA result broadcast")
-        return MergeResult(model=student, teacher=teacher, optimizer=optimizer, algorithm=algorithm,
-                           report={**report, "strategy": "twa"})
+        return MergeResult(model=student, teacher=teacher, report={**report, "strategy": "twa"})
