@@ -113,7 +113,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     merge_sections = _pop_merge_sections(plain)
     typed = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(plain))
     load_plugins(list(typed.plugins))
-    _type_merge_options(typed.imwa, merge_sections)  # after plugins: they may register a strategy
+    _type_merge_options(typed.imwa, merge_sections, list(typed.plugins))  # after plugins: they may add one
     algorithm_cls = get_algorithm(typed.algorithm.name)
     try:
         typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
@@ -186,12 +186,12 @@ def _pop_merge_sections(plain: dict[str, Any]) -> dict[str, Any]:
     return {key: imwa.pop(key) for key in list(imwa) if key not in own}
 
 
-def _type_merge_options(imwa: DictConfig, sections: dict[str, Any]) -> None:
-    """Add `imwa.<name>` for every registered strategy with options, typed by its dataclass and holding
+def _type_merge_options(imwa: DictConfig, sections: dict[str, Any], plugins: list[str]) -> None:
+    """Add `imwa.<name>` for every strategy with options this run sees, typed by its dataclass and holding
     the values given in `sections`, and check the values; a section no strategy owns is an unknown key."""
     from ssl_imwa.merge import merge_option_types
 
-    option_types = merge_option_types()
+    option_types = merge_option_types(plugins)
     _refuse_unknown("imwa", sections, [item.name for item in fields(IMWAConfig)] + list(option_types))
     with open_dict(imwa):
         for name, options_type in option_types.items():

@@ -166,9 +166,16 @@ def get_merge(name: str) -> type[MergeStrategy]:
     return _MERGES.get(name)
 
 
-def merge_option_types() -> dict[str, type]:
-    """Registered strategy name -> the dataclass typing its `imwa.<name>` section (strategies with options)."""
-    return {name: config for name in _MERGES.names() if (config := _MERGES.config_of(name)) is not None}
+def merge_option_types(plugins: list[str]) -> dict[str, type]:
+    """Strategy name -> the dataclass typing its `imwa.<name>` section, for the strategies with options
+    that this run can see: the built-ins and those of the modules in its `plugins`. A strategy another
+    run in the same process loaded is not part of this run's config (nor of its resume fingerprint)."""
+    def ours(name: str) -> bool:
+        module = _MERGES.get(name).__module__
+        return module.startswith(f"{BUILTIN_PACKAGE}.") or module in plugins
+
+    return {name: config for name in _MERGES.names()
+            if (config := _MERGES.config_of(name)) is not None and ours(name)}
 
 
 def merge_options(imwa: DictConfig) -> Any:

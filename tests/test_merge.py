@@ -85,6 +85,8 @@ def test_a_plugin_strategy_s_options_are_typed_and_checked_by_name(pick_plugin: 
     base = ["experiment=quickstart", "imwa.k=2", f"plugins=[{pick_plugin}]", "imwa.merge=pick"]
     assert validate(compose_config([*base, "imwa.pick.replica=1"])).imwa.pick.replica == 1
     assert validate(compose_config(base)).imwa.pick.replica == 0  # the dataclass's default
+    # a run that does not name the plugin does not see its options, though this process loaded it
+    assert "pick" not in validate(compose_config(["experiment=quickstart"])).imwa
     with pytest.raises(ValueError, match=r"^imwa\.pick\.replica=2: expected an integer in \[0, 1\]"):
         validate(compose_config([*base, "imwa.pick.replica=2"]))
     with pytest.raises(ValidationError) as error:

@@ -10,6 +10,7 @@ import torch
 from bench.gpu_smoke import __doc__ as PACKAGE_DOC
 from bench.gpu_smoke.end_to_end import section_end_to_end
 from bench.gpu_smoke.harness import Context, Smoke
+from bench.gpu_smoke.report import render_summary
 from bench.gpu_smoke.sections import (
     section_memory,
     section_speed,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
           f"budget {args.budget_s:.0f} s, out {ctx.out}", flush=True)
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(device)
-    smoke = Smoke(ctx)
+    smoke = Smoke(ctx, render_summary)
     smoke.run("versions", "Versions and device", section_versions, optional=False)
     smoke.run("stream_parity", "Stream parity (CPU vs device)", section_stream_parity, optional=False)
     smoke.run("syncs", "Host-device syncs per steady-state step", section_syncs, optional=True, needs_s=20)

@@ -115,10 +115,12 @@ class Context:
 
 
 class Smoke:
-    """Runs sections in order, records them, and rewrites smoke.json and summary.md after each one."""
+    """Runs sections in order, records them, and rewrites smoke.json and summary.md after each one
+    (`render` turns the payload into summary.md: bench/gpu_smoke/report.py)."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, render: Callable[[dict[str, Any]], str]) -> None:
         self.ctx = ctx
+        self.render = render
         self.sections: dict[str, Section] = {}
 
     def run(self, key: str, title: str, body: Callable[[Section, Context], None], optional: bool,
@@ -166,13 +168,9 @@ class Smoke:
         }
 
     def write(self) -> str:
-        from bench.gpu_smoke.report import (
-            render_summary,  # the report reads this module's constants
-        )
-
         payload = self.payload()
         _write_atomic(self.ctx.out / "smoke.json", json.dumps(payload, indent=2, default=str) + "\n")
-        summary = render_summary(payload)
+        summary = self.render(payload)
         _write_atomic(self.ctx.out / "summary.md", summary)
         return summary
 
