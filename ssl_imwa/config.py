@@ -1,7 +1,6 @@
 """Typed configuration: the schema Hydra composes into, and validation before any work starts."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -12,7 +11,13 @@ from omegaconf.errors import OmegaConfBaseException
 from ssl_imwa.data.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
 from ssl_imwa.models.config import ModelConfig
-from ssl_imwa.validation import expect_choice, expect_positive, expect_range
+from ssl_imwa.validation import (
+    expect_choice,
+    expect_positive,
+    expect_range,
+    refuse_unknown,
+    typed_section,
+)
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,9 +72,9 @@ class Config:
     # Hydra's output directory (configs/config.yaml); None only where Hydra has none, as in `--cfg job`.
     run_dir: str | None = None
     plugins: list[str] = field(default_factory=list)
-    # Untyped while Hydra composes, so that a dataset's or a backbone's own options (`dataset.<option>`,
-    # `model.<option>`) fit; the defaults hold every shared key, so a typo is still an unknown key.
-    # validate() types each section by the dataclass its plugin registered (docs/extending.md).
+    # Untyped and open while Hydra composes (register_configs), so that a dataset's or a backbone's own
+    # options (`dataset.<option>`, `model.<option>`) fit; validate() types each section by the dataclass
+    # its plugin registered and names any unknown key there (docs/extending.md).
     dataset: Any = field(default_factory=lambda: asdict(DatasetConfig()))
     model: Any = field(default_factory=lambda: asdict(ModelConfig()))
     algorithm: Any = field(default_factory=lambda: {"name": "fixmatch"})
@@ -80,12 +85,15 @@ class Config:
 def register_configs() -> None:
     """Make the schema available to Hydra as `base_config` (configs/config.yaml lists it first).
 
-    `imwa` accepts keys the schema does not declare while Hydra composes: the merge strategies'
-    option sections (`imwa.twa.steps=10`), which only the strategies know. validate() types each by
-    the dataclass its strategy registered and refuses any other key there, by name.
+    `imwa`, `dataset`, `model` and `algorithm` accept keys the schema does not declare while Hydra
+    composes: the options of the plugins chosen there (`imwa.twa.steps=10`, `dataset.noise=0.3`,
+    `model.width=8`, `algorithm.weight=0.5`),
+    which only the plugins know; no `+` is needed. validate() types each by the dataclass its plugin
+    registered and refuses any other key there, by name, with the closest known key.
     """
     schema = OmegaConf.structured(Config)
-    OmegaConf.set_struct(schema.imwa, False)
+    for section in (schema.imwa, schema.dataset, schema.model, schema.algorithm):
+        OmegaConf.set_struct(section, False)
     ConfigStore.instance().store(name="base_config", node=schema)
 
 
@@ -115,11 +123,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     load_plugins(list(typed.plugins))
     _type_merge_options(typed.imwa, merge_sections, list(typed.plugins))  # after plugins: they may add one
     algorithm_cls = get_algorithm(typed.algorithm.name)
-    try:
-        typed.algorithm = OmegaConf.merge(OmegaConf.structured(algorithm_cls.Config), typed.algorithm)
-    except OmegaConfBaseException as error:  # merged on its own: name the key as the user types it
-        error.full_key = f"algorithm.{getattr(error, 'full_key', None) or ''}".rstrip(".")
-        raise
+    typed.algorithm = typed_section("algorithm", algorithm_cls.Config, typed.algorithm)
     OmegaConf.to_object(typed.algorithm).validate()
     _check_train(typed.train, algorithm_cls.uses_unlabeled(), typed.algorithm.name)
     typed.model = typed_model_section(typed.model)  # after plugins: they may register a backbone
@@ -192,14 +196,14 @@ def _type_merge_options(imwa: DictConfig, sections: dict[str, Any], plugins: lis
     from ssl_imwa.merge import merge_option_types
 
     option_types = merge_option_types(plugins)
-    _refuse_unknown("imwa", sections, [item.name for item in fields(IMWAConfig)] + list(option_types))
+    refuse_unknown("imwa", sections, [item.name for item in fields(IMWAConfig)] + list(option_types))
     with open_dict(imwa):
         for name, options_type in option_types.items():
             values = sections.get(name, {})
             if not isinstance(values, dict):
                 raise TypeError(f"imwa.{name}={values!r}: expected the options of merge strategy {name}, "
                                 f"set one by one (imwa.{name}.<option>=...)")
-            _refuse_unknown(f"imwa.{name}", values, [item.name for item in fields(options_type)])
+            refuse_unknown(f"imwa.{name}", values, [item.name for item in fields(options_type)])
             try:
                 imwa[name] = OmegaConf.merge(OmegaConf.structured(options_type), values)
             except OmegaConfBaseException as error:  # merged on its own: name the key as the user types it
@@ -210,10 +214,3 @@ def _type_merge_options(imwa: DictConfig, sections: dict[str, Any], plugins: lis
                 options.validate()
 
 
-def _refuse_unknown(section: str, given: dict[str, Any], known: list[str]) -> None:
-    """'unknown key imwa.twa.stps; did you mean imwa.twa.steps?' for the first key of `given` not in `known`."""
-    for key in given:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-            raise ValueError(f"unknown key {section}.{key}; " + (f"did you mean {section}.{close[0]}?" if close
-                                                                 else f"{section} has {', '.join(known)}"))

@@ -34,10 +34,26 @@ GRAMMAR = "https://hydra.cc/docs/1.3/advanced/override_grammar/basic"
 NOT_A_LAUNCH = ("help", "hydra_help", "info", "shell_completion", "experimental_rerun")
 
 
-def config_groups() -> dict[str, list[str]]:
-    """This project's config groups and their options (configs/<group>/<option>.yaml)."""
-    return {path.name: sorted(option.stem for option in path.glob("*.yaml"))
-            for path in sorted(CONFIG_DIR.iterdir()) if path.is_dir()}
+def config_groups(search_path: Sequence[str] = ()) -> dict[str, list[str]]:
+    """The config groups and their options (`<group>/<option>.yaml`): this project's configs/ and the
+    folders a `hydra.searchpath=[file://...]` override adds, where a plugin ships its config files."""
+    folders = [CONFIG_DIR] + [Path(entry.removeprefix("file://")) for entry in search_path
+                              if entry.startswith("file://")]
+    groups: dict[str, set[str]] = {}
+    for folder in folders:
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.is_dir():
+                groups.setdefault(path.name, set()).update(option.stem for option in path.glob("*.yaml"))
+    return {group: sorted(options) for group, options in sorted(groups.items())}
+
+
+def _search_path(parsed: list[Override]) -> list[str]:
+    """The folders a `hydra.searchpath=[...]` override adds (empty without one)."""
+    for override in parsed:
+        if override.key_or_group == "hydra.searchpath" and not override.is_sweep_override():
+            value = override.value()
+            return [str(entry) for entry in value] if isinstance(value, list) else [str(value)]
+    return []
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[Override]:
@@ -70,7 +86,7 @@ def _values(override: Override) -> list[str]:
 
 
 def _check_group_options(parsed: list[Override]) -> None:
-    groups = config_groups()
+    groups = config_groups(_search_path(parsed))
     for override in parsed:
         group = override.key_or_group
         if group not in groups or override.is_delete():
@@ -157,7 +173,7 @@ def compose_overrides(overrides: Sequence[str], run_dir: str | Path | None = Non
         return compose_config(overrides, run_dir)
     except (HydraException, OmegaConfBaseException) as error:
         message = _composition_message(error)
-    groups = config_groups()
+    groups = config_groups(_search_path(parsed))
     group_overrides = [override.input_line for override in parsed
                        if override.key_or_group in groups or "/" in override.key_or_group]
     try:

@@ -41,11 +41,27 @@ def expect_positive(key: str, value: float, allow_zero: bool = False) -> None:
 def typed_section(key: str, schema: type, values: Any) -> Any:
     """Config section `key` (a mapping) merged into the dataclass `schema` that types it (a plugin's options):
     an unknown key or a wrong type raises OmegaConf's error, its `full_key` named as the user types it."""
+    from dataclasses import fields
+
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(values, dict) or OmegaConf.is_dict(values):
+        refuse_unknown(key, values, [item.name for item in fields(schema)])
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as error:  # merged on its own: the key is relative to the section
         error.full_key = f"{key}.{getattr(error, 'full_key', None) or ''}".rstrip(".")
         raise
+
+
+def refuse_unknown(section: str, given: Any, known: list[str]) -> None:
+    """'unknown key imwa.twa.stps; did you mean imwa.twa.steps?' for the first key of `given` not in `known`
+    (plugin option sections are open while Hydra composes: their keys are checked here)."""
+    import difflib
+
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+            raise ValueError(f"unknown key {section}.{key}; " + (f"did you mean {section}.{close[0]}?" if close
+                                                                 else f"{section} has {', '.join(known)}"))

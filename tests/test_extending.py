@@ -7,6 +7,7 @@ BUILTIN_PACKAGES.
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -22,9 +23,9 @@ PACKAGE = "my_plugins"
 
 # Per plugin module of the page: the overrides that choose it and set its own option.
 PLUGIN_OVERRIDES = {
-    "entropy_min": ["~algorithm", "algorithm.name=entropy_min", "+algorithm.weight=0.5"],
-    "stripes": ["dataset.name=stripes", "+dataset.noise=0.3"],
-    "tiny_net": ["model.name=tiny_net", "+model.width=8"],
+    "entropy_min": ["~algorithm", "algorithm.name=entropy_min", "algorithm.weight=0.5"],
+    "stripes": ["dataset.name=stripes", "dataset.noise=0.3"],
+    "tiny_net": ["model.name=tiny_net", "model.width=8"],
 }
 TINY = ["experiment=quickstart", "train.iterations=10", "train.eval_every=5", "train.log_every=5",
         "train.batch_size=16", "train.mu=2", "train.num_threads=1"]
@@ -35,7 +36,7 @@ BAD_VALUES = [
     (["++dataset.noise=2"], "dataset.noise=2"),
     (["++model.width=0"], "model.width=0"),
     (["++model.width=wide"], "(key model.width)"),
-    (["+dataset.nois=0.1"], "(key dataset.nois)"),
+    (["dataset.nois=0.1"], "unknown key dataset.nois; did you mean dataset.noise?"),
     (["model.name=small_cnn"], "model.width: unknown key; small_cnn takes no options of its own"),
 ]
 
@@ -87,7 +88,8 @@ def test_the_page_s_plugins_train_together(tmp_path: Path, plugins: str) -> None
 def test_an_option_s_default_comes_from_its_dataclass(plugins: str) -> None:
     from ssl_imwa.config import validate
 
-    overrides = [override for override in every_plugin(plugins) if not override.startswith("+")]
+    options = ("algorithm.weight", "dataset.noise", "model.width")   # left out: their defaults apply
+    overrides = [override for override in every_plugin(plugins) if not override.startswith(options)]
     typed = validate(compose_config(["experiment=quickstart", *overrides]))
     assert (typed.algorithm.weight, typed.dataset.noise, typed.model.width) == (0.1, 0.2, 16)
 
@@ -130,3 +132,19 @@ assert not any(loaded(package) for package in packages), [loaded(package) for pa
     for package, lookup in BUILTIN_PACKAGES.items():
         code += f"{lookup}\nassert loaded({package!r}), {package!r}\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+
+
+def test_a_plugin_s_own_config_file_is_found_on_hydra_s_search_path(plugins: str, tmp_path: Path) -> None:
+    """`algorithm=entropy_min` from the plugin's own config folder (hydra.searchpath), checked by main.py
+    before Hydra starts as the repository's own config groups are."""
+    group = tmp_path / "my_configs" / "algorithm"
+    group.mkdir(parents=True)
+    (group / "entropy_min.yaml").write_text("# @package _global_\nalgorithm:\n  name: entropy_min\n  weight: 0.25\n")
+    command = [sys.executable, str(ROOT / "main.py"), "experiment=quickstart", plugins, "algorithm=entropy_min",
+               f"hydra.searchpath=[file://{tmp_path / 'my_configs'}]", "--check"]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'outside'}:{ROOT}"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "config OK" in result.stdout, result.stdout + result.stderr
+    typo = subprocess.run([*command[:4], "algorithm=entropy_mn", *command[5:]], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=tmp_path, env=env)
+    assert "did you mean algorithm=entropy_min?" in typo.stderr, typo.stderr

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError
 
 from tests.utils import (
     ROOT,
@@ -139,8 +138,10 @@ def test_resume_with_another_number_of_processes_names_both(tmp_path: Path) -> N
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     from ssl_imwa.config import validate
 
-    with pytest.raises(ConfigKeyError, match="foo"):
+    with pytest.raises(ValueError, match=r"^unknown key algorithm\.foo; algorithm has "):
         validate(compose_config([*TINY, "+algorithm.foo=1"]))
+    with pytest.raises(ValueError, match=r"^unknown key algorithm\.treshold; did you mean algorithm\.threshold\?"):
+        validate(compose_config([*TINY, "algorithm.treshold=0.9"]))
     with pytest.raises(ConfigCompositionException, match="train.lr=fast"):
         compose_config([*TINY, "train.lr=fast"])
     with pytest.raises(ValueError, match="train.schedule='linear'"):

@@ -197,7 +197,7 @@ def test_a_damaged_saved_config_is_named_on_resume(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as error:
         resumed_config(cfg, ["resume=true"])
     assert str(error.value).startswith(f"{run_dir / 'config.yaml'} (the run's saved config) is not a valid config: "
-                                       "Key 'lambda_u' not in 'ACRConfig' (key algorithm.lambda_u)")
+                                       "unknown key algorithm.lambda_u; algorithm has ")
 
 
 def test_divergence_stopped_on_purpose_is_a_short_error() -> None:
