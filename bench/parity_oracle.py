@@ -19,11 +19,21 @@ DASO to our choice one item at a time, so the oracle can show which item a diver
     boundary    item 10: alignment loss from the first blending step (20), not one step earlier
     bn_once     item 11: undo the queue forward's update of the student's BN running statistics
     eval_queue  item 11: queue features from the EMA model in eval mode (implies bn_once)
+    f32_weights SAW: USB's initial unlabeled class weights in float32 (USB: float64 until its first re-estimate)
+
+DebiasPL and SAW run on both sides' own code as shipped. `--ours KEY=VALUE` adds overrides to OUR side
+only: `--ours algorithm.usb_order=true` switches our DebiasPL to USB's order of estimate, pseudo-labels
+and margin. `--saw-epoch N` ends a SAW epoch every N steps on both sides (ours: algorithm.epoch_length=N;
+USB: its after_train_epoch pass over the unlabeled images, then before_train_epoch), so a short run
+crosses the re-weighting; without it both keep the recipe's 1,024-step epoch. The estimate each keeps
+(DebiasPL's p_hat, SAW's unlabeled weights) is compared after every step as well.
 
 Run (one process, one thread; USB set up as in bench/parity_usb.py):
 
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 200
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo daso --steps 200 --align all
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo debiaspl --steps 200 --ours algorithm.usb_order=true
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo saw --steps 200 --saw-epoch 50
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 1000 --seeds 0 1 2 --score
     /tmp/usb_venv/bin/python bench/parity_oracle.py report   # markdown table of the scored runs
 """
@@ -45,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.parity_usb import BATCH, build_usb, our_overrides, score, usb_step
 
-ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue")
+ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue", "f32_weights")
 REPORT_STEPS = (1, 2, 5, 10, 20, 21, 50, 100, 200, 500, 1000)
 
 
@@ -64,11 +74,12 @@ class Tee:
         return self.last
 
 
-def build_ours(algo: str, seed: int, run_dir: Path, engine: Path) -> tuple[Any, Any, Any]:
+def build_ours(algo: str, seed: int, run_dir: Path, engine: Path, extra: list[str]) -> tuple[Any, Any, Any]:
     """(trainer, replica, data) exactly as ssl_imwa.run builds them for parity_usb's command line.
 
     `engine`: the checkout whose ssl_imwa/ and configs/ are tested (a snapshot such as
-    `git archive HEAD ssl_imwa configs` keeps a long run clear of edits in progress).
+    `git archive HEAD ssl_imwa configs` keeps a long run clear of edits in progress); `extra`: overrides
+    appended to parity_usb's.
     """
     sys.path.insert(0, str(engine))
     from hydra import compose, initialize_config_dir
@@ -86,7 +97,7 @@ def build_ours(algo: str, seed: int, run_dir: Path, engine: Path) -> tuple[Any, 
 
     register_configs()
     with initialize_config_dir(config_dir=str(engine / "configs"), version_base="1.3"):
-        raw = compose("config", overrides=[*our_overrides(algo, seed, 1), f"run_dir={run_dir}"])
+        raw = compose("config", overrides=[*our_overrides(algo, seed, 1), *extra, f"run_dir={run_dir}"])
     cfg = validate(raw)
     device = configure_torch(cfg)
     seed_everything(cfg.seed)
@@ -150,6 +161,31 @@ def align_usb_daso(algorithm: Any, items: set[str]) -> None:
         hook.masking = blended_mask
 
 
+def algorithm_states(algo: str, ours: Any, usb: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The estimate both sides keep, (ours, USB's): DebiasPL's p_hat, SAW's unlabeled class weights."""
+    if algo == "debiaspl":
+        return ours.p_hat, usb.p_hat
+    if algo == "saw":
+        return ours.unlabeled_weights, usb.x_ulb_weights
+    return None
+
+
+def state_difference(algo: str, ours: Any, usb: Any) -> dict[str, float]:
+    """{'state': max|a - b| / max|a|} for the algorithm's estimate, {} for algorithms without one."""
+    pair = algorithm_states(algo, ours, usb)
+    if pair is None:
+        return {}
+    a, b = (t.double() for t in pair)
+    return {"state": ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()}
+
+
+def end_usb_epoch(usb: Any, algo: str, step: int, saw_epoch: int) -> None:
+    """USB's epoch hooks where its train() loop calls them: SAW re-weights after an epoch's last step."""
+    if algo == "saw" and saw_epoch and (step + 1) % saw_epoch == 0:
+        usb.call_hook("after_train_epoch")
+        usb.call_hook("before_train_epoch")
+
+
 def tensor_groups(student: nn.Module, teacher: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Named tensors of one side in four groups: student/teacher parameters and buffers."""
     return {"student param": dict(student.named_parameters()), "student buffer": dict(student.named_buffers()),
@@ -185,13 +221,11 @@ def bn_recalibrated(model: nn.Module, data: Any) -> nn.Module:
     return copy.eval()
 
 
-def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], out: Path, scored: bool,
-               engine: Path, perturb: float) -> dict[str, Any]:
-    """Lockstep run of both sides; prints a line per report step and the first divergence beyond `tol`."""
-    trainer, replica, data = build_ours(algo, seed, out / "ours_cfg", engine)
+def start_usb(algo: str, seed: int, items: set[str], out: Path, data: Any, initial: dict[str, torch.Tensor],
+              perturb: float) -> Any:
+    """USB's side from OUR initial weights, after its `before_run`, with the --align items switched."""
     usb_algo = "daso_samebatch" if algo == "daso" and "samebatch" in items else algo
     usb = build_usb(usb_algo, seed, out, data)
-    initial = replica.model.state_dict()
     if perturb:  # rounding-sized noise on USB's copy: how fast identical code amplifies it
         noise = torch.Generator().manual_seed(seed)
         initial = {name: t * (1 + perturb * torch.randn(t.shape, generator=noise)) if t.is_floating_point() else t
@@ -201,6 +235,19 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
     usb.call_hook("before_run")  # USB's EMA registers the (now shared) initial weights here
     if algo == "daso":
         align_usb_daso(usb, items)
+    if algo == "saw":
+        if "f32_weights" in items:
+            usb.x_ulb_weights = usb.x_ulb_weights.float()
+        usb.call_hook("before_train_epoch")   # hands the class weights to USB's losses
+    return usb
+
+
+def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], out: Path, scored: bool,
+               engine: Path, perturb: float, extra: list[str], saw_epoch: int) -> dict[str, Any]:
+    """Lockstep run of both sides; prints a line per report step and the first divergence beyond `tol`."""
+    epoch = [f"algorithm.epoch_length={saw_epoch}"] if algo == "saw" and saw_epoch else []
+    trainer, replica, data = build_ours(algo, seed, out / "ours_cfg", engine, [*extra, *epoch])
+    usb = start_usb(algo, seed, items, out, data, replica.model.state_dict(), perturb)
     ours_tensors = tensor_groups(replica.model, replica.teacher.module)
     usb_tensors = tensor_groups(usb.model.net, usb.ema_model.net)
     first: dict[str, Any] | None = None
@@ -210,9 +257,11 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
         b = replica.stream.last
         usb_step(usb, {"x_lb": b["x"].clone(), "y_lb": b["y"].clone(), "x_ulb_w": b["u_weak"].clone(),
                        "x_ulb_s": b["u_strong"][0].clone()}, step)
+        end_usb_epoch(usb, algo, step, saw_epoch)
         ours_mask, usb_mask = outputs["mask_rate"].item(), usb.log_dict["train/util_ratio"]
         mask_flips += round(abs(ours_mask - usb_mask) * BATCH * (len(b["u_weak"]) // BATCH))
         diff = differences(ours_tensors, usb_tensors)
+        diff.update({group: (value, algo) for group, value in state_difference(algo, replica.algorithm, usb).items()})
         history.append({"step": step + 1, "mask": [ours_mask, usb_mask],
                         **{group: value for group, (value, _) in diff.items()}})
         above = {group: value for group, value in diff.items() if value[0] > tol}
@@ -225,6 +274,7 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
             print(f"step {step + 1:5d}  {cells}  pseudo-label mask decisions differing so far: {mask_flips}",
                   flush=True)
     result: dict[str, Any] = {"algo": algo, "seed": seed, "steps": steps, "align": sorted(items), "tol": tol,
+                              "ours_overrides": [*extra, *epoch],
                               "perturb": perturb, "engine": str(engine),
                               "first_divergence": first, "mask_decisions_differing": mask_flips, "history": history}
     if scored:
@@ -267,7 +317,7 @@ def report(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=["run", "report"], default="run")
-    parser.add_argument("--algo", choices=["fixmatch", "daso"], default="fixmatch")
+    parser.add_argument("--algo", choices=["fixmatch", "daso", "debiaspl", "saw"], default="fixmatch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tol", type=float, default=1e-4, help="relative difference counted as a divergence")
@@ -277,6 +327,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/parity_oracle"))
     parser.add_argument("--perturb", type=float, default=0.0,
                         help="relative Gaussian noise on USB's initial weights (a chaos yardstick)")
+    parser.add_argument("--ours", nargs="*", default=[], help="overrides for our side only (KEY=VALUE)")
+    parser.add_argument("--saw-epoch", type=int, default=0, help="SAW: steps per epoch on both sides (0: the recipe's)")
     parser.add_argument("--engine", type=Path, default=REPO, help="checkout holding the ssl_imwa/ and configs/ to test")
     args = parser.parse_args()
     if args.command == "report":
@@ -289,8 +341,9 @@ def main() -> None:
         parser.error("--align boundary needs samebatch: USB's next step would blend similarities never computed")
     for seed in args.seeds:
         result = run_oracle(args.algo, seed, args.steps, args.tol, items, args.out, args.score, args.engine,
-                            args.perturb)
+                            args.perturb, args.ours, args.saw_epoch)
         tag = ("-".join(sorted(items)) or "usb") + (f"_perturb{args.perturb:g}" if args.perturb else "")
+        tag += "".join(f"_{override}" for override in args.ours) + (f"_epoch{args.saw_epoch}" if args.saw_epoch else "")
         (args.out / f"{args.algo}_{tag}_s{seed}_n{args.steps}.json").write_text(json.dumps(result, indent=1))
 
 

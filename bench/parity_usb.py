@@ -54,7 +54,8 @@ STUB_MODULES = {
 }
 # The setting shared by both sides (experiment=cpu_digits_lt and the choices in the module docstring).
 STEPS, BATCH, LR, WD, THRESHOLD, EMA_DECAY, BN_MOMENTUM = 1000, 32, 0.03, 5e-4, 0.95, 0.999, 0.001
-MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2}
+MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2, "debiaspl": 2, "saw": 2}
+IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw")  # USB classes mixed into its FixMatch
 DASO_WARMUP, DASO_PERIOD = 20, 1  # daso_short: 0.02 and 0.0004 of 1,000 steps (the period rounds up to 1)
 
 
@@ -115,6 +116,10 @@ def usb_args(algo: str, seed: int, num_classes: int) -> SimpleNamespace:
         args.update(imb_algorithm="daso", daso_queue_len=256, daso_T_proto=0.05, daso_T_dist=1.5,
                     daso_interp_alpha=0.5, daso_with_dist_aware=True, daso_assign_loss_ratio=1.0,
                     daso_num_pl_dist_iter=DASO_PERIOD, daso_num_pretrain_iter=DASO_WARMUP)
+    if algo == "debiaspl":   # USB's argparse defaults (semilearn/imb_algorithms/debiaspl/debiaspl.py)
+        args.update(imb_algorithm="debiaspl", debiaspl_tau=0.4, debiaspl_ema_p=0.999)
+    if algo == "saw":
+        args.update(imb_algorithm="saw")
     return SimpleNamespace(**args)
 
 
@@ -144,13 +149,15 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
     base.AlgorithmBase.set_dataset = set_none  # our split replaces USB's sampler of its own datasets
     base.AlgorithmBase.set_data_loader = set_none
     base.AlgorithmBase.process_batch = on_cpu  # USB moves every tensor with .cuda(); this run is on CPU
+    if algo == "saw":
+        patch_usb_saw(data)
     settings = usb_args(algo, seed, num_classes)
 
     def net_builder(num_classes: int, **_: Any) -> USBNet:
         return USBNet(num_classes, channels)
 
     # DASO is USB's class mixing DASO into FixMatch, built the way USB's train.py builds it.
-    algorithm = (get_imb_algorithm(settings, net_builder, None, None) if algo.startswith("daso")
+    algorithm = (get_imb_algorithm(settings, net_builder, None, None) if algo in IMB_ON_FIXMATCH
                  else FixMatch(settings, net_builder))
     if algo == "daso_samebatch":
         # USB blends in `probs_sim` that DASO.train_step sets AFTER the FixMatch step returns, i.e. the
@@ -171,16 +178,62 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
     # train.wd_exclude_bias_bn=true. Cosine schedule for FixMatch (USB's default), constant lr for DASO
     # (USB's ImbAlgorithmBase.set_optimizer on CIFAR-style datasets).
     algorithm.optimizer = get_optimizer(algorithm.model, "SGD", LR, 0.9, WD, 1.0, bn_wd_skip=False)
-    if algo.startswith("daso"):
+    if algo in IMB_ON_FIXMATCH:
         algorithm.scheduler = None
     else:
         from semilearn.core.utils import get_cosine_schedule_with_warmup
         algorithm.scheduler = get_cosine_schedule_with_warmup(algorithm.optimizer, STEPS, num_warmup_steps=0)
-    keep = {"ParamUpdateHook", "EMAHook", "PseudoLabelingHook", "MaskingHook"}
+    # DebiasPL registers its hook under the name "NORMAL" (its priority passed as the name).
+    keep = {"ParamUpdateHook", "EMAHook", "PseudoLabelingHook", "MaskingHook", "NORMAL", "SAWWeightsHook"}
     algorithm._hooks = [h for h in algorithm._hooks if h.name in keep]
     algorithm.hooks_dict = {h.name: h for h in algorithm._hooks}
     algorithm.model.train()
     return algorithm
+
+
+def patch_usb_saw(data: Any) -> None:
+    """USB's SAW reads the labeled targets and the unlabeled set's size from its own datasets and adds an
+    `eval_ulb` loader; here both come from our split, and its end-of-epoch pass over the unlabeled images
+    (`evaluate('eval_ulb')`: the EMA weights in eval mode, unaugmented images) runs on our tensors."""
+    from semilearn.imb_algorithms.saw import SAW
+    from semilearn.imb_algorithms.saw.utils import SAWWeightsHook
+
+    from ssl_imwa.data.transforms import normalize
+
+    def datasets(self: Any) -> dict[str, Any]:
+        return {"train_lb": SimpleNamespace(targets=data.labeled_targets.numpy()),
+                "train_ulb": [None] * len(data.unlabeled_images)}
+
+    def evaluate_ulb(self: Any, eval_dest: str = "eval", out_key: str = "logits", return_logits: bool = False
+                     ) -> dict[str, Any]:
+        assert eval_dest == "eval_ulb" and return_logits
+        self.model.eval()
+        self.ema.apply_shadow()
+        with torch.no_grad():
+            logits = self.model(normalize(data.unlabeled_images, data.mean, data.std))[out_key]
+        self.ema.restore()
+        self.model.train()
+        return {"eval_ulb/logits": logits.numpy()}
+
+    SAW.set_dataset = datasets
+    SAW.set_data_loader = lambda self: None
+    SAW.evaluate = evaluate_ulb
+    for name in ("before_run", "after_train_epoch"):   # both move the weights with .cuda(); this run is on CPU
+        setattr(SAWWeightsHook, name, on_host(getattr(SAWWeightsHook, name)))
+
+
+def on_host(hook: Any) -> Any:
+    """`hook` with `Tensor.cuda` the identity while it runs (USB's hooks call it unconditionally)."""
+
+    def wrapped(self: Any, algorithm: Any) -> None:
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        try:
+            hook(self, algorithm)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return wrapped
 
 
 def usb_step(algorithm: Any, batch: dict[str, torch.Tensor], it: int) -> None:
@@ -245,6 +298,8 @@ def our_overrides(algo: str, seed: int, threads: int) -> list[str]:
     overrides = ["experiment=cpu_digits_lt", f"seed={seed}", "algorithm.ema.warmup=false",
                  f"model.bn_momentum={BN_MOMENTUM}", "train.wd_exclude_bias_bn=true", f"train.num_threads={threads}",
                  "train.progress=false"]
+    if algo in ("debiaspl", "saw"):   # their recipes are USB's (mu 2, constant lr, EMA and BN as USB)
+        return overrides + [f"algorithm={algo}"]
     if algo.startswith("daso"):
         return overrides + ["algorithm=daso_short", "algorithm.ema.buffers=copy", f"train.mu={MU[algo]}",
                             "train.schedule=constant"]

@@ -258,6 +258,7 @@ RUN = ["algorithm=acr", "experiment=quickstart", "train.iterations=30", "train.b
        "algorithm.threshold=0.5"]
 
 
+@pytest.mark.slow
 def test_end_to_end_with_imwa_merges(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, [*RUN, "imwa.k=2", "imwa.episodes=2"])
     assert (run_dir / "results.json").is_file()
@@ -267,6 +268,7 @@ def test_end_to_end_with_imwa_merges(tmp_path: Path) -> None:
             assert len(logged[key]) == 6 and all(math.isfinite(value) for value in logged[key]), (source, key)
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     uninterrupted = train_run(tmp_path, RUN, "uninterrupted")
     train_run(tmp_path, [*RUN, "train.stop_at=20"], "resumed")

@@ -38,6 +38,7 @@ def trained(trained_and_logged: tuple[ssl_imwa.TrainResult, list[str]]) -> ssl_i
     return trained_and_logged[0]
 
 
+@pytest.mark.slow
 def test_the_start_line_names_the_preset_passed(trained_and_logged: tuple[ssl_imwa.TrainResult, list[str]]) -> None:
     """A run started from Python has no Hydra record (.hydra/hydra.yaml), and its start line said
     `preset experiment=none` although experiment=quickstart was passed."""
@@ -105,6 +106,7 @@ def environment_on_top(venv: Path) -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_an_editable_install_trains_and_loads_from_anywhere(tmp_path: Path) -> None:
     """`pip install -e .` into a fresh environment (offline, with this environment's pip, setuptools and
     torch, however this one was made), then the API from another directory, where packages named

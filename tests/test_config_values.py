@@ -78,6 +78,7 @@ def test_expect_range_bounds(value: float, low: float | None, high: float | None
             expect_range("key", value, low, high, low_open=low_open, high_open=high_open)
 
 
+@pytest.mark.slow
 def test_a_semi_supervised_algorithm_without_unlabeled_images_names_train_mu(tmp_path: Path) -> None:
     """mu=0 is refused before training: it would train until 'loss is nan' (a mean over zero unlabeled images)."""
     with pytest.raises(ValueError, match=r"^train.mu=0: fixmatch learns from unlabeled images"):

@@ -230,6 +230,7 @@ RUN = ["algorithm=daso", "experiment=quickstart", "train.iterations=30", "train.
        "algorithm.queue_size=16"]
 
 
+@pytest.mark.slow
 def test_end_to_end_with_imwa_merges(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, [*RUN, "imwa.k=2", "imwa.episodes=2"])
     assert (run_dir / "results.json").is_file()
@@ -240,6 +241,7 @@ def test_end_to_end_with_imwa_merges(tmp_path: Path) -> None:
         assert logged["loss_align"][0] == 0.0 and min(logged["loss_align"][2:]) > 0.0   # warm-up ends at step 10
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     uninterrupted = train_run(tmp_path, RUN, "uninterrupted")
     train_run(tmp_path, [*RUN, "train.stop_at=20"], "resumed")

@@ -34,6 +34,7 @@ from tests.utils import (
 # The quick start in fp32 with every path active from the first steps: a low threshold (pseudo-labels
 # and ACR's histogram from step 0), DASO blending after step 1, ACR estimating from step 2. Compared
 # after 3 steps, before SGD amplifies summation-order noise, and after 30 (the same run continued).
+pytestmark = pytest.mark.slow   # every test here trains or shares a module's training run
 COMMON = ["experiment=quickstart", "train.iterations=30", "train.eval_every=30", "train.log_every=10",
           "train.batch_size=16", "train.mu=2", "train.num_threads=1", "train.lr=0.01", "algorithm.threshold=0.2",
           "model.sync_batchnorm=true", "imwa.timeout_s=120"]
@@ -43,6 +44,8 @@ ALGORITHMS = {
     # The paper's histogram (counts): the official one-unit-per-class one could hide a missing gather.
     "acr": ["algorithm=acr", "algorithm.epoch_length=2", "algorithm.estimate_start_epoch=1",
             "algorithm.follow_official_code=false"],
+    "debiaspl": ["algorithm=debiaspl", "algorithm.momentum=0.9"],   # the estimate moves within a few steps
+    "saw": ["algorithm=saw", "algorithm.epoch_length=2"],           # weights re-estimated from the whole batch
 }
 EARLY = 3
 # Relative L2 distance of all student (teacher) weights, D=2 vs D=1. Measured on 2026-11-28 (docs/imwa.md):
@@ -87,8 +90,6 @@ def _relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Ten
     keys = [key for key, value in left.items() if value.is_floating_point()]
     flat = lambda state: torch.cat([state[key].double().reshape(-1) for key in keys])
     return float((flat(left) - flat(right)).norm() / flat(left).norm())
-
-
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_two_processes_per_replica_train_what_one_does(d2_and_d1: Path, algorithm: str) -> None:
     for steps, tolerance in ((EARLY, EARLY_TOLERANCE), (30, LATE_TOLERANCE)):
@@ -148,8 +149,6 @@ def test_a_run_cannot_resume_with_another_data_parallel_size(d2_and_d1: Path) ->
     with pytest.raises(RuntimeError, match="imwa.data_parallel: run has 2, command line has 1"):
         train_run(d2_and_d1, [*COMMON, *ALGORITHMS["fixmatch"], "resume=true", "imwa.data_parallel=1"],
                   f"fixmatch_d2_{EARLY}")
-
-
 def test_k2_d2_on_four_processes_merges_stops_and_resumes_bitwise(tmp_path: Path) -> None:
     """Two replica groups of two processes: each group trains one replica, the groups merge after each
     episode, data-parallel rank 0 of each group checkpoints, and a run stopped mid-episode continues

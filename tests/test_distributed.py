@@ -167,6 +167,7 @@ def test_k_must_be_a_multiple_of_the_number_of_processes() -> None:
 
 
 # ----- 3. one run directory, one console ---------------------------------------------------------
+@pytest.mark.slow
 def test_a_skewed_launch_writes_one_run_directory_and_only_process_0_prints(tmp_path: Path) -> None:
     """Process 1 starts 1.5 s after process 0: its clock names another `outputs/<date>/<time>`."""
     port = free_port()
@@ -192,6 +193,7 @@ def _run_two(overrides: list[str], run_dir: Path) -> list[str]:
     return [output for _, output in results]
 
 
+@pytest.mark.slow
 def test_resume_when_the_processes_stopped_on_both_sides_of_a_merge(tmp_path: Path) -> None:
     overrides = [*TINY, "train.iterations=30", "imwa.episodes=3"]   # merges after steps 10, 20, 30
     # The uninterrupted reference runs in one process: W=1 and W=2 give bitwise the same replicas (test_imwa).
@@ -240,6 +242,7 @@ def test_hydra_overrides_that_protect_a_run_directory(monkeypatch: pytest.Monkey
                                                                      "hydra.output_subdir=null"]
 
 
+@pytest.mark.slow
 def test_torchrun_teardown_stops_every_process_at_a_step_with_a_checkpoint(tmp_path: Path) -> None:
     """SIGTERM to torchrun (what a scheduler sends) reaches every worker: each ends its step and writes
     a checkpoint there, and process 0 records 'stopped' with the signal, not 'running' for ever.
@@ -273,6 +276,7 @@ def test_torchrun_teardown_stops_every_process_at_a_step_with_a_checkpoint(tmp_p
         assert 0 < payload["progress"]["replica_steps"][rank] < 1000, "a checkpoint at the step the signal ended"
 
 
+@pytest.mark.slow
 def test_a_process_0_killed_outright_is_recorded_as_failed_by_the_process_that_outlives_it(tmp_path: Path) -> None:
     """torchrun, W=2, K=2, E=2: SIGKILL process 0 in episode 2. Process 0 records how a run ends, and
     here it cannot: process 1 finds its lock free and status.json still 'running', and records

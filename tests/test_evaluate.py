@@ -20,6 +20,7 @@ def acr_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_run(tmp_path_factory.mktemp("evaluate"), ACR_RUN)
 
 
+@pytest.mark.slow
 def test_the_runs_own_head_reproduces_its_final_evaluation_exactly(acr_run: Path) -> None:
     final = read_results(acr_run)["final"]
     again = evaluate_checkpoint(acr_run)
@@ -28,6 +29,7 @@ def test_the_runs_own_head_reproduces_its_final_evaluation_exactly(acr_run: Path
         assert again[BALANCED_HEAD][key] == final[key], key
 
 
+@pytest.mark.slow
 def test_all_heads_and_the_student(acr_run: Path) -> None:
     every = evaluate_checkpoint(acr_run, heads=["all"])
     assert list(every) == ["logits", BALANCED_HEAD]

@@ -107,6 +107,7 @@ def test_a_bad_option_is_refused_naming_its_key(plugins: str, overrides: list[st
     assert message_of(error.value).startswith(named) or named.startswith("(key ")
 
 
+@pytest.mark.slow
 def test_the_engine_imports_no_built_in_plugin_until_a_lookup() -> None:
     """In a fresh interpreter: every engine module imported, no module of a built-in plugin package
     loaded; then each package's first lookup loads it."""
@@ -134,6 +135,7 @@ assert not any(loaded(package) for package in packages), [loaded(package) for pa
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_plugin_s_own_config_file_is_found_on_hydra_s_search_path(plugins: str, tmp_path: Path) -> None:
     """`algorithm=entropy_min` from the plugin's own config folder (hydra.searchpath), checked by main.py
     before Hydra starts as the repository's own config groups are."""

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow   # every test here trains or shares a module's training run
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("versions", "stream_parity", "syncs", "speed", "memory", "end_to_end")
 ALGORITHMS = ("fixmatch", "daso", "acr")
@@ -36,8 +37,6 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
 
 def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 def test_every_section_ran_and_the_exit_status_matches_the_checks(smoke: tuple) -> None:
     _, payload, result = smoke
     assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]

@@ -26,6 +26,7 @@ def _replica_part(tensors: dict[str, torch.Tensor], replica: int, part: str) -> 
     return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
     """Also: imwa.keep_merges=2 leaves the two newest merge checkpoints, latest.pt one of them."""
     plain = checkpoint_tensors(train_run(tmp_path, TINY, "plain"))
@@ -36,6 +37,7 @@ def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
     assert (checkpoints / "latest.pt").samefile(checkpoints / "merge_004.pt")
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path) -> None:
     """Bit rot leaves latest.pt readable but wrong, caught by its digest (a truncated file takes the
     same path, CorruptCheckpoint): the resume says so and continues from merge_001.pt, retraining
@@ -52,6 +54,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Pa
     assert strip(read_metrics(full)) == strip(read_metrics(stopped))
 
 
+@pytest.mark.slow
 def test_replicas_differ_within_episodes_and_agree_after_merges(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, IMWA)
     tensors = checkpoint_tensors(run_dir)
@@ -73,6 +76,7 @@ TWA = ["imwa.merge=twa", "dataset.val_per_class=10", "dataset.m_max=60", "imwa.t
 MERGES = {"uniform": [], "twa_with_start": [*TWA, "imwa.twa.include_start=true", "imwa.twa.accept=false"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", list(MERGES))
 def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path, merge: str) -> None:
     overrides = [*IMWA, *MERGES[merge]]
@@ -85,6 +89,7 @@ def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path, merge:
     assert strip(read_metrics(full)) == strip(read_metrics(stopped))
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path) -> None:
     single = checkpoint_tensors(train_run(tmp_path, IMWA, "single"))
     run_dir = tmp_path / "two"
@@ -117,6 +122,7 @@ class DiesOnRank1(FixMatch):
 '''
 
 
+@pytest.mark.slow
 def test_a_dead_replica_process_fails_the_others_fast(tmp_path: Path) -> None:
     (tmp_path / "dying_plugin.py").write_text(DYING_PLUGIN)
     overrides = [*IMWA, "plugins=[dying_plugin]", "algorithm.name=dies_on_rank1", "imwa.timeout_s=30"]
@@ -131,6 +137,7 @@ def test_a_dead_replica_process_fails_the_others_fast(tmp_path: Path) -> None:
     assert time.monotonic() - started < 90
 
 
+@pytest.mark.slow
 def test_twa_merge_runs_in_the_orchestrator_and_reports_itself(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, [*IMWA, *TWA])
     episodes = read_results(run_dir)["imwa"]["per_episode"]

@@ -33,10 +33,12 @@ CONFIGS = {
     "daso": [*TINY, "algorithm=daso", "algorithm.warmup_steps=4", "algorithm.dist_update_period=3",
              "algorithm.queue_size=8"],
     "acr": [*TINY, "algorithm=acr", "train.mu=2", "algorithm.epoch_length=4", "algorithm.estimate_start_epoch=1"],
+    "debiaspl": [*TINY, "algorithm=debiaspl"],
+    "saw": [*TINY, "algorithm=saw", "algorithm.epoch_length=4"],
     "imwa_uniform": [*TINY, "imwa.k=2", "imwa.episodes=2"],
     "imwa_twa": [*TINY, "imwa.k=2", "imwa.episodes=2", *TWA],
 }
-DRAWS_PER_RUN = int(os.environ.get("SSL_IMWA_KILL_DRAWS", "1"))  # CI time; 16 draws checked by hand
+DRAWS_PER_RUN = int(os.environ.get("SSL_IMWA_KILL_DRAWS", "4"))  # each a fresh kill point of the day's seed
 SEED = int(os.environ.get("SSL_IMWA_KILL_SEED", int(time.time()) // 86400))
 
 KILL_PLUGIN = '''
@@ -109,6 +111,7 @@ def _reference_run(config: str, overrides: list[str], factory: pytest.TempPathFa
     return _REFERENCES[config]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, kind, count", _draws(), ids=lambda value: str(value))
 def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              tmp_path_factory: pytest.TempPathFactory,
@@ -136,6 +139,7 @@ HISTORY = ["experiment=quickstart", "train.iterations=40", "train.eval_every=10"
            "train.num_threads=1"]
 
 
+@pytest.mark.slow
 def test_a_resume_rewrites_metrics_jsonl_from_the_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """metrics.jsonl cut in the middle of its last line, or deleted, before a resume: the rows up to the
     checkpoint come back from it, byte for byte, and the run ends with every row of an uninterrupted one
@@ -164,6 +168,7 @@ def test_a_resume_rewrites_metrics_jsonl_from_the_checkpoint(tmp_path: Path, cap
         assert strip(read_metrics(run_dir)) == strip(read_metrics(full)), damage
 
 
+@pytest.mark.slow
 def test_a_run_whose_checkpoints_are_gone_is_not_started_again(tmp_path: Path) -> None:
     """A finished run (results.json), or one with evaluations past its first checkpoint, whose checkpoints/
     were deleted: resume=true refuses by name and changes nothing (before, it emptied metrics.jsonl and

@@ -76,6 +76,7 @@ def pick_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         del sys.modules[name]
 
 
+@pytest.mark.slow
 def test_a_plugin_strategy_s_options_are_typed_and_checked_by_name(pick_plugin: str) -> None:
     from omegaconf.errors import ValidationError
 
@@ -96,6 +97,7 @@ def test_a_plugin_strategy_s_options_are_typed_and_checked_by_name(pick_plugin: 
         validate(compose_config([*base, "imwa.pik.replica=1"]))
 
 
+@pytest.mark.slow
 def test_a_plugin_strategy_from_outside_the_repository_merges_a_run(tmp_path: Path, pick_plugin: str) -> None:
     """Registered from a module in tmp_path and chosen by imwa.merge, without touching the engine."""
     from tests.utils import read_metrics, read_results, train_run
@@ -108,6 +110,7 @@ def test_a_plugin_strategy_from_outside_the_repository_merges_a_run(tmp_path: Pa
     assert evaluations[("merged", None)] == evaluations[("replica", 1)] != evaluations[("replica", 0)]
 
 
+@pytest.mark.slow
 def test_the_engine_imports_no_merge_strategy_until_one_is_looked_up() -> None:
     """The built-in strategies are plugins: the engine names none, the registry's scan finds them."""
     code = ("import sys\n"

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from ssl_imwa.metrics import class_groups, classification_metrics, median_of_last
@@ -32,6 +33,7 @@ def test_median_of_last_twenty() -> None:
     assert math.isnan(median_of_last([]))
 
 
+@pytest.mark.slow
 def test_macro_f1_is_scikit_learns_with_absent_and_never_predicted_classes() -> None:
     from sklearn.metrics import f1_score
 

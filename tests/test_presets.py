@@ -74,6 +74,7 @@ def test_the_command_line_wins_over_recipe_and_preset() -> None:
     assert compose_config(["experiment=quickstart", "train.mu=2"]).train.mu == 2
 
 
+@pytest.mark.slow
 def test_cfg_job_shows_the_algorithms_recipe_under_a_preset() -> None:
     """The command of the report: ACR under the CPU-study preset keeps mu=1 and its EMA without warm-up."""
     printed = subprocess.run([sys.executable, str(ROOT / "main.py"), "algorithm=acr", "experiment=cpu_cifar10_lt",

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.utils import ROOT
 
 
+@pytest.mark.slow
 def test_a_run_logged_to_a_file_says_what_happened_in_few_lines(tmp_path: Path) -> None:
     """stdout and stderr to a file (SLURM, nohup): no carriage-return bar updates, a start line naming
     what runs where, one line per evaluation with ETA, and the warning that the teacher lags."""

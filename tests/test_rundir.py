@@ -136,6 +136,7 @@ def _main(*arguments: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False, env={**os.environ, "PYTHONPATH": str(root)})
 
 
+@pytest.mark.slow
 def test_a_resume_where_no_run_is_creates_nothing(tmp_path: Path) -> None:
     """resume=true on a directory that does not exist, or holds no run, is refused before Hydra
     creates the directory (and a main.log with a traceback in it)."""
@@ -159,6 +160,7 @@ def _files(run_dir: Path, leave_out: tuple[str, ...] = ()) -> dict[str, bytes]:
             if path.is_file() and path.name not in leave_out}
 
 
+@pytest.mark.slow
 def test_a_refused_launch_changes_nothing_in_the_run_directory(tmp_path: Path) -> None:
     """A fresh launch into a used directory is refused before Hydra rewrites the run's .hydra/ record,
     so a resume that names another algorithm than the run's is still refused (it trained FixMatch

@@ -35,6 +35,7 @@ from tests.utils import (
     train_run,
 )
 
+pytestmark = pytest.mark.slow   # every test here trains or shares a module's training run
 TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
         "train.num_threads=1", "imwa.k=2", "imwa.episodes=2", "imwa.timeout_s=60"]
 
@@ -91,8 +92,6 @@ def _opened_every_way(run_dir: Path, checkpoint: str, marker: Path, tmp_path: Pa
     assert reported.returncode == 0, reported.stderr[-3000:]  # the report reads no checkpoint at all
     assert not marker.exists(), "the planted command ran"
     return said
-
-
 def test_a_payload_in_latest_pt_is_refused_by_every_way_of_opening_a_run(stopped_run: Path, tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "payload_ran"
     shutil.copytree(stopped_run, run_dir)
@@ -102,8 +101,6 @@ def test_a_payload_in_latest_pt_is_refused_by_every_way_of_opening_a_run(stopped
         assert f"checkpoint {run_dir / 'checkpoints' / 'latest.pt'} refused: it holds posix.system" in message, message
     assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == before, "a refused file is left as it is"
     assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"
-
-
 def test_a_payload_in_the_merge_checkpoint_that_the_fallback_reaches_is_refused(stopped_run: Path,
                                                                                 tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "payload_ran"
@@ -112,8 +109,6 @@ def test_a_payload_in_the_merge_checkpoint_that_the_fallback_reaches_is_refused(
     plant_payload(run_dir / "checkpoints" / "merge_001.pt", marker)
     for message in _opened_every_way(run_dir, "merge_001", marker, tmp_path):
         assert "merge_001.pt refused: it holds posix.system" in message, message
-
-
 def test_a_refused_latest_pt_is_never_skipped_for_an_older_checkpoint(stopped_run: Path, tmp_path: Path) -> None:
     """A corrupt latest.pt falls back to the newest intact merge; a refused one stops the resume."""
     run_dir, marker = tmp_path / "run", tmp_path / "payload_ran"
@@ -123,8 +118,6 @@ def test_a_refused_latest_pt_is_never_skipped_for_an_older_checkpoint(stopped_ru
     assert resumed.returncode == 1 and "resuming from" not in resumed.stdout + resumed.stderr
     assert len(resumed.stderr.strip().splitlines()) <= 2, resumed.stderr
     assert not marker.exists()
-
-
 def test_a_payload_in_one_process_checkpoint_of_a_torchrun_run_is_refused(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "payload_ran"
     results = run_processes(2, [*TINY, "train.stop_at=15"], run_dir)
@@ -170,8 +163,6 @@ def _as_format_2(path: Path) -> None:
     payload["format_version"] = 2
     payload[DIGEST_KEY] = contents_digest(payload, other_leaf=_numpy_leaf)
     torch.save(payload, path)
-
-
 def test_an_older_checkpoint_is_refused_until_converted_with_trust_and_then_resumes_bitwise(
         stopped_run: Path, tmp_path: Path) -> None:
     full = train_run(tmp_path, TINY, "full")
@@ -197,8 +188,6 @@ def test_an_older_checkpoint_is_refused_until_converted_with_trust_and_then_resu
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(run_dir))
     strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     assert strip(read_metrics(full)) == strip(read_metrics(run_dir))
-
-
 def test_a_damaged_older_checkpoint_is_not_converted(stopped_run: Path, tmp_path: Path) -> None:
     path = tmp_path / "latest.pt"
     shutil.copy(stopped_run / "checkpoints" / "latest.pt", path)

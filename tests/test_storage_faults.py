@@ -15,6 +15,7 @@ import torch
 from tests.utils import ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_filesystem", [8 * 1024], indirect=True)
 def test_a_disk_that_fills_during_a_run_ends_it_in_one_named_line(small_filesystem: Path | None) -> None:
     if small_filesystem is None:

@@ -14,6 +14,7 @@ from ssl_imwa.sweep_jobs import SweepJobs
 from tests.utils import ROOT
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_bad_value_runs_its_good_job_and_exits_with_the_number_that_failed(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = subprocess.run(

@@ -30,8 +30,10 @@ ALGORITHMS = {
     "acr_paper": ["algorithm=acr", "algorithm.epoch_length=3", "algorithm.estimate_start_epoch=1",
                   "algorithm.follow_official_code=false"],
     "acr": ["algorithm=acr", "algorithm.epoch_length=3", "algorithm.estimate_start_epoch=1"],
+    "debiaspl": ["algorithm=debiaspl"],
+    "saw": ["algorithm=saw", "algorithm.epoch_length=3"],
 }
-AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at 6 and 9
+AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at 6 and 9, SAW re-weights after 5 and 8
 
 
 def _meta_replicas(overrides: list[str]) -> tuple[list[Replica], Trainer]:
@@ -45,6 +47,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(obj)[0] if isinstance(leaf, torch.Tensor)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_a_steady_state_step_has_no_sync_and_one_copy(name: str) -> None:
     replicas, trainer = _meta_replicas(ALGORITHMS[name])

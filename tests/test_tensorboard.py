@@ -139,6 +139,7 @@ def test_runs_write_sessions_whose_swept_key_differs(tmp_path: Path) -> None:
     assert not any(tag.startswith("hparam") for tags in tab.scalar_tags.values() for tag in tags)
 
 
+@pytest.mark.slow
 def test_a_trained_run_writes_its_session(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, ["experiment=quickstart", "train.iterations=8", "train.eval_every=4",
                                    "train.batch_size=8", "train.mu=1", "train.num_threads=1"])
@@ -263,6 +264,7 @@ def test_a_sweeps_trials_are_named_by_the_keys_it_varies(tmp_path: Path) -> None
     assert list(hparams_tab(lone).groups) == ["algorithm=acr,imwa.k=2,seed=0"]
 
 
+@pytest.mark.slow
 def test_k1_merged_stream_holds_the_runs_model_after_each_episode(tmp_path: Path) -> None:
     """With K=1 the `merged` stream held only `merge/seconds` (always 0), although the docs say it
     holds the evaluation tags of the run's model after each episode (for K=1, replica 0's)."""

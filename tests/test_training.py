@@ -31,6 +31,7 @@ def _without_times(records: list[dict]) -> list[dict]:
     return [{key: value for key, value in record.items() if key != "time_s"} for record in records]
 
 
+@pytest.mark.slow
 def test_quickstart_learns(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, ["experiment=quickstart", "train.iterations=200", "train.num_threads=2"])
     results = read_results(run_dir)
@@ -42,6 +43,7 @@ def test_quickstart_learns(tmp_path: Path) -> None:
     assert results["split_counts"]["labeled"] == [40, 30, 23, 18, 14, 11, 8, 6, 5, 4]
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_and_other_seed_differs(tmp_path: Path) -> None:
     first = checkpoint_tensors(train_run(tmp_path, TINY, "a"))
     second = checkpoint_tensors(train_run(tmp_path, TINY, "b"))
@@ -50,6 +52,7 @@ def test_same_seed_same_numbers_and_other_seed_differs(tmp_path: Path) -> None:
     assert any(not torch.equal(first[key], other[key]) for key in first)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     full = train_run(tmp_path, TINY, "full")
     with caplog.at_level(logging.INFO, logger="ssl_imwa"):
@@ -63,6 +66,7 @@ def test_resume_is_bitwise_identical_to_uninterrupted_run(tmp_path: Path, caplog
     assert read_results(full)["final"] == read_results(stopped)["final"]
 
 
+@pytest.mark.slow
 def test_best_is_selected_on_validation(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, [*TINY, "dataset.val_per_class=10", "dataset.m_max=60"])
     results = read_results(run_dir)
@@ -87,6 +91,7 @@ def test_mismatched_checkpoint_names_the_key(tmp_path: Path) -> None:
         train_run(tmp_path, [*TINY, "resume=true", "train.lr=0.1"])
 
 
+@pytest.mark.slow
 def test_a_resume_continues_the_run_as_recorded_without_retyping(tmp_path: Path) -> None:
     """Only `resume=true` and the launch settings are typed: the rest comes from the run's config.yaml."""
     original = [*TINY, "train.iterations=30", "train.eval_every=15", "seed=3", "train.lr=0.05"]
@@ -99,6 +104,7 @@ def test_a_resume_continues_the_run_as_recorded_without_retyping(tmp_path: Path)
         train_run(tmp_path, ["experiment=quickstart", "resume=true", "seed=4"], "stopped")
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_thread_count_says_so_and_records_both(tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """CPU reductions split by thread count, so a resume on 2 threads of a 1-thread run is not bitwise
@@ -159,6 +165,7 @@ def test_failed_plugin_import_is_an_error() -> None:
         validate(compose_config([*TINY, "plugins=[no_such_plugin_module]"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_and_channels_last_train(tmp_path: Path, precision: str) -> None:
     fp32 = checkpoint_tensors(train_run(tmp_path, [*TINY, "train.iterations=6", "train.eval_every=6"], "fp32"))
@@ -197,6 +204,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert all(math.isfinite(row["top1"]) for row in logged)
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_a_finished_run_as_it_was(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, TINY)
     record = {name: (run_dir / name).read_text() for name in ("config.yaml", "status.json", "results.json")}
@@ -222,6 +230,7 @@ class SignalledAtStep3(FixMatch):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_a_signal_stops_after_the_current_step_with_a_checkpoint_and_resume_finishes_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_name: str) -> None:
@@ -254,6 +263,7 @@ def test_a_signal_stops_after_the_current_step_with_a_checkpoint_and_resume_fini
     assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_a_stopped_run_exits_with_the_shell_code_of_its_signal_logs_how_to_continue_and_reports_why(
         tmp_path: Path) -> None:
     (tmp_path / "stopped_plugin.py").write_text(STOPPED_PLUGIN)
