@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
-from ssl_imwa.data import transforms
+from ssl_imwa.data import randaugment_ops, transforms
 from ssl_imwa.data.transforms import (
     ParameterBuffer,
     normalize,
@@ -129,9 +129,9 @@ def test_batched_ops_match_pil(op: str) -> None:
     signs = torch.tensor([1, -1, 1, -1, 1, -1])
     if op in transforms.GEOMETRIC_OPS:
         op_index = torch.full((6,), transforms.RANDAUGMENT_OPS.index(op))
-        ours = transforms._geometric(images, transforms._geometric_matrices(op_index, levels, signs, 32, 32))
+        ours = randaugment_ops.geometric(images, randaugment_ops.geometric_matrices(op_index, levels, signs, 32, 32))
     else:
-        ours = transforms._apply_pixel_op(op, images, levels)
+        ours = randaugment_ops.apply_pixel_op(op, images, levels)
     expected = [
         np.asarray(_pil_reference(op, image, int(level), int(sign)))
         for image, level, sign in zip(_to_pil(images), levels, signs)

@@ -77,6 +77,19 @@ def refuse_a_batch_larger_than_the_labeled_set(
         )
 
 
+def _check_split_arguments(num_classes: int, protocol: str, labeled_counts: Sequence[int],
+                           unlabeled_counts: Sequence[int], val_per_class: int) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"dataset.protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if len(labeled_counts) != num_classes or len(unlabeled_counts) != num_classes:
+        raise ValueError(
+            f"expected {num_classes} labeled and unlabeled counts, "
+            f"got {len(labeled_counts)} and {len(unlabeled_counts)}"
+        )
+    if val_per_class < 0:
+        raise ValueError(f"dataset.val_per_class={val_per_class}: expected >= 0")
+
+
 def make_split(
     targets: np.ndarray,
     num_classes: int,
@@ -94,17 +107,8 @@ def make_split(
     unlabeled = next N_i + M_i, so the unlabeled pool contains the labeled images.
     Seeding each class separately keeps one class's order independent of the others' sizes.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"dataset.protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-    if len(labeled_counts) != num_classes or len(unlabeled_counts) != num_classes:
-        raise ValueError(
-            f"expected {num_classes} labeled and unlabeled counts, "
-            f"got {len(labeled_counts)} and {len(unlabeled_counts)}"
-        )
-    if val_per_class < 0:
-        raise ValueError(f"dataset.val_per_class={val_per_class}: expected >= 0")
+    _check_split_arguments(num_classes, protocol, labeled_counts, unlabeled_counts, val_per_class)
     targets = np.asarray(targets, dtype=np.int64)
-
     labeled, unlabeled, validation, is_labeled = [], [], [], []
     for class_index in range(num_classes):
         n_labeled, n_unlabeled = int(labeled_counts[class_index]), int(unlabeled_counts[class_index])
@@ -120,12 +124,9 @@ def make_split(
         validation.append(order[:val_per_class])
         rest = order[val_per_class:]
         labeled.append(rest[:n_labeled])
-        if protocol == "disjoint":
-            unlabeled.append(rest[n_labeled : n_labeled + n_unlabeled])
-            is_labeled.append(np.zeros(n_unlabeled, dtype=bool))
-        else:
-            unlabeled.append(rest[: n_labeled + n_unlabeled])
-            is_labeled.append(np.arange(n_labeled + n_unlabeled) < n_labeled)
+        nested = protocol == "nested"   # the unlabeled pool then begins with the labeled images
+        unlabeled.append(rest[0 if nested else n_labeled : n_labeled + n_unlabeled])
+        is_labeled.append(np.arange(n_labeled + n_unlabeled) < n_labeled if nested else np.zeros(n_unlabeled, bool))
 
     def join(parts: list[np.ndarray], dtype: type) -> np.ndarray:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)

@@ -259,22 +259,69 @@ def twa_merge(candidates: list[Candidate], num_replicas: int, template: nn.Modul
     names = [name for name, _ in template.named_parameters()]
     uniform_teacher = average_tensors([candidate.teacher for candidate in candidates[:num_replicas]])
     uniform_student = average_tensors([candidate.student for candidate in candidates[:num_replicas]])
+    fitted = _fit(candidates, num_replicas, template, head, fit, cfg, generator, names, uniform_teacher)
+    device = fitted.table.device
+    teacher = fitted.teacher
+    student = {**uniform_student,
+               **_combine(fitted.table, _stacks([candidate.student for candidate in candidates], names))}
+    if cfg.bn == "recompute":
+        bn_index = _index_batches(len(bn_images), cfg.batch_size, generator)
+        bn_batches = [next(bn_index) for _ in range(cfg.bn_batches)]
+        teacher = _recompute_bn(template, teacher, bn_images, bn_batches, device)
+        student = _recompute_bn(template, student, bn_images, bn_batches, device)
+    uniform_bacc = learned_bacc = None
+    accepted = True
+    if accept is not None:
+        uniform_bacc, learned_bacc = (
+            _balanced_accuracy(_predict(template, state, accept[0], head, cfg.batch_size, device), accept[1])
+            for state in (uniform_teacher, teacher))
+        accepted = learned_bacc > uniform_bacc or not cfg.accept
+    if not accepted:
+        teacher, student = uniform_teacher, uniform_student
+    template.train(was_training)
+    # twa-t fits on the training labels (already spent by training); every other label is held out.
+    labels_consumed = (len(fit[1]) if cfg.data == "twa-v" else 0) + (len(accept[1]) if accept is not None else 0)
+    return TWAResult(
+        student=student, teacher=teacher, labels=[candidate.label for candidate in candidates],
+        num_replicas=num_replicas, coefficients=fitted.table.mean(dim=0).tolist(),
+        coefficient_table=({name: row.tolist() for name, row in zip(names, fitted.table)}
+                           if cfg.granularity == "layer" else None),
+        accepted=accepted, uniform_accept_bacc=uniform_bacc, learned_accept_bacc=learned_bacc,
+        fit_loss_start=fitted.loss_start, fit_loss_end=fitted.loss_end, labels_consumed=labels_consumed,
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class _Fitted:
+    """The learned coefficient table (one row per parameter), the teacher it merges, and the
+    class-balanced fit loss before and after learning."""
+
+    table: Tensor
+    teacher: dict[str, Tensor]
+    loss_start: float
+    loss_end: float
+
+
+def _fit(candidates: list[Candidate], num_replicas: int, template: nn.Module, head: str,
+         fit: tuple[Tensor, Tensor], cfg: TWAConfig, generator: torch.Generator, names: list[str],
+         uniform_teacher: dict[str, Tensor]) -> _Fitted:
+    """Adam on the coefficients of the teachers' parameters, `cfg.steps` mini-batches of `fit`, minimising
+    the class-balanced cross-entropy of the merged teacher (buffers stay the uniform average)."""
     teacher_stacks = _stacks([candidate.teacher for candidate in candidates], names)
     device = teacher_stacks[names[0]].device
     fit_images, fit_targets = fit[0], fit[1].cpu()
-
     rows = len(names) if cfg.granularity == "layer" else 1
     raw = _initial_coefficients(rows, len(candidates), num_replicas, cfg).to(device).requires_grad_()
 
     def merged_teacher(table: Tensor) -> dict[str, Tensor]:
         return {**uniform_teacher, **_combine(table.expand(len(names), -1), teacher_stacks)}
 
-    start_table = _weights(raw.detach(), cfg.parameterisation, num_replicas)
-    start_logits = _predict(template, merged_teacher(start_table), fit_images, head, cfg.batch_size, device)
+    start_logits = _predict(template, merged_teacher(_weights(raw.detach(), cfg.parameterisation, num_replicas)),
+                            fit_images, head, cfg.batch_size, device)
     counts = torch.bincount(fit_targets, minlength=start_logits.size(1)).float()
     class_weights = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts)).to(device)
-    fit_loss_start = _balanced_loss(start_logits, fit_targets, class_weights).item()
-
+    loss_start = _balanced_loss(start_logits, fit_targets, class_weights).item()
     optimizer = torch.optim.Adam([raw], lr=cfg.lr)
     batches = _index_batches(len(fit_images), cfg.batch_size, generator)
     for _ in range(cfg.steps):
@@ -285,41 +332,10 @@ def twa_merge(candidates: list[Candidate], num_replicas: int, template: nn.Modul
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-
     table = _weights(raw.detach(), cfg.parameterisation, num_replicas).expand(len(names), -1)
     teacher = merged_teacher(table)
     end_logits = _predict(template, teacher, fit_images, head, cfg.batch_size, device)
-    fit_loss_end = _balanced_loss(end_logits, fit_targets, class_weights).item()
-    student = {**uniform_student, **_combine(table, _stacks([candidate.student for candidate in candidates], names))}
-    if cfg.bn == "recompute":
-        bn_index = _index_batches(len(bn_images), cfg.batch_size, generator)
-        bn_batches = [next(bn_index) for _ in range(cfg.bn_batches)]
-        teacher = _recompute_bn(template, teacher, bn_images, bn_batches, device)
-        student = _recompute_bn(template, student, bn_images, bn_batches, device)
-
-    uniform_bacc = learned_bacc = None
-    accepted = True
-    if accept is not None:
-        accept_images, accept_targets = accept
-        uniform_bacc = _balanced_accuracy(
-            _predict(template, uniform_teacher, accept_images, head, cfg.batch_size, device), accept_targets)
-        learned_bacc = _balanced_accuracy(
-            _predict(template, teacher, accept_images, head, cfg.batch_size, device), accept_targets)
-        accepted = learned_bacc > uniform_bacc or not cfg.accept
-    if not accepted:
-        teacher, student = uniform_teacher, uniform_student
-    template.train(was_training)
-
-    # twa-t fits on the training labels (already spent by training); every other label is held out.
-    labels_consumed = (len(fit_targets) if cfg.data == "twa-v" else 0) + (len(accept[1]) if accept is not None else 0)
-    return TWAResult(
-        student=student, teacher=teacher, labels=[candidate.label for candidate in candidates],
-        num_replicas=num_replicas, coefficients=table.mean(dim=0).tolist(),
-        coefficient_table={name: row.tolist() for name, row in zip(names, table)} if cfg.granularity == "layer" else None,
-        accepted=accepted, uniform_accept_bacc=uniform_bacc, learned_accept_bacc=learned_bacc,
-        fit_loss_start=fit_loss_start, fit_loss_end=fit_loss_end, labels_consumed=labels_consumed,
-        seconds=time.perf_counter() - started,
-    )
+    return _Fitted(table, teacher, loss_start, _balanced_loss(end_logits, fit_targets, class_weights).item())
 
 
 @register_merge("twa", config=TWAConfig)
