@@ -91,6 +91,10 @@ def register_configs() -> None:
     which only the plugins know; no `+` is needed. validate() types each by the dataclass its plugin
     registered and refuses any other key there, by name, with the closest known key.
     """
+    from ssl_imwa.sweep_jobs import swept_dirname
+
+    if not OmegaConf.has_resolver("swept_dirname"):   # configs/config.yaml's hydra.sweep.subdir
+        OmegaConf.register_new_resolver("swept_dirname", lambda task, fallback: swept_dirname(list(task), fallback))
     schema = OmegaConf.structured(Config)
     for section in (schema.imwa, schema.dataset, schema.model, schema.algorithm):
         OmegaConf.set_struct(section, False)

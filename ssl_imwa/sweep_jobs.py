@@ -53,3 +53,23 @@ class SweepJobs:
         print(f"error: {len(self.failed)} of {self.started} sweep jobs failed ({names}); the report of the sweep "
               "lists why (python -m ssl_imwa.report <sweep dir>)", file=sys.stderr)
         return min(len(self.failed), HIGHEST_EXIT_STATUS)
+
+
+def swept_dirname(task_overrides: list[str], override_dirname: str, command_line: list[str] | None = None) -> str:
+    """A sweep job's directory name: `key=value` for only the keys the sweep varies, in the command
+    line's order (`train.lr=0.03,seed=1`), so directories (and TensorBoard's run names, which are
+    their paths) say what differs; Hydra's `override_dirname` (every typed key) where the command
+    line shows no swept key (a job launched on a cluster node, say)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    arguments = [arg for arg in (sys.argv[1:] if command_line is None else command_line)
+                 if "=" in arg and not arg.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(arguments)
+    except HydraException:
+        return override_dirname
+    swept = [override.get_key_element().lstrip("+~") for override in parsed if override.is_sweep_override()]
+    values = {override.split("=", 1)[0].lstrip("+~"): override for override in map(str, task_overrides)}
+    named = [values[key].lstrip("+~") for key in swept if key in values]
+    return ",".join(named) if named else override_dirname

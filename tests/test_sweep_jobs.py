@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssl_imwa.stopping import Terminated
-from ssl_imwa.sweep_jobs import SweepJobs
+from ssl_imwa.sweep_jobs import SweepJobs, swept_dirname
 from tests.utils import ROOT
 
 
@@ -23,6 +23,8 @@ def test_a_sweep_with_a_bad_value_runs_its_good_job_and_exits_with_the_number_th
         capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 2, result.stderr[-3000:]
     jobs = {path.name.rsplit("=", 1)[1]: path for path in sweep.iterdir() if path.is_dir()}
+    assert sorted(path.name for path in jobs.values()) == ["train.lr=-1", "train.lr=-2", "train.lr=0.03"], \
+        "a job's directory names only the keys the sweep varies"
     statuses = {lr: json.loads((path / "status.json").read_text()) for lr, path in jobs.items()}
     assert statuses["0.03"]["status"] == "complete" and (jobs["0.03"] / "results.json").is_file()
     for bad in ("-1", "-2"):
@@ -54,3 +56,12 @@ def test_a_stop_that_was_asked_for_stops_the_whole_sweep() -> None:
     with pytest.raises(Terminated) as caught:
         jobs.run(stopped, "runs/0")
     assert caught.value.code == 130 and jobs.failed == []
+
+
+def test_a_sweep_job_directory_names_the_swept_keys_in_command_line_order() -> None:
+    task = ["experiment=quickstart", "seed=1", "train.lr=0.03", "+dataset.noise=0.1"]
+    everything = "experiment=quickstart,seed=1,train.lr=0.03"
+    command = ["-m", "experiment=quickstart", "train.lr=0.01,0.03", "seed=range(2)", "+dataset.noise=0.1"]
+    assert swept_dirname(task, everything, command) == "train.lr=0.03,seed=1"
+    assert swept_dirname(task, everything, ["experiment=quickstart"]) == everything, "no swept key: every key"
+    assert swept_dirname(task, everything, ["train.lr=[1"]) == everything, "an unreadable line: every key"
