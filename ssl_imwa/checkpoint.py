@@ -146,7 +146,7 @@ def _map_tensors(node: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> A
 
 
 def pack_storages(payload: Any) -> Any:
-    """`payload` with its floating-point tensors copied into one CPU storage per dtype, each a view of it.
+    """`payload` with its tensors (but bytes) copied into one CPU storage per dtype, each a view of it.
 
     torch's weights-only unpickler is written in Python and pays for every storage it rebuilds: a
     state_dict of hundreds of small tensors loads about 1.7x slower than with the full unpickler.
@@ -155,12 +155,13 @@ def pack_storages(payload: Any) -> Any:
     A loaded tensor is a view of its storage, and whoever keeps it (a restored optimizer keeps its
     momentum buffers) keeps the whole storage alive: so save_atomic packs each part of a replica
     (student, teacher, optimizer, algorithm state) on its own, never one part with another.
-    Integer tensors stay as they are: torch.Generator.set_state reads an RNG state from the start of
-    its storage whatever the view's offset, so a packed state would restore the wrong generator.
+    uint8 tensors stay as they are: they are RNG states, and torch.Generator.set_state reads one from
+    the start of its storage whatever the view's offset, so a packed state would restore the wrong
+    generator.
     """
     tensors: list[torch.Tensor] = []
     _map_tensors(payload, lambda tensor: tensors.append(tensor) or tensor)
-    dense = [tensor for tensor in tensors if tensor.layout == torch.strided and tensor.is_floating_point()]
+    dense = [tensor for tensor in tensors if tensor.layout == torch.strided and tensor.dtype != torch.uint8]
     buffers: dict[torch.dtype, torch.Tensor] = {}
     for dtype in {tensor.dtype for tensor in dense}:
         buffers[dtype] = torch.empty(sum(tensor.numel() for tensor in dense if tensor.dtype == dtype), dtype=dtype)
