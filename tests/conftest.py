@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.reference_runs import reference_run  # noqa: F401 - the shared reference runs, a fixture for every file
+
 
 @dataclass
 class FakeDataset:

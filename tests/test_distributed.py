@@ -21,6 +21,7 @@ from ssl_imwa.algorithm import get_algorithm
 from ssl_imwa.distributed import Communicator, init_process_layout, process_device
 from ssl_imwa.merge import gather_algorithm_states, merge_optimizers_and_algorithms
 from ssl_imwa.merges.uniform import uniform_merge
+from tests.reference_runs import DISTRIBUTED, ReferenceRun
 from tests.utils import (
     algorithm_context,
     assert_bitwise_equal,
@@ -30,11 +31,9 @@ from tests.utils import (
     launch_process,
     read_metrics,
     run_processes,
-    train_run,
 )
 
-TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
-        "train.log_every=5", "train.num_threads=1", "imwa.k=2", "imwa.episodes=2", "imwa.timeout_s=60"]
+TINY = DISTRIBUTED
 
 
 # ----- 1. the device of each process ---------------------------------------------------------
@@ -194,10 +193,11 @@ def _run_two(overrides: list[str], run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_when_the_processes_stopped_on_both_sides_of_a_merge(tmp_path: Path) -> None:
+def test_resume_when_the_processes_stopped_on_both_sides_of_a_merge(tmp_path: Path,
+                                                                   reference_run: ReferenceRun) -> None:
     overrides = [*TINY, "train.iterations=30", "imwa.episodes=3"]   # merges after steps 10, 20, 30
     # The uninterrupted reference runs in one process: W=1 and W=2 give bitwise the same replicas (test_imwa).
-    full, split = train_run(tmp_path, overrides, "full"), tmp_path / "split"
+    full, split = reference_run(overrides), tmp_path / "split"
     # Process 1 keeps a checkpoint from step 13 (episode 2) while process 0's is at step 23 (episode 3).
     _run_two([*overrides, "train.stop_at=13", "train.checkpoint_every=1"], split)
     step13 = (split / "checkpoints" / "latest.rank1.pt").read_bytes()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.reference_runs import IMWA, TINY, ReferenceRun
 from tests.test_checkpoint import flip_a_tensor_byte
 from tests.utils import (
     assert_bitwise_equal,
@@ -15,10 +16,6 @@ from tests.utils import (
     read_results,
     train_run,
 )
-
-TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
-        "train.log_every=5", "train.num_threads=1"]
-IMWA = [*TINY, "imwa.k=2", "imwa.episodes=2"]
 
 
 def _replica_part(tensors: dict[str, torch.Tensor], replica: int, part: str) -> dict[str, torch.Tensor]:
@@ -38,11 +35,12 @@ def test_k1_with_episodes_is_bitwise_the_plain_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path) -> None:
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Path,
+                                                                   reference_run: ReferenceRun) -> None:
     """Bit rot leaves latest.pt readable but wrong, caught by its digest (a truncated file takes the
     same path, CorruptCheckpoint): the resume says so and continues from merge_001.pt, retraining
     the steps after it, to the uninterrupted run's result."""
-    full = train_run(tmp_path, IMWA, "full")
+    full = reference_run(IMWA)
     strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     stopped = train_run(tmp_path, [*IMWA, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
     latest = stopped / "checkpoints" / "latest.pt"
@@ -55,8 +53,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_merge(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_replicas_differ_within_episodes_and_agree_after_merges(tmp_path: Path) -> None:
-    run_dir = train_run(tmp_path, IMWA)
+def test_replicas_differ_within_episodes_and_agree_after_merges(reference_run: ReferenceRun) -> None:
+    run_dir = reference_run(IMWA)
     tensors = checkpoint_tensors(run_dir)
     for part in ("model", "teacher"):
         assert_bitwise_equal(_replica_part(tensors, 0, part), _replica_part(tensors, 1, part))
@@ -78,9 +76,10 @@ MERGES = {"uniform": [], "twa_with_start": [*TWA, "imwa.twa.include_start=true",
 
 @pytest.mark.slow
 @pytest.mark.parametrize("merge", list(MERGES))
-def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path, merge: str) -> None:
+def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path, merge: str,
+                                                          reference_run: ReferenceRun) -> None:
     overrides = [*IMWA, *MERGES[merge]]
-    full = train_run(tmp_path, overrides, "full")
+    full = reference_run(overrides)
     # Step 13 of replica 0 is inside episode 2, while replica 1 is still at the episode start.
     stopped = train_run(tmp_path, [*overrides, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
     train_run(tmp_path, [*overrides, "resume=true"], "stopped")
@@ -90,8 +89,9 @@ def test_kill_and_resume_mid_episode_is_bitwise_identical(tmp_path: Path, merge:
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path) -> None:
-    single = checkpoint_tensors(train_run(tmp_path, IMWA, "single"))
+def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path, reference_run: ReferenceRun) -> None:
+    single_dir = reference_run(IMWA)
+    single = checkpoint_tensors(single_dir)
     run_dir = tmp_path / "two"
     port = free_port()
     processes = [launch_process(rank, 2, port, IMWA, run_dir) for rank in range(2)]
@@ -104,7 +104,7 @@ def test_two_processes_give_the_same_merged_weights_as_one(tmp_path: Path) -> No
             assert_bitwise_equal(_replica_part(spread, 0, part), _replica_part(single, 0, part))
     assert read_results(run_dir)["imwa"]["processes"] == 2
     merged_two = [r for r in read_metrics(run_dir) if r["source"] == "merged"]
-    merged_one = [r for r in read_metrics(tmp_path / "single") if r["source"] == "merged"]
+    merged_one = [r for r in read_metrics(single_dir) if r["source"] == "merged"]
     assert [r["per_class"] for r in merged_two] == [r["per_class"] for r in merged_one]
 
 

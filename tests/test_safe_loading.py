@@ -26,6 +26,7 @@ from ssl_imwa.checkpoint import (
     save_atomic,
 )
 from ssl_imwa.upgrade_checkpoint import KEYS_ADDED_LATER, _numpy_leaf
+from tests.reference_runs import DISTRIBUTED, ReferenceRun
 from tests.utils import (
     ROOT,
     assert_bitwise_equal,
@@ -36,8 +37,7 @@ from tests.utils import (
 )
 
 pytestmark = pytest.mark.slow   # every test here trains or shares a module's training run
-TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
-        "train.num_threads=1", "imwa.k=2", "imwa.episodes=2", "imwa.timeout_s=60"]
+TINY = DISTRIBUTED
 
 
 class RunsACommand:
@@ -164,8 +164,8 @@ def _as_format_2(path: Path) -> None:
     payload[DIGEST_KEY] = contents_digest(payload, other_leaf=_numpy_leaf)
     torch.save(payload, path)
 def test_an_older_checkpoint_is_refused_until_converted_with_trust_and_then_resumes_bitwise(
-        stopped_run: Path, tmp_path: Path) -> None:
-    full = train_run(tmp_path, TINY, "full")
+        stopped_run: Path, tmp_path: Path, reference_run: ReferenceRun) -> None:
+    full = reference_run(TINY)
     run_dir = tmp_path / "old"
     shutil.copytree(stopped_run, run_dir)
     for path in (run_dir / "checkpoints").glob("*.pt"):

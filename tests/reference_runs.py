@@ -1,0 +1,33 @@
+"""Uninterrupted reference runs, trained once per test session and shared by every test that compares
+a stopped, killed, resumed or distributed run with one (a pytest-xdist worker is a session of its
+own). The override lists are shared too: two tests that mean the same run ask for the same list."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.utils import train_run
+
+TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
+        "train.log_every=5", "train.num_threads=1"]
+IMWA = [*TINY, "imwa.k=2", "imwa.episodes=2"]
+# IMWA across processes: a peer that does not reach a merge fails the run within a minute.
+DISTRIBUTED = [*IMWA, "imwa.timeout_s=60"]
+ReferenceRun = Callable[[Sequence[str]], Path]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """`reference_run(overrides)`: the run directory of an uninterrupted run of `overrides`, trained
+    the first time it is asked for in this session. Tests read it and never write into it."""
+    trained: dict[tuple[str, ...], Path] = {}
+
+    def run(overrides: Sequence[str]) -> Path:
+        key = tuple(overrides)
+        if key not in trained:
+            trained[key] = train_run(tmp_path_factory.mktemp("reference"), list(key), "full")
+        return trained[key]
+
+    return run
