@@ -1,6 +1,7 @@
-"""Steady-state speed of a full FixMatch training step, and of the data pipeline on its own.
+"""Steady-state speed of a full training step (FixMatch, or `--algorithm X`), and of the data pipeline.
 
     python -m bench.train_step --model wrn28_2 --batch 64 --mu 2 --precision bf16 --channels-last
+    python -m bench.train_step --model small_cnn --algorithm saw --skip-data   # any registered algorithm
 
 The step is forward (one concatenated batch), losses, backward, SGD, EMA update — the trainer's
 real `Trainer.step` on a resident synthetic batch, so only compute is measured. The data part
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import fields
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench._common import header, peak_memory_mb, reset_peak_memory, synchronize
-from ssl_imwa.algorithm import AlgorithmContext
-from ssl_imwa.algorithms.fixmatch import FixMatch, FixMatchConfig
+from ssl_imwa.algorithm import AlgorithmContext, get_algorithm
 from ssl_imwa.builders import ReplicaRecipe, assemble_replica, tune_glibc_malloc
 from ssl_imwa.config import TrainConfig
 from ssl_imwa.data import TrainStream
@@ -57,16 +58,21 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
         model = model.to(memory_format=torch.channels_last)
     if args.compile:
         model.compile()
-    algorithm = FixMatch(FixMatchConfig(weak_pass=args.weak_pass), AlgorithmContext(
-        labeled_counts=[500, 50, 5, 500, 50, 5, 500, 50, 5, 5], total_steps=cfg.iterations,
-        num_unlabeled=args.mu * args.batch, device=device))
+    context = AlgorithmContext(labeled_counts=[500, 50, 5, 500, 50, 5, 500, 50, 5, 5], total_steps=cfg.iterations,
+                               num_unlabeled=args.mu * args.batch, device=device)
+    algorithm_cls = get_algorithm(args.algorithm)
+    options = {"weak_pass": args.weak_pass} if "weak_pass" in {item.name for item in fields(algorithm_cls.Config)} else {}
+    algorithm = algorithm_cls(algorithm_cls.Config(**options), context)
+    for name, head in algorithm.build_heads(model.feature_dim, 10).items():
+        model.add_head(name, head.to(device))
     unlabeled = args.mu * args.batch
     shape = (3, args.size, args.size)
     batch = {"x": torch.randn(args.batch, *shape, device=device),
              "y": torch.randint(0, 10, (args.batch,), device=device),
              "u_weak": torch.randn(unlabeled, *shape, device=device),
-             "u_strong": [torch.randn(unlabeled, *shape, device=device)],
-             "u_target": torch.randint(0, 10, (unlabeled,), device=device)}
+             "u_strong": [torch.randn(unlabeled, *shape, device=device) for _ in range(algorithm.num_strong_views())],
+             "u_target": torch.randint(0, 10, (unlabeled,), device=device),
+             "u_is_labeled": torch.zeros(unlabeled, dtype=torch.bool, device=device)}
     # The run's own assembly (EMA teacher, SGD, an fp16 gradient scaler) around the resident batch.
     replica = assemble_replica(0, model, _RepeatBatch(batch), algorithm, ReplicaRecipe(cfg, algorithm.cfg.ema), device)
     trainer = Trainer(cfg, device)
@@ -177,6 +183,7 @@ def restore_tf32(previous: tuple[bool, bool]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wrn28_2")
+    parser.add_argument("--algorithm", default="fixmatch", help="any registered algorithm, with its default options")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--mu", type=int, default=2)
     parser.add_argument("--size", type=int, default=32)
@@ -204,7 +211,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
     set_tf32(args.tf32)
-    print(header("FixMatch training step and data pipeline", args.threads, device))
+    print(header(f"{args.algorithm} training step and data pipeline", args.threads, device))
     print(f"# model {args.model} | B={args.batch} mu={args.mu} | {args.size}px | precision {args.precision}"
           f"{' (TF32)' if args.tf32 and args.precision == 'fp32' and device.type == 'cuda' else ''} | "
           f"channels_last {args.channels_last} | compile {args.compile} | weak pass {args.weak_pass} | {args.steps} timed steps after {args.warmup} warm-up")
