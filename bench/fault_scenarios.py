@@ -108,6 +108,17 @@ def _tear_last_line(path: Path) -> None:
     path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
 
 
+def fill_the_disk(folder: Path) -> None:
+    """Write zeros into `folder/filler` until its file system says it is full."""
+    with (folder / "filler").open("wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+
 def full_disk(scratch: Path, reference: Path, env: dict[str, str]) -> Outcome:
     mount_point = scratch / "tmpfs"
     mount_point.mkdir()
@@ -118,13 +129,7 @@ def full_disk(scratch: Path, reference: Path, env: dict[str, str]) -> Outcome:
         run_dir = mount_point / "run"
         process = _start(run_dir, env, "train.iterations=2000")
         _wait_for(run_dir / "checkpoints" / "latest.pt", process)
-        with (mount_point / "filler").open("wb") as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 65536)
-                    filler.flush()
-            except OSError:
-                pass
+        fill_the_disk(mount_point)
         output, _ = process.communicate(timeout=300)
         status = json.loads((run_dir / "status.json").read_text())["status"]
         leftovers = [path.name for path in run_dir.rglob("*.tmp")]

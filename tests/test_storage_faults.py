@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.fault_scenarios import fill_the_disk
 from tests.utils import ROOT
 
 
@@ -29,13 +30,7 @@ def test_a_disk_that_fills_during_a_run_ends_it_in_one_named_line(small_filesyst
     while not (run_dir / "checkpoints" / "latest.pt").exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.2)
-    with (small_filesystem / "filler").open("wb") as filler:   # every block that is left
-        try:
-            while True:
-                filler.write(b"\0" * 65536)
-                filler.flush()
-        except OSError:
-            pass
+    fill_the_disk(small_filesystem)   # every block that is left
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]

@@ -66,6 +66,19 @@ def checkpoint_algorithm_state(run_dir: Path, replica: int = 0) -> dict[str, tor
     return {key: torch.as_tensor(value) for key, value in payload["replicas"][replica]["algorithm"].items()}
 
 
+def resumed_bitwise(tmp_path: Path, overrides: list[str], stop_at: int, replicas: int) -> Path:
+    """Train `overrides` uninterrupted and again stopped at `stop_at` then resumed; assert the two end
+    bitwise equal (weights, optimisers and every replica's algorithm state); return the resumed run."""
+    uninterrupted = train_run(tmp_path, overrides, "uninterrupted")
+    train_run(tmp_path, [*overrides, f"train.stop_at={stop_at}"], "resumed")
+    resumed = train_run(tmp_path, [*overrides, "resume=true"], "resumed")
+    assert_bitwise_equal(checkpoint_tensors(uninterrupted), checkpoint_tensors(resumed))
+    for replica in range(replicas):
+        assert_bitwise_equal(checkpoint_algorithm_state(uninterrupted, replica),
+                             checkpoint_algorithm_state(resumed, replica))
+    return resumed
+
+
 def logged_train_scalars(event_dir: Path) -> dict[str, list[float]]:
     """A replica's logged training scalars, by name, in step order (from its TensorBoard stream)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -29,3 +29,15 @@ def pseudo_label_accuracy(labels: torch.Tensor, mask: torch.Tensor, true_labels:
     known_count = known.sum().float()
     accuracy = (known & (labels == true_labels)).sum().float() / known_count
     return torch.where(known_count > 0, accuracy, float("nan"))
+
+
+def consistency_outputs(loss_x: torch.Tensor, loss_u: torch.Tensor, lambda_u: float, labels: torch.Tensor,
+                        mask: torch.Tensor, true_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a FixMatch-style step returns: the loss to minimise and the logged diagnostics."""
+    return {
+        "loss": loss_x + lambda_u * loss_u,
+        "loss_x": loss_x.detach(),
+        "loss_u": loss_u.detach(),
+        "mask_rate": mask.mean(),
+        "pseudo_acc": pseudo_label_accuracy(labels, mask, true_labels),
+    }

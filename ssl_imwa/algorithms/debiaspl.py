@@ -20,7 +20,7 @@ from ssl_imwa.algorithm import (
     Batch,
     register_algorithm,
 )
-from ssl_imwa.algorithms.common import pseudo_label_accuracy
+from ssl_imwa.algorithms.common import consistency_outputs
 from ssl_imwa.ema import EMAConfig
 from ssl_imwa.validation import expect_range
 
@@ -97,10 +97,6 @@ class DebiasPL(Algorithm):
         margin_prior = previous if self.cfg.usb_order else self.p_hat
         loss_u = marginal_consistency(strong["logits"], torch.log(margin_prior), self.cfg.tau, labels, mask)
         return {
-            "loss": loss_x + self.cfg.lambda_u * loss_u,
-            "loss_x": loss_x.detach(),
-            "loss_u": loss_u.detach(),
-            "mask_rate": mask.mean(),
-            "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
+            **consistency_outputs(loss_x, loss_u, self.cfg.lambda_u, labels, mask, batch["u_target"]),
             "p_hat_max": self.p_hat.max(),
         }

@@ -10,8 +10,8 @@ from torch import nn
 from ssl_imwa.algorithm import Algorithm, AlgorithmConfig, Batch, register_algorithm
 from ssl_imwa.algorithms.common import (
     confident_pseudo_labels,
+    consistency_outputs,
     masked_consistency,
-    pseudo_label_accuracy,
 )
 from ssl_imwa.validation import expect_range
 
@@ -41,9 +41,5 @@ class FixMatch(Algorithm):
         labels, mask, _ = confident_pseudo_labels(weak["logits"], self.cfg.threshold, self.cfg.temperature)
         loss_u = masked_consistency(strong["logits"], labels, mask)
         return {
-            "loss": loss_x + self.cfg.lambda_u * loss_u,
-            "loss_x": loss_x.detach(),
-            "loss_u": loss_u.detach(),
-            "mask_rate": mask.mean(),
-            "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
+            **consistency_outputs(loss_x, loss_u, self.cfg.lambda_u, labels, mask, batch["u_target"]),
         }

@@ -22,7 +22,7 @@ from ssl_imwa.algorithm import (
     register_algorithm,
     resolve_steps,
 )
-from ssl_imwa.algorithms.common import confident_pseudo_labels, pseudo_label_accuracy
+from ssl_imwa.algorithms.common import confident_pseudo_labels, consistency_outputs
 from ssl_imwa.ema import EMAConfig
 from ssl_imwa.validation import expect_range
 
@@ -104,9 +104,5 @@ class SAW(Algorithm):
         if (step + 1) % self.epoch_length == 0:
             self.refresh_weights()
         return {
-            "loss": loss_x + self.cfg.lambda_u * loss_u,
-            "loss_x": loss_x.detach(),
-            "loss_u": loss_u.detach(),
-            "mask_rate": mask.mean(),
-            "pseudo_acc": pseudo_label_accuracy(labels, mask, batch["u_target"]),
+            **consistency_outputs(loss_x, loss_u, self.cfg.lambda_u, labels, mask, batch["u_target"]),
         }
