@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ssl_imwa.checkpoint import replica_tensors
+from ssl_imwa.checkpoint import read_checkpoint, replica_tensors
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -133,7 +133,7 @@ def compose_config(overrides: list[str], run_dir: Path | str = ".") -> Any:
 
 def checkpoint_tensors(run_dir: Path | str, name: str = "latest.pt") -> dict[str, torch.Tensor]:
     """Every replica's student, teacher and optimiser tensors in a checkpoint, flattened, on the CPU."""
-    return replica_tensors(torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=True))
+    return replica_tensors(read_checkpoint(Path(run_dir) / "checkpoints" / name))
 
 
 def tensor_differences(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> list[str]:

@@ -6,8 +6,8 @@ The payload is what a K-replica run writes (student, EMA teacher and SGD momentu
 the run state). Three ways to read it, each including the digest check a resume does:
 - before: the file as torch.save writes it (one storage per tensor), the full unpickler;
 - the same file with the weights-only unpickler (pure Python, slower per storage);
-- now: `load_checkpoint` on the file `save_atomic` writes (one storage per dtype, memory-mapped,
-  each tensor copied into its own storage after reading).
+- now: `load_checkpoint` on the file `save_atomic` writes (the flat layout of
+  `ssl_imwa.checkpoint.pack_tensors`: a few buffers, the payload's structure and one table of shapes).
 The arms alternate, so a change in the machine's load touches all of them. Milliseconds.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main() -> None:
         arms = {
             "before: full unpickler + digest": lambda: read(False),
             "weights-only unpickler + digest, one storage per tensor": lambda: read(True),
-            "now: load_checkpoint (weights-only, packed)": lambda: load_checkpoint(path, {"seed": 0}),
+            "now: load_checkpoint (weights-only, flat layout)": lambda: load_checkpoint(path, {"seed": 0}),
         }
         results = {name: [] for name in arms}
         for _ in range(args.repeats):  # interleaved: each round times every arm once

@@ -43,9 +43,9 @@ def _same_as(reference: Path, run_dir: Path) -> str | None:
     """What differs from the uninterrupted run (None: nothing): weights bitwise, evaluations, status."""
     import torch
 
-    from ssl_imwa.checkpoint import replica_tensors
+    from ssl_imwa.checkpoint import read_checkpoint, replica_tensors
 
-    load = lambda path: replica_tensors(torch.load(path / "checkpoints" / "latest.pt", weights_only=True))
+    load = lambda path: replica_tensors(read_checkpoint(path / "checkpoints" / "latest.pt"))
     ours, theirs = load(run_dir), load(reference)
     if ours.keys() != theirs.keys() or any(not torch.equal(ours[key], theirs[key]) for key in ours):
         return "weights differ from the uninterrupted run"
@@ -159,7 +159,7 @@ def planted_checkpoint(scratch: Path, reference: Path, env: dict[str, str]) -> O
     shutil.copytree(reference, run_dir)
     path = run_dir / "checkpoints" / "latest.pt"
     payload = torch.load(path, weights_only=True)
-    payload["note"] = _RunsACommand(str(marker))
+    payload["tree"]["note"] = _RunsACommand(str(marker))
     torch.save(payload, path)
     resumed = main_py(run_dir, env, "resume=true")
     evaluated = subprocess.run([sys.executable, "-m", "ssl_imwa.evaluate", str(run_dir)], env=env, cwd=ROOT,

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import pickle
 import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Version 3: weights-only (no NumPy arrays or other pickled objects). Files of versions 1 and 2 are
-# refused by the weights-only loader; `python -m ssl_imwa.upgrade_checkpoint` converts trusted ones.
-FORMAT_VERSION = 3
+# Version 4: weights-only, tensors in the flat layout of `pack_tensors`. Files of versions 1 and 2 hold
+# NumPy arrays (refused by the weights-only loader), version 3 the tensors as leaves of the payload;
+# `python -m ssl_imwa.upgrade_checkpoint` converts trusted ones.
+FORMAT_VERSION = 4
 REQUIRED_KEYS = ("format_version", "fingerprint", "progress", "replicas", "run_state")
 DIGEST_KEY = "sha256"
 UPGRADE_COMMAND = "python -m ssl_imwa.upgrade_checkpoint --trust"
@@ -101,20 +103,18 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`.
 
     A crash mid-write leaves the previous file intact: the last good checkpoint is never lost. The
-    payload is stored with its contents' digest (`sha256`), which a load verifies, and its tensors
-    packed into a few storages (`pack_storages`, one call per replica's part).
+    payload is stored in the flat layout of `pack_tensors`, with the digest (`sha256`) of what is
+    stored, which every read verifies; computing it refuses, before anything is written, a value that
+    a weights-only load could not read.
     """
-    digest = contents_digest(payload)
-    rest = pack_storages({key: value for key, value in payload.items() if key != "replicas"})
-    payload = {key: [{part: pack_storages(state) for part, state in replica.items()} for replica in value]
-               if key == "replicas" else rest[key] for key, value in payload.items()}
-    payload[DIGEST_KEY] = digest
+    stored = {"format_version": payload.get("format_version"), **pack_tensors(payload)}
+    stored[DIGEST_KEY] = contents_digest(stored)
     temporary: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
+            torch.save(stored, stream)
             stream.flush()
             os.fsync(stream.fileno())
         # mkstemp makes the file private (0600); a checkpoint gets the mode of any other file the
@@ -136,44 +136,91 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         raise
 
 
-def _map_tensors(node: Any, change: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`node` with every tensor in it replaced by `change(tensor)`; containers keep their types."""
+def _leaves(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every leaf of `node` (what is not a dict, list or tuple) with its path of keys, in a fixed order."""
     if type(node) in (dict, OrderedDict):
-        return type(node)((key, _map_tensors(value, change)) for key, value in node.items())
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    elif type(node) in (list, tuple):
+        for index, item in enumerate(node):
+            yield from _leaves(item, (*path, index))
+    else:
+        yield path, node
+
+
+def _map_leaves(node: Any, change: Callable[[Any], Any]) -> Any:
+    """`node` with every leaf replaced by `change(leaf)`, visited in `_leaves`' order; containers keep their types."""
+    if type(node) in (dict, OrderedDict):
+        return type(node)((key, _map_leaves(value, change)) for key, value in node.items())
     if type(node) in (list, tuple):
-        return type(node)(_map_tensors(item, change) for item in node)
-    return change(node) if isinstance(node, torch.Tensor) else node
+        return type(node)(_map_leaves(item, change) for item in node)
+    return change(node)
 
 
-def pack_storages(payload: Any) -> Any:
-    """`payload` with its tensors (but bytes) copied into one CPU storage per dtype, each a view of it.
+def _packable(leaf: Any) -> bool:
+    # uint8 tensors are RNG states: torch.Generator.set_state reads one from the start of its storage
+    # whatever the view's offset, so they stay tensors of their own.
+    return isinstance(leaf, torch.Tensor) and leaf.dtype != torch.uint8
 
-    torch's weights-only unpickler is written in Python and pays for every storage it rebuilds: a
-    state_dict of hundreds of small tensors loads about 1.7x slower than with the full unpickler.
-    One storage per dtype makes the weights-only load as fast as the full one was
-    (bench/checkpoint_load.py, docs/performance.md); the values, shapes and dtypes saved are the same.
-    A loaded tensor is a view of its storage, and whoever keeps it (a restored optimizer keeps its
-    momentum buffers) keeps the whole storage alive: so save_atomic packs each part of a replica
-    (student, teacher, optimizer, algorithm state) on its own, never one part with another.
-    uint8 tensors stay as they are: they are RNG states, and torch.Generator.set_state reads one from
-    the start of its storage whatever the view's offset, so a packed state would restore the wrong
-    generator.
+
+def pack_tensors(payload: Any) -> dict[str, Any]:
+    """`payload` in the flat layout a checkpoint file holds: its tensors' values in a few 1-D buffers,
+    their shapes in one tensor, and the payload's structure with a None where each tensor was.
+
+    torch's weights-only unpickler is written in Python and pays for every tensor it rebuilds (about
+    twenty opcodes and a call each): a checkpoint of ~800 tensors loaded 40% slower with it than with
+    the full unpickler. In this layout the unpickler rebuilds a handful of tensors and `unpack_tensors`
+    cuts the views in a loop of its own, so a load is faster than the full unpickler was
+    (bench/checkpoint_load.py, docs/performance.md). A loaded tensor is a view of its buffer, and
+    whoever keeps one (a restored optimizer keeps its momentum) keeps the buffer alive: so tensors share
+    a buffer only within one container three keys deep (one replica's student, teacher, optimizer or
+    algorithm state), never across them.
     """
-    tensors: list[torch.Tensor] = []
-    _map_tensors(payload, lambda tensor: tensors.append(tensor) or tensor)
-    dense = [tensor for tensor in tensors if tensor.layout == torch.strided and tensor.dtype != torch.uint8]
-    buffers: dict[torch.dtype, torch.Tensor] = {}
-    for dtype in {tensor.dtype for tensor in dense}:
-        buffers[dtype] = torch.empty(sum(tensor.numel() for tensor in dense if tensor.dtype == dtype), dtype=dtype)
-    views: dict[int, torch.Tensor] = {}
-    offsets = dict.fromkeys(buffers, 0)
-    for tensor in dense:
-        if id(tensor) in views:
+    buffer_index: dict[tuple[Any, ...], int] = {}
+    parts: list[list[torch.Tensor]] = []
+    is_tensor, shapes, buffer_of = [], [], []
+    for path, leaf in _leaves(payload):
+        is_tensor.append(_packable(leaf))
+        if not is_tensor[-1]:
             continue
-        start, offsets[tensor.dtype] = offsets[tensor.dtype], offsets[tensor.dtype] + tensor.numel()
-        view = buffers[tensor.dtype][start:offsets[tensor.dtype]].view(tensor.shape)
-        views[id(tensor)] = view.copy_(tensor.detach())
-    return _map_tensors(payload, lambda tensor: views.get(id(tensor), tensor))
+        group = (*path[:3], str(leaf.dtype))
+        if group not in buffer_index:
+            buffer_index[group] = len(parts)
+            parts.append([])
+        parts[buffer_index[group]].append(leaf.detach().reshape(-1))
+        buffer_of.append(buffer_index[group])
+        shapes += [leaf.dim(), *leaf.shape]
+    return {"tree": _map_leaves(payload, lambda leaf: None if _packable(leaf) else leaf),
+            "tensors": {"is_tensor": torch.tensor(is_tensor, dtype=torch.bool),
+                        "shapes": torch.tensor(shapes, dtype=torch.int64),
+                        "buffer_of": torch.tensor(buffer_of, dtype=torch.int64),
+                        "buffers": [torch.cat(part).cpu() for part in parts]}}
+
+
+def unpack_tensors(stored: dict[str, Any]) -> Any:
+    """The payload `pack_tensors` flattened into `stored`, each tensor a view of its buffer."""
+    table = stored["tensors"]
+    is_tensor, shapes, buffer_of = (table[key].tolist() for key in ("is_tensor", "shapes", "buffer_of"))
+    buffers = table["buffers"]
+    offsets = [0] * len(buffers)
+    leaf_index, tensor_index, shape_index = 0, 0, 0
+
+    def rebuild(leaf: Any) -> Any:
+        nonlocal leaf_index, tensor_index, shape_index
+        packed, leaf_index = is_tensor[leaf_index], leaf_index + 1
+        if not packed:
+            return leaf
+        ndim = shapes[shape_index]
+        shape, shape_index = shapes[shape_index + 1:shape_index + 1 + ndim], shape_index + 1 + ndim
+        buffer = buffer_of[tensor_index]
+        tensor_index += 1
+        start, offsets[buffer] = offsets[buffer], offsets[buffer] + math.prod(shape)
+        return buffers[buffer][start:offsets[buffer]].view(shape)
+
+    payload = _map_leaves(stored["tree"], rebuild)
+    if leaf_index != len(is_tensor) or offsets != [len(buffer) for buffer in buffers]:
+        raise ValueError("the tensor table does not match the payload's structure")
+    return payload
 
 
 def link_atomic(source: Path, target: Path) -> None:
@@ -224,24 +271,39 @@ def _weights_only_reason(message: str) -> str:
     return lines[0] if lines else "an object it does not allow"
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The payload `save_atomic` wrote to `path`, read weights-only and checked against its digest."""
+    stored = read_weights_only(path)
+    if not isinstance(stored, dict) or "format_version" not in stored:
+        found = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+        raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: expected a format_version key, "
+                                f"found {found}")
+    if stored["format_version"] != FORMAT_VERSION:
+        raise RuntimeError(f"checkpoint {path} has format version {stored['format_version']}, this code reads "
+                           f"version {FORMAT_VERSION}" + (f" (convert a trusted older file with {UPGRADE_COMMAND} "
+                                                          f"{path})" if stored["format_version"] < FORMAT_VERSION
+                                                          else " (written by a newer ssl-imwa)"))
+    digest = stored.pop(DIGEST_KEY, None)
+    if digest != contents_digest(stored):
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its contents do not match the digest written "
+                                "with it (damaged on disk or in transfer)")
+    try:
+        payload = unpack_tensors(stored)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: its tensors cannot be rebuilt "
+                                f"({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: expected keys {list(REQUIRED_KEYS)}, "
+                                f"found {found}")
+    return payload
+
+
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Load (weights only) and validate a checkpoint written by this codebase for the same experiment."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: nothing to resume (run without resume=true)")
-    payload = read_weights_only(path)
-    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
-        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise CorruptCheckpoint(f"checkpoint {path} is not an ssl-imwa checkpoint: expected keys {list(REQUIRED_KEYS)}, "
-                           f"found {found}")
-    if payload["format_version"] != FORMAT_VERSION:
-        raise RuntimeError(f"checkpoint {path} has format version {payload['format_version']}, this code reads "
-                           f"version {FORMAT_VERSION}" + (f" (convert a trusted older file with {UPGRADE_COMMAND} "
-                                                          f"{path})" if payload["format_version"] < FORMAT_VERSION
-                                                          else " (written by a newer ssl-imwa)"))
-    stored = payload.pop(DIGEST_KEY, None)
-    if stored != contents_digest(payload):
-        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its contents do not match the digest written "
-                                "with it (damaged on disk or in transfer)")
+    payload = read_checkpoint(path)
     saved = payload["fingerprint"]
     mismatched = [
         f"{key}: checkpoint has {saved.get(key)!r}, config has {value!r}"

@@ -17,7 +17,7 @@ def seed_everything(seed: int) -> None:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """Global RNG states; on a GPU only this process's own (reading every GPU's would create a
     CUDA context on each of them from every process)."""
-    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state_as_plain_data(np.random.get_state()),
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state_as_plain_data(np.random.get_state()),
              "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -32,11 +32,11 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _numpy_state_as_plain_data(state: tuple[Any, ...]) -> dict[str, Any]:
+def numpy_state_as_plain_data(state: tuple[Any, ...]) -> dict[str, Any]:
     """NumPy's legacy MT19937 state with its key array as a tensor: a checkpoint holds only what
     torch's weights-only unpickler accepts (ssl_imwa.checkpoint), and an ndarray is not that."""
     name, keys, position, has_gauss, cached_gaussian = state
-    return {"bit_generator": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "position": int(position),
             "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
 
 

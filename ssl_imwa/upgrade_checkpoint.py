@@ -1,12 +1,13 @@
-"""Convert checkpoints written before format 3 (they hold NumPy arrays) into weights-only ones.
+"""Convert checkpoints of earlier formats into the current one (formats 1 and 2 hold NumPy arrays;
+format 3 holds its tensors as leaves of the payload, slow to read weights-only).
 
     python -m ssl_imwa.upgrade_checkpoint --trust RUN_DIR_OR_FILE [...]
 
 The one place this project unpickles a file with torch's full (unsafe) unpickler: only for the files
 named on the command line, and only with `--trust`, because unpickling them can run any code they
 carry. Each converted file keeps its original beside it (`<name>.format<N>`), is checked against the
-digest written with it (format 2), and is then rewritten atomically in format 3, which every other
-load reads with `torch.load(weights_only=True)`.
+digest written with it (formats 2 and 3), and is then rewritten atomically in the current format,
+which every other load reads with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ssl_imwa.checkpoint import (
     contents_digest,
     save_atomic,
 )
+from ssl_imwa.rng import numpy_state_as_plain_data
 from ssl_imwa.user_errors import short_user_errors
 
 # Config keys that format-1 and -2 checkpoints may lack, with the value they were trained with.
@@ -43,12 +45,6 @@ def _numpy_leaf(node: Any) -> bytes | None:
     return None
 
 
-def _plain_numpy_state(state: tuple[Any, ...]) -> dict[str, Any]:
-    name, keys, position, has_gauss, cached_gaussian = state
-    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-            "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-
-
 def upgrade(path: Path) -> int:
     """Rewrite the trusted checkpoint `path` in the current format; returns the version it had."""
     payload = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user's --trust
@@ -57,14 +53,16 @@ def upgrade(path: Path) -> int:
     version = payload["format_version"]
     if version == FORMAT_VERSION:
         return version
-    if version not in (1, 2):
-        raise ValueError(f"{path} has checkpoint format {version}; this converter reads formats 1 and 2")
+    if version not in (1, 2, 3):
+        raise ValueError(f"{path} has checkpoint format {version}; this converter reads formats 1 to 3")
     stored = payload.pop(DIGEST_KEY, None)
-    if version == 2 and stored != contents_digest(payload, other_leaf=_numpy_leaf):
+    if version >= 2 and stored != contents_digest(payload, other_leaf=_numpy_leaf):
         raise CorruptCheckpoint(f"{path} is corrupt: its contents do not match the digest written with it")
     rng = payload["run_state"]["rng"]
-    rng["numpy"] = _plain_numpy_state(rng["numpy"])
-    payload["fingerprint"] = {**KEYS_ADDED_LATER, **payload["fingerprint"]}
+    if version < 3:
+        rng["numpy"] = numpy_state_as_plain_data(rng["numpy"])
+    for key, value in KEYS_ADDED_LATER.items():
+        payload["fingerprint"].setdefault(key, value)
     payload["format_version"] = FORMAT_VERSION
     shutil.copy2(path, path.with_name(f"{path.name}.format{version}"))
     save_atomic(payload, path)

@@ -1,6 +1,7 @@
 """Checkpoint files: a digest that catches silent damage, and storage faults named with path and errno."""
 import errno
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def test_a_flipped_byte_inside_a_tensor_is_detected(tmp_path: Path) -> None:
     assert torch.equal(loaded["replicas"][0]["model"]["w"], payload["replicas"][0]["model"]["w"])
     flip_a_tensor_byte(path, payload["replicas"][0]["model"]["w"])
     # torch itself loads the damaged file without complaint: only the digest tells
-    assert not torch.equal(torch.load(path, weights_only=True)["replicas"][0]["model"]["w"],
+    assert not torch.equal(checkpoint.unpack_tensors(torch.load(path, weights_only=True))["replicas"][0]["model"]["w"],
                            payload["replicas"][0]["model"]["w"])
     with pytest.raises(CorruptCheckpoint, match="latest.pt is corrupt: its contents do not match the digest"):
         load_checkpoint(path, FINGERPRINT)
@@ -50,7 +51,7 @@ def test_changed_metadata_is_detected(tmp_path: Path) -> None:
     path = tmp_path / "latest.pt"
     save_atomic(_payload(), path)
     edited = torch.load(path, weights_only=True)
-    edited["progress"]["replica_steps"][0] = 8
+    edited["tree"]["progress"]["replica_steps"][0] = 8
     torch.save(edited, path)
     with pytest.raises(CorruptCheckpoint, match="do not match the digest"):
         load_checkpoint(path, FINGERPRINT)
@@ -113,7 +114,7 @@ def test_a_checkpoint_gets_the_mode_the_umask_gives_any_file(tmp_path: Path) -> 
 
 
 def test_each_part_of_a_replica_is_packed_into_its_own_storages(tmp_path: Path) -> None:
-    """Few storages make the weights-only load fast; one part never shares a storage with another,
+    """Few buffers make the weights-only load fast; one part never shares a buffer with another,
     so a restored optimizer that keeps its momentum buffers does not keep the student's weights alive."""
     payload = _payload()
     payload["replicas"][0]["optimizer"] = {"state": {0: {"momentum_buffer": torch.ones(3)},
@@ -127,6 +128,31 @@ def test_each_part_of_a_replica_is_packed_into_its_own_storages(tmp_path: Path) 
     assert storage(model["w"]) != storage(momentum[0]["momentum_buffer"])
     assert momentum[0]["momentum_buffer"].untyped_storage().nbytes() == (3 + 4) * 4
     assert torch.equal(model["bf16"], payload["replicas"][0]["model"]["bf16"]) and model["bf16"].dtype == torch.bfloat16
+
+
+def test_the_flat_layout_gives_back_every_value_shape_dtype_and_container(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(3)
+    payload = {"format_version": checkpoint.FORMAT_VERSION, "fingerprint": dict(FINGERPRINT),
+               "progress": {"episode": 2, "replica_steps": {0: 7, 1: 7}},
+               "replicas": [{"model": OrderedDict(w=torch.randn(3, 4).t(), scalar=torch.tensor(2.5),
+                                                  empty=torch.zeros(0, 5), steps=torch.tensor([1, 2], dtype=torch.int64))},
+                            {"model": OrderedDict(half=torch.randn(6).half(), mask=torch.tensor([True, False]))}],
+               "run_state": {"generator": generator.get_state(), "nested": [None, (1, "a", [torch.ones(2)]), 0.5]}}
+    save_atomic(payload, tmp_path / "latest.pt")
+    loaded = load_checkpoint(tmp_path / "latest.pt", FINGERPRINT)
+    assert checkpoint.contents_digest(loaded) == checkpoint.contents_digest(payload)
+    assert type(loaded["replicas"][0]["model"]) is OrderedDict and list(loaded["replicas"][1]["model"]) == ["half", "mask"]
+    assert type(loaded["run_state"]["nested"][1]) is tuple and loaded["progress"]["replica_steps"] == {0: 7, 1: 7}
+    restored = torch.Generator().set_state(loaded["run_state"]["generator"])  # an RNG state keeps its own storage
+    assert torch.equal(torch.rand(4, generator=restored), torch.rand(4, generator=generator))
+    stored = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert len(stored["tensors"]["buffers"]) == 5  # per part and dtype: float, int64; half, bool; the ones
+    stored["tensors"]["shapes"] = stored["tensors"]["shapes"][:-2]
+    stored[checkpoint.DIGEST_KEY] = checkpoint.contents_digest({k: v for k, v in stored.items()
+                                                                if k != checkpoint.DIGEST_KEY})
+    torch.save(stored, tmp_path / "latest.pt")
+    with pytest.raises(CorruptCheckpoint, match="latest.pt is not an ssl-imwa checkpoint: its tensors cannot be rebuilt"):
+        load_checkpoint(tmp_path / "latest.pt", FINGERPRINT)
 
 
 def _enforce_fail_on_write(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from ssl_imwa.checkpoint import read_checkpoint
 from ssl_imwa.models import create_model
 from ssl_imwa.models.batchnorm import GroupBatchNorm2d, synchronise_batchnorm
 from tests.utils import (
@@ -83,7 +84,7 @@ def d2_and_d1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _replica(run_dir: Path) -> dict[str, Any]:
-    return torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)["replicas"][0]
+    return read_checkpoint(run_dir / "checkpoints" / "latest.pt")["replicas"][0]
 
 
 def _relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:

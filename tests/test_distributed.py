@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ssl_imwa import distributed
 from ssl_imwa.algorithm import get_algorithm
+from ssl_imwa.checkpoint import read_checkpoint
 from ssl_imwa.distributed import Communicator, init_process_layout, process_device
 from ssl_imwa.merge import gather_algorithm_states, merge_optimizers_and_algorithms
 from ssl_imwa.merges.uniform import uniform_merge
@@ -272,7 +273,7 @@ def test_torchrun_teardown_stops_every_process_at_a_step_with_a_checkpoint(tmp_p
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "stopped" and "SIGTERM" in status["error"], (status, output[-3000:])
     for rank in range(2):
-        payload = torch.load(run_dir / "checkpoints" / f"latest.rank{rank}.pt", weights_only=True)
+        payload = read_checkpoint(run_dir / "checkpoints" / f"latest.rank{rank}.pt")
         assert 0 < payload["progress"]["replica_steps"][rank] < 1000, "a checkpoint at the step the signal ended"
 
 

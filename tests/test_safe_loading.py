@@ -20,12 +20,14 @@ import torch
 
 from ssl_imwa.checkpoint import (
     DIGEST_KEY,
+    FORMAT_VERSION,
     UnsafeCheckpoint,
     contents_digest,
     load_checkpoint,
+    read_checkpoint,
     save_atomic,
 )
-from ssl_imwa.upgrade_checkpoint import KEYS_ADDED_LATER, _numpy_leaf
+from ssl_imwa.upgrade_checkpoint import KEYS_ADDED_LATER, _numpy_leaf, upgrade
 from tests.reference_runs import DISTRIBUTED, ReferenceRun
 from tests.utils import (
     ROOT,
@@ -53,12 +55,12 @@ class RunsACommand:
 def plant_payload(path: Path, marker: Path) -> None:
     """Add an entry that runs a command when unpickled, with a digest that matches (as anyone who can
     write the file can write): only the loader's refusal stands between the file and the command."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload.pop(DIGEST_KEY)
-    payload["run_state"]["note"] = "harmless"
-    payload[DIGEST_KEY] = contents_digest(payload)
-    payload["run_state"]["note"] = RunsACommand(marker)
-    torch.save(payload, path)
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    stored.pop(DIGEST_KEY)
+    stored["tree"]["run_state"]["note"] = "harmless"
+    stored[DIGEST_KEY] = contents_digest(stored)
+    stored["tree"]["run_state"]["note"] = RunsACommand(marker)
+    torch.save(stored, path)
 
 
 def _main(*arguments: str) -> subprocess.CompletedProcess:
@@ -139,9 +141,8 @@ def test_a_payload_in_one_process_checkpoint_of_a_torchrun_run_is_refused(tmp_pa
 
 def test_every_checkpoint_a_run_writes_loads_weights_only(stopped_run: Path) -> None:
     for path in (stopped_run / "checkpoints").glob("*.pt"):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        assert payload["format_version"] == 3
-        assert isinstance(payload["run_state"]["rng"]["numpy"]["keys"], torch.Tensor)
+        assert torch.load(path, map_location="cpu", weights_only=True)["format_version"] == FORMAT_VERSION
+        assert isinstance(read_checkpoint(path)["run_state"]["rng"]["numpy"]["keys"], torch.Tensor)
 
 
 def test_a_payload_that_could_not_be_loaded_safely_is_never_written(tmp_path: Path) -> None:
@@ -153,8 +154,7 @@ def test_a_payload_that_could_not_be_loaded_safely_is_never_written(tmp_path: Pa
 def _as_format_2(path: Path) -> None:
     """Rewrite a checkpoint as ssl-imwa wrote it before format 3: NumPy's RNG state as NumPy arrays,
     the digest over them, and no keys added to the fingerprint since."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload.pop(DIGEST_KEY)
+    payload = read_checkpoint(path)
     state = payload["run_state"]["rng"]["numpy"]
     payload["run_state"]["rng"]["numpy"] = (state["bit_generator"], state["keys"].numpy().astype(np.uint32),
                                             state["position"], state["has_gauss"], state["cached_gaussian"])
@@ -180,7 +180,7 @@ def test_an_older_checkpoint_is_refused_until_converted_with_trust_and_then_resu
     assert without_trust.returncode == 2 and "--trust" in without_trust.stderr
     converted = _main("-m", "ssl_imwa.upgrade_checkpoint", "--trust", str(run_dir))
     assert converted.returncode == 0, converted.stderr
-    assert converted.stdout.count("format 2 converted to format 3") == 2
+    assert converted.stdout.count(f"format 2 converted to format {FORMAT_VERSION}") == 2
     assert (run_dir / "checkpoints" / "latest.pt.format2").is_file(), "the original is kept beside it"
 
     resumed = _main(*resume)
@@ -201,3 +201,15 @@ def test_a_damaged_older_checkpoint_is_not_converted(stopped_run: Path, tmp_path
     assert path.read_bytes() == before and not (tmp_path / "latest.pt.format2").exists()
     with pytest.raises(UnsafeCheckpoint, match="holds numpy"):
         load_checkpoint(path, {})
+
+
+def test_a_format_3_checkpoint_converts_to_the_same_values(stopped_run: Path, tmp_path: Path) -> None:
+    """Format 3 held each tensor as a leaf of the payload (slow to read weights-only), with the digest of
+    the payload itself; converted, it reads back with every value it held."""
+    path = tmp_path / "latest.pt"
+    payload = read_checkpoint(stopped_run / "checkpoints" / "latest.pt")
+    torch.save({**payload, "format_version": 3, DIGEST_KEY: contents_digest({**payload, "format_version": 3})}, path)
+    with pytest.raises(RuntimeError, match="has format version 3, this code reads version"):
+        load_checkpoint(path, {})
+    assert upgrade(path) == 3 and (tmp_path / "latest.pt.format3").is_file()
+    assert contents_digest(read_checkpoint(path)) == contents_digest(payload)

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.fault_scenarios import fill_the_disk
+from ssl_imwa.checkpoint import read_checkpoint
 from tests.utils import ROOT
 
 
@@ -39,5 +39,5 @@ def test_a_disk_that_fills_during_a_run_ends_it_in_one_named_line(small_filesyst
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "ENOSPC" in status["error"]
     assert not [path for path in run_dir.rglob("*") if path.name.endswith(".tmp")]
-    payload = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    payload = read_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert payload["progress"]["replica_steps"][0] >= 20, "the last good checkpoint is kept"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
+from ssl_imwa.checkpoint import read_checkpoint
 from tests.utils import (
     ROOT,
     assert_bitwise_equal,
@@ -176,7 +177,7 @@ def test_mixed_precision_and_channels_last_train(tmp_path: Path, precision: str)
     # autocast really ran: the low-precision run's weights differ from the fp32 run's
     assert any(not torch.equal(fp32[key], mixed[key]) for key in fp32 if fp32[key].is_floating_point())
     if precision == "fp16":
-        payload = torch.load(mixed_dir / "checkpoints" / "latest.pt", weights_only=True)
+        payload = read_checkpoint(mixed_dir / "checkpoints" / "latest.pt")
         assert payload["replicas"][0]["scaler"]["scale"] > 0  # the grad scaler's state is checkpointed
 
 
@@ -195,7 +196,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     with pytest.raises(FloatingPointError, match=r"replica 0, episode 1: .* not finite") as error:
         train_run(tmp_path, overrides)
     reported = [int(step) for step in re.findall(r"step (\d+)", str(error.value))]
-    payload = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    payload = read_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     saved_step = payload["progress"]["replica_steps"][0]
     assert saved_step < min(reported), (saved_step, str(error.value))
     assert all(tensor.isfinite().all() for tensor in checkpoint_tensors(tmp_path / "run").values()
@@ -252,7 +253,7 @@ def test_a_signal_stops_after_the_current_step_with_a_checkpoint_and_resume_fini
     monkeypatch.delenv("SSL_IMWA_TEST_SIGNAL")
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "stopped" and signal_name in status["error"]
-    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["progress"][
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")["progress"][
         "replica_steps"] == {0: 4}
     # A kill during a checkpoint write leaves a temporary file: the resume removes it.
     stale = tmp_path / "run" / "checkpoints" / "latest.pt.x1y2.tmp"

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ssl_imwa import composition
 from ssl_imwa.algorithm import AlgorithmContext
-from ssl_imwa.checkpoint import replica_tensors
+from ssl_imwa.checkpoint import read_checkpoint, replica_tensors
 from ssl_imwa.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def checkpoint_tensors(run_dir: Path, name: str = "latest.pt") -> dict[str, torch.Tensor]:
     """Every replica's student, teacher and optimiser tensors, flattened, for bitwise comparisons."""
-    return replica_tensors(torch.load(Path(run_dir) / "checkpoints" / name, map_location="cpu", weights_only=True))
+    return replica_tensors(read_checkpoint(Path(run_dir) / "checkpoints" / name))
 
 
 def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
@@ -62,7 +62,7 @@ def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.T
 
 
 def checkpoint_algorithm_state(run_dir: Path, replica: int = 0) -> dict[str, torch.Tensor]:
-    payload = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=True)
+    payload = read_checkpoint(run_dir / "checkpoints" / "latest.pt")
     return {key: torch.as_tensor(value) for key, value in payload["replicas"][replica]["algorithm"].items()}
 
 
