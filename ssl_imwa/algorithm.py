@@ -28,6 +28,7 @@ Outputs = dict[str, torch.Tensor]
 StepCount = int | float
 
 WEAK_PASSES = ("joint", "no_grad")
+PASS_MODELS = ("teacher", "student")
 BUILTIN_PACKAGE = "ssl_imwa.algorithms"
 
 
@@ -135,6 +136,9 @@ class Algorithm(nn.Module):
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     # The head evaluation reads from the teacher's outputs.
     eval_head: ClassVar[str] = "logits"
+    # The model a periodic pass over the unlabeled set runs: the EMA "teacher" (what USB's evaluate()
+    # uses for ADSH's and CReST's passes) or the "student".
+    unlabeled_pass_model: ClassVar[str] = "teacher"
     # Old checkpoint key -> current buffer name, for state written before a buffer was renamed.
     renamed_state_keys: ClassVar[dict[str, str]] = {}
 
@@ -192,6 +196,22 @@ class Algorithm(nn.Module):
         """Losses for one batch at global step `step`; must contain 'loss' (the one to minimise)."""
         raise NotImplementedError
 
+    def unlabeled_pass_every(self) -> int:
+        """Steps between passes over the whole unlabeled set; 0 (the default) for none.
+
+        After each step `s` with (s + 1) a multiple of it, the trainer runs `unlabeled_pass_model` in eval
+        mode over every unlabeled image (unaugmented, normalised, in index order) and hands the outputs to
+        `after_unlabeled_pass`. The pass is part of that step: a checkpoint after it holds the state it
+        produced, and a run killed during it redoes the step on resume.
+        """
+        return 0
+
+    def after_unlabeled_pass(self, outputs: Outputs, step: int) -> None:
+        """Update state from a pass: `outputs[head]` is [num_unlabeled, ...] (float32), row i the image
+        whose `u_index` is i, identical on every process of a data-parallel group."""
+        raise NotImplementedError(f"algorithm '{self.name}' asks for unlabeled passes (unlabeled_pass_every() > 0) "
+                                  "but does not define after_unlabeled_pass(outputs, step)")
+
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """nn.Module's strict load, after renaming old keys (`renamed_state_keys`) and turning the plain
         floats that older checkpoints hold (ACR's tau, for one) into tensors."""
@@ -214,6 +234,9 @@ def register_algorithm(name: str) -> Callable[[type[Algorithm]], type[Algorithm]
         if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
             raise TypeError(f"@register_algorithm('{name}') decorates {cls!r}: expected a subclass of "
                             "ssl_imwa.algorithm.Algorithm")
+        if cls.unlabeled_pass_model not in PASS_MODELS:
+            raise TypeError(f"algorithm '{name}': unlabeled_pass_model={cls.unlabeled_pass_model!r}, expected one of "
+                            f"{', '.join(PASS_MODELS)}")
         if cls.losses is Algorithm.losses:
             raise TypeError(f"algorithm '{name}' ({cls.__module__}.{cls.__qualname__}) does not define "
                             "losses(self, batch, model, teacher, step), which returns a dict with the 'loss' to "

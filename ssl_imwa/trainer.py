@@ -141,7 +141,29 @@ class Trainer:
         # already (then this only guards against the last bit). Either way the teacher copies the same.
         self.data_parallel.broadcast_(list(replica.model.buffers()), "BN buffer broadcast")
         replica.teacher.update(replica.model, step)
+        every = replica.algorithm.unlabeled_pass_every()
+        if every and (step + 1) % every == 0:
+            self.unlabeled_pass(replica, step)
         return {key: value.detach() for key, value in outputs.items()}
+
+    @torch.no_grad()
+    def unlabeled_pass(self, replica: Replica, step: int) -> None:
+        """The algorithm's model over the whole unlabeled set, its outputs to `after_unlabeled_pass`.
+
+        Every process of a data-parallel group runs the whole pass: their models are identical copies,
+        so each gets the same outputs with no communication (a pass is rare: once per epoch or generation).
+        """
+        algorithm = replica.algorithm
+        model = replica.teacher.module if algorithm.unlabeled_pass_model == "teacher" else replica.model
+        was_training = model.training
+        model.eval()
+        chunks = []
+        for images in replica.stream.unlabeled_batches(self.cfg.eval_batch_size):
+            with self.autocast():
+                chunks.append(model(self._prepare({"x": images})["x"]))
+        model.train(was_training)
+        outputs = {key: torch.cat([chunk[key].float() for chunk in chunks]) for key in chunks[0]}
+        algorithm.after_unlabeled_pass(outputs, step)
 
     def images_per_step(self, replica: Replica) -> int:
         """Images this process forwards per step (labeled + every unlabeled view: its slice when D > 1)."""

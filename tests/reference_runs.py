@@ -16,6 +16,18 @@ IMWA = [*TINY, "imwa.k=2", "imwa.episodes=2"]
 # IMWA across processes: a peer that does not reach a merge fails the run within a minute.
 DISTRIBUTED = [*IMWA, "imwa.timeout_s=60"]
 ReferenceRun = Callable[[Sequence[str]], Path]
+# Every registered algorithm, with options under which its state moves within TINY's 20 steps (10 per
+# episode with IMWA): DASO blends after 4 steps, ACR estimates from its second 4-step epoch, SAW
+# re-weights every 4 steps. The parametrized tests (test_every_algorithm_*.py, test_kill_resume.py)
+# run each; test_every_algorithm_imwa.py fails when a registered algorithm has no entry.
+ALGORITHMS = {
+    "supervised": ["algorithm=supervised"],
+    "fixmatch": [],   # the quick start's own FixMatch
+    "daso": ["algorithm=daso", "algorithm.warmup_steps=4", "algorithm.dist_update_period=3", "algorithm.queue_size=8"],
+    "acr": ["algorithm=acr", "algorithm.epoch_length=4", "algorithm.estimate_start_epoch=1"],
+    "debiaspl": ["algorithm=debiaspl", "algorithm.threshold=0.5"],
+    "saw": ["algorithm=saw", "algorithm.epoch_length=4", "algorithm.threshold=0.5"],
+}
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_imwa.algorithm import register_algorithm
 from ssl_imwa.algorithms.acr import ACR, ACRConfig
 from ssl_imwa.algorithms.daso import DASO, DASOConfig
-from tests.utils import ROOT, algorithm_context
+from ssl_imwa.algorithms.fixmatch import FixMatch
+from ssl_imwa.builders import build_replicas
+from ssl_imwa.config import validate
+from ssl_imwa.data import build_data
+from ssl_imwa.distributed import Communicator, ProcessLayout
+from ssl_imwa.trainer import Trainer
+from tests.utils import ROOT, algorithm_context, compose_config
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -90,3 +97,48 @@ def test_checkpoints_written_before_the_buffers_still_load() -> None:
     acr.load_state_dict({**acr.state_dict(), "tau": 0.1 + 0.2, "distance_steps": 3.0})
     assert acr.tau.dtype == torch.float64 and acr.tau.item() == 0.1 + 0.2 and acr.distance_steps.item() == 3.0
 
+
+
+class PassRecorder(FixMatch):
+    """FixMatch that asks for a pass over the unlabeled set every 3 steps and keeps what it got."""
+
+    def unlabeled_pass_every(self) -> int:
+        return 3
+
+    def after_unlabeled_pass(self, outputs: dict[str, torch.Tensor], step: int) -> None:
+        self.passes.append((step, {key: value.clone() for key, value in outputs.items()}))
+
+
+@pytest.mark.parametrize("pass_model", ["teacher", "student"])
+def test_a_periodic_pass_hands_the_algorithm_every_unlabeled_image_in_index_order(pass_model: str) -> None:
+    cfg = validate(compose_config(["experiment=quickstart", "train.batch_size=8", "train.mu=2", "train.num_threads=1",
+                                   "train.eval_batch_size=100"]))
+    data = build_data(cfg.dataset)
+    single = Communicator()
+    (replica,), _, _ = build_replicas(cfg, data, torch.device("cpu"), ProcessLayout(single, single, single))
+    replica.algorithm = PassRecorder(replica.algorithm.cfg, replica.algorithm.context)
+    replica.algorithm.unlabeled_pass_model = pass_model
+    replica.algorithm.passes = []
+    trainer = Trainer(cfg.train, torch.device("cpu"))
+    for step in range(7):
+        trainer.step(replica, step)
+        if step == 5:
+            model = replica.teacher.module if pass_model == "teacher" else replica.model
+            training = model.training
+            model.eval()
+            stream = replica.stream
+            # by hand: (x / 255 - mean) / std of each unlabeled image, one forward over all of them
+            mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (stream.mean, stream.std))
+            with torch.no_grad():
+                expected = model((stream.unlabeled_images.float() / 255 - mean) / std)["logits"]
+            model.train(training)
+    assert [step for step, _ in replica.algorithm.passes] == [2, 5]
+    logits = replica.algorithm.passes[1][1]["logits"]
+    assert logits.shape == (len(replica.stream.unlabeled_images), 10) == (replica.algorithm.context.num_unlabeled, 10)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert replica.model.training and not torch.equal(replica.algorithm.passes[0][1]["logits"], logits)
+
+
+def test_an_unknown_pass_model_is_refused_when_registering() -> None:
+    with pytest.raises(TypeError, match="unlabeled_pass_model='ema', expected one of teacher, student"):
+        register_algorithm("never_registered")(type("Bad", (FixMatch,), {"unlabeled_pass_model": "ema"}))

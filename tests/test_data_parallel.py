@@ -8,10 +8,6 @@ in one set of processes (tests/data_parallel_worker.py).
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +19,9 @@ from ssl_imwa.checkpoint import read_checkpoint
 from ssl_imwa.models import create_model
 from ssl_imwa.models.batchnorm import GroupBatchNorm2d, synchronise_batchnorm
 from tests.utils import (
-    ROOT,
     assert_bitwise_equal,
     checkpoint_tensors,
-    free_port,
+    launch_jobs,
     read_metrics,
     read_results,
     train_run,
@@ -54,19 +49,6 @@ EARLY = 3
 # with, 9e-3..2.4e-2 without (masks flip on last-bit differences and SGD amplifies them). A wrong
 # slice, a missing gradient average or a missing reduction of algorithm state is off by far more.
 EARLY_TOLERANCE, LATE_TOLERANCE = 5e-5, 5e-2
-
-
-def launch_jobs(world: int, jobs: list[list[str]], timeout: float = 400) -> None:
-    """Run `jobs` (override lists, each with run_dir=...) in one `world`-process job, as torchrun would."""
-    payload = json.dumps([{"port": free_port(), "overrides": overrides} for overrides in jobs])
-    processes = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
-        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "data_parallel_worker.py"), payload],
-                                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
-    assert all(process.returncode == 0 for process in processes), "\n".join(output[-3000:] for output in outputs)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reference_runs import ALGORITHMS, IMWA, TINY, ReferenceRun
 from tests.utils import (
     ROOT,
     assert_bitwise_equal,
@@ -24,19 +25,12 @@ from tests.utils import (
     train_run,
 )
 
-TINY = ["experiment=quickstart", "train.iterations=20", "train.eval_every=5", "train.batch_size=16", "train.mu=2",
-        "train.log_every=5", "train.num_threads=1", "train.checkpoint_every=3"]
 TWA = ["imwa.merge=twa", "dataset.val_per_class=10", "dataset.m_max=60", "imwa.twa.steps=10",
        "imwa.twa.batch_size=32", "imwa.twa.include_start=true", "imwa.twa.accept=false"]
 CONFIGS = {
-    "fixmatch": TINY,
-    "daso": [*TINY, "algorithm=daso", "algorithm.warmup_steps=4", "algorithm.dist_update_period=3",
-             "algorithm.queue_size=8"],
-    "acr": [*TINY, "algorithm=acr", "train.mu=2", "algorithm.epoch_length=4", "algorithm.estimate_start_epoch=1"],
-    "debiaspl": [*TINY, "algorithm=debiaspl"],
-    "saw": [*TINY, "algorithm=saw", "algorithm.epoch_length=4"],
-    "imwa_uniform": [*TINY, "imwa.k=2", "imwa.episodes=2"],
-    "imwa_twa": [*TINY, "imwa.k=2", "imwa.episodes=2", *TWA],
+    **{name: [*TINY, *options] for name, options in ALGORITHMS.items()},
+    "imwa_uniform": IMWA,
+    "imwa_twa": [*IMWA, *TWA],
 }
 DRAWS_PER_RUN = int(os.environ.get("SSL_IMWA_KILL_DRAWS", "4"))  # each a fresh kill point of the day's seed
 SEED = int(os.environ.get("SSL_IMWA_KILL_SEED", int(time.time()) // 86400))
@@ -97,30 +91,18 @@ def _draws() -> list[tuple[str, str, int]]:
     return draws
 
 
-_REFERENCES: dict[str, Path] = {}
-
-
-def _reference_run(config: str, overrides: list[str], factory: pytest.TempPathFactory,
-                   monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The uninterrupted run of `config`, trained once per session (draws often share a config)."""
-    if config not in _REFERENCES:
-        base = factory.mktemp(f"reference_{config}")
-        (base / "kill_plugin.py").write_text(KILL_PLUGIN)
-        monkeypatch.syspath_prepend(str(base))
-        _REFERENCES[config] = train_run(base, overrides, "full")
-    return _REFERENCES[config]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("config, kind, count", _draws(), ids=lambda value: str(value))
 def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             tmp_path_factory: pytest.TempPathFactory,
+                                                             reference_run: ReferenceRun,
                                                              config: str, kind: str, count: int) -> None:
+    """The uninterrupted run is the shared reference, trained without the plugin and checkpointing at
+    its default interval: neither may change a number."""
     draw = f"{config}, kill at {kind} {count} (SSL_IMWA_KILL_SEED={SEED})"
     (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
-    overrides = [*CONFIGS[config], "plugins=[kill_plugin]"]
+    overrides = [*CONFIGS[config], "train.checkpoint_every=3", "plugins=[kill_plugin]"]
     monkeypatch.syspath_prepend(str(tmp_path))
-    full = _reference_run(config, overrides, tmp_path_factory, monkeypatch)
+    full = reference_run(CONFIGS[config])
     killed = tmp_path / "killed"
     env = {**os.environ, "SSL_IMWA_KILL": f"{kind}:{count}",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}

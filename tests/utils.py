@@ -61,6 +61,14 @@ def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.T
         assert torch.equal(value, right[key]), f"{key} differs"
 
 
+def assert_same_state(left: dict[str, Any], right: dict[str, Any], what: str) -> None:
+    """Two state dicts (an algorithm's: tensors and plain values) hold the same keys and bitwise values."""
+    assert left.keys() == right.keys(), what
+    for key, value in left.items():
+        same = torch.equal(value, right[key]) if isinstance(value, torch.Tensor) else value == right[key]
+        assert same, f"{what}: {key} differs"
+
+
 def checkpoint_algorithm_state(run_dir: Path, replica: int = 0) -> dict[str, torch.Tensor]:
     payload = read_checkpoint(run_dir / "checkpoints" / "latest.pt")
     return {key: torch.as_tensor(value) for key, value in payload["replicas"][replica]["algorithm"].items()}
@@ -119,3 +127,16 @@ def run_processes(world: int, overrides: list[str], run_dir: Path | None, timeou
         output, _ = process.communicate(timeout=timeout)
         results.append((process.returncode, output))
     return results
+
+
+def launch_jobs(world: int, jobs: list[list[str]], timeout: float = 400) -> None:
+    """Run `jobs` (override lists, each with run_dir=...) in one `world`-process job, as torchrun would."""
+    payload = json.dumps([{"port": free_port(), "overrides": overrides} for overrides in jobs])
+    processes = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+        processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "data_parallel_worker.py"), payload],
+                                          env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    assert all(process.returncode == 0 for process in processes), "\n".join(output[-3000:] for output in outputs)

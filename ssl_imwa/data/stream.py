@@ -186,6 +186,13 @@ class TrainStream:
             "u_target": self.unlabeled_targets.index_select(0, unlabeled_index),
         }
 
+    def unlabeled_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every unlabeled image, unaugmented and normalised, in index order: what a pass of a model over
+        the unlabeled set reads (the whole set on every shard)."""
+        for images, _ in eval_batches(self.unlabeled_images, self.unlabeled_targets, batch_size, self.mean, self.std,
+                                      self.device):
+            yield images
+
     def __iter__(self) -> "TrainStream":
         return self
 

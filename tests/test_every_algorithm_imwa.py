@@ -1,0 +1,44 @@
+"""Every registered algorithm under IMWA (K=2, E=2): a run stopped mid-episode resumes to bitwise the
+uninterrupted run, weights, optimisers and algorithm state, and after the last merge both replicas hold
+the same weights and the same algorithm state. The algorithms come from the registry: a plugin added to
+ssl_imwa/algorithms without an entry in tests/reference_runs.ALGORITHMS fails here."""
+from pathlib import Path
+
+import pytest
+
+from ssl_imwa.algorithm import list_algorithms
+from ssl_imwa.checkpoint import read_checkpoint
+from tests.reference_runs import ALGORITHMS, IMWA, ReferenceRun
+from tests.utils import (
+    assert_bitwise_equal,
+    assert_same_state,
+    checkpoint_tensors,
+    read_metrics,
+    read_results,
+    train_run,
+)
+
+
+def test_every_registered_algorithm_has_test_options() -> None:
+    missing = sorted(set(list_algorithms()) - set(ALGORITHMS))
+    assert not missing, f"add {missing} to tests/reference_runs.ALGORITHMS (options that move its state early)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_a_run_stopped_mid_episode_resumes_bitwise_and_merges(algorithm: str, tmp_path: Path,
+                                                              reference_run: ReferenceRun) -> None:
+    overrides = [*IMWA, *ALGORITHMS[algorithm]]
+    full = reference_run(overrides)
+    # Step 13 of replica 0 is inside episode 2, while replica 1 is still at the episode's start.
+    stopped = train_run(tmp_path, [*overrides, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
+    train_run(tmp_path, [*overrides, "resume=true"], "stopped")
+    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(stopped))
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    assert strip(read_metrics(full)) == strip(read_metrics(stopped))
+    replicas = [read_checkpoint(run_dir / "checkpoints" / "latest.pt")["replicas"] for run_dir in (full, stopped)]
+    for index in (0, 1):
+        assert_same_state(replicas[0][index]["algorithm"], replicas[1][index]["algorithm"], f"replica {index} resumed")
+    for part in ("model", "teacher", "algorithm"):   # the last merge gave both replicas the same
+        assert_same_state(replicas[0][0][part], replicas[0][1][part], f"{algorithm} {part} after the merge")
+    assert [entry["episode"] for entry in read_results(full)["imwa"]["per_episode"]] == [1, 2]
