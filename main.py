@@ -106,7 +106,10 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from ssl_imwa.cluster import export_ranks_of_a_slurm_job
     from ssl_imwa.run import run
+
+    export_ranks_of_a_slurm_job()
 
     def job() -> dict | None:
         return run(cfg, list(HydraConfig.get().overrides.task), _hydra_record(cfg))

@@ -94,7 +94,8 @@ def register_configs() -> None:
     from ssl_imwa.sweep_jobs import swept_dirname
 
     if not OmegaConf.has_resolver("swept_dirname"):   # configs/config.yaml's hydra.sweep.subdir
-        OmegaConf.register_new_resolver("swept_dirname", lambda task, fallback: swept_dirname(list(task), fallback))
+        OmegaConf.register_new_resolver("swept_dirname", lambda task, fallback, sweep_dir=None:
+                                        swept_dirname(list(task), fallback, sweep_dir))
     schema = OmegaConf.structured(Config)
     for section in (schema.imwa, schema.dataset, schema.model, schema.algorithm):
         OmegaConf.set_struct(section, False)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_imwa.builders import RunParts, build_run_parts, configure_torch
 from ssl_imwa.checkpoint_store import CheckpointStore, fingerprint
+from ssl_imwa.cluster import continues_a_requeued_job
 from ssl_imwa.config import Config, validate
 from ssl_imwa.data import SSLData, build_data
 from ssl_imwa.distributed import (
@@ -77,6 +78,7 @@ def log_secondary_process(run_dir: Path, rank: int) -> None:
     to_console.setFormatter(logging.Formatter(f"[rank {rank}][%(levelname)s] %(message)s"))
     logger = logging.getLogger("ssl_imwa")  # ssl_imwa.data and the algorithms' loggers are its children
     logger.setLevel(logging.INFO)
+    logger.propagate = False   # a Slurm task's Hydra logs to the job's main.log: process 0's alone
     # Hydra's `job_logging=disabled` (main.py gives it to these processes) disables every logger that
     # exists when it is applied, and main.py's checks before Hydra have created ours by then.
     for name, existing in logging.Logger.manager.loggerDict.items():
@@ -99,6 +101,8 @@ def run(cfg: DictConfig, command_line: Sequence[str] = (), hydra_record: dict[st
         raise ValueError("run_dir is not set: main.py takes it from Hydra's output directory (hydra.run.dir); "
                          "a run started from Python needs run_dir=<path>")
     run_dir = Path(cfg.run_dir)
+    if continues_a_requeued_job(run_dir, bool(cfg.get("resume", False))):
+        cfg.resume = True
     if cfg.get("resume", False):
         cfg = resumed_config(cfg, command_line)
     try:

@@ -1,4 +1,5 @@
-"""Ctrl-C and a scheduler's SIGTERM stop a run at the next step boundary, with a checkpoint there."""
+"""Ctrl-C and a scheduler's SIGTERM stop a run at the next step boundary, with a checkpoint there; so does
+the SIGUSR2 with which Slurm warns a submitit job of its time limit, before submitit requeues it."""
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,23 @@ class StopRequests:
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.signal(number, self._handle) for number in GRACEFUL_SIGNALS}
+            numbers = list(GRACEFUL_SIGNALS)
+            # In a submitit job SIGUSR2 has a handler (submitit's: requeue the job, then exit at once, mid-step);
+            # it is taken here too, and handed on once the run has stopped with its checkpoint.
+            if callable(signal.getsignal(signal.SIGUSR2)):
+                numbers.append(signal.SIGUSR2)
+            self._previous = {number: signal.signal(number, self._handle) for number in numbers}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
-        for number, handler in self._previous.items():
+        previous, self._previous = self._previous, {}
+        for number, handler in previous.items():
             signal.signal(number, handler)
-        self._previous = {}
+        handed_on = previous.get(signal.SIGUSR2)
+        if isinstance(error, Terminated) and error.signal_name == "SIGUSR2" and callable(handed_on):
+            log.info("checkpoint written; handing SIGUSR2 on to the job manager (submitit requeues the job)")
+            handed_on(signal.SIGUSR2, None)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         name = signal.Signals(number).name

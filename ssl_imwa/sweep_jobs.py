@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from ssl_imwa.stopping import Terminated
@@ -55,21 +56,31 @@ class SweepJobs:
         return min(len(self.failed), HIGHEST_EXIT_STATUS)
 
 
-def swept_dirname(task_overrides: list[str], override_dirname: str, command_line: list[str] | None = None) -> str:
+def swept_dirname(task_overrides: list[str], override_dirname: str, sweep_dir: str | None = None,
+                  command_line: list[str] | None = None) -> str:
     """A sweep job's directory name: `key=value` for only the keys the sweep varies, in the command
     line's order (`train.lr=0.03,seed=1`), so directories (and TensorBoard's run names, which are
-    their paths) say what differs; Hydra's `override_dirname` (every typed key) where the command
-    line shows no swept key (a job launched on a cluster node, say)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    their paths) say what differs. A job that a launcher started on another machine (a Slurm job) has
+    no sweep on its command line: it reads the sweep's overrides from the `multirun.yaml` Hydra wrote
+    into the sweep directory; where neither shows a swept key, Hydra's `override_dirname` (every typed key)."""
+    swept = _swept_keys(sys.argv[1:] if command_line is None else command_line)
+    if not swept and command_line is None and sweep_dir and (Path(sweep_dir) / "multirun.yaml").is_file():
+        from omegaconf import OmegaConf
 
-    arguments = [arg for arg in (sys.argv[1:] if command_line is None else command_line)
-                 if "=" in arg and not arg.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(arguments)
-    except HydraException:
-        return override_dirname
-    swept = [override.get_key_element().lstrip("+~") for override in parsed if override.is_sweep_override()]
+        swept = _swept_keys(list(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task))
     values = {override.split("=", 1)[0].lstrip("+~"): override for override in map(str, task_overrides)}
     named = [values[key].lstrip("+~") for key in swept if key in values]
     return ",".join(named) if named else override_dirname
+
+
+def _swept_keys(arguments: list[str]) -> list[str]:
+    """The keys that `arguments` (Hydra overrides) sweep over, in order; none when they do not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([arg for arg in arguments
+                                                            if "=" in arg and not arg.startswith("-")])
+    except HydraException:
+        return []
+    return [override.get_key_element().lstrip("+~") for override in parsed if override.is_sweep_override()]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.reference_runs import reference_run  # noqa: F401 - the shared reference runs, a fixture for every file
+from tests.slurm_cluster import slurm_cluster  # noqa: F401 - a real single-node Slurm cluster, started on demand
 
 
 @dataclass

@@ -62,6 +62,6 @@ def test_a_sweep_job_directory_names_the_swept_keys_in_command_line_order() -> N
     task = ["experiment=quickstart", "seed=1", "train.lr=0.03", "+dataset.noise=0.1"]
     everything = "experiment=quickstart,seed=1,train.lr=0.03"
     command = ["-m", "experiment=quickstart", "train.lr=0.01,0.03", "seed=range(2)", "+dataset.noise=0.1"]
-    assert swept_dirname(task, everything, command) == "train.lr=0.03,seed=1"
-    assert swept_dirname(task, everything, ["experiment=quickstart"]) == everything, "no swept key: every key"
-    assert swept_dirname(task, everything, ["train.lr=[1"]) == everything, "an unreadable line: every key"
+    assert swept_dirname(task, everything, command_line=command) == "train.lr=0.03,seed=1"
+    assert swept_dirname(task, everything, command_line=["experiment=quickstart"]) == everything, "no swept key: every key"
+    assert swept_dirname(task, everything, command_line=["train.lr=[1"]) == everything, "an unreadable line: every key"

@@ -1,0 +1,121 @@
+"""A real single-node Slurm cluster for the tests: munge, slurmctld and slurmd (Debian's slurm-wlm) on
+this machine, started as root in a temporary directory and shut down after the session. Where it
+cannot be started (not root, the packages missing: `.ci/run` installs them), the fixture skips with
+the reason."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+CONF = """ClusterName=sslimwa_test
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU_Memory
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+KillWait=30
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "starting slurmctld and slurmd needs root"
+    missing = [name for name in BINARIES if shutil.which(name) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge; .ci/run does it as root)"
+    return None
+
+
+def _munge_works() -> bool:
+    encoded = subprocess.run(["munge", "-n"], capture_output=True, check=False)
+    return encoded.returncode == 0 and subprocess.run(["unmunge"], input=encoded.stdout, capture_output=True,
+                                                      check=False).returncode == 0
+
+
+def _start_munge() -> None:
+    if _munge_works():
+        return
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+    Path("/run/munge").mkdir(parents=True, exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, capture_output=True)
+    deadline = time.monotonic() + 20
+    while not _munge_works():
+        if time.monotonic() > deadline:
+            raise RuntimeError("munged started but munge -n | unmunge still fails")
+        time.sleep(0.2)
+
+
+def _node_idle(env: dict[str, str]) -> bool:
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, check=False)
+    return state.returncode == 0 and state.stdout.strip() == "idle"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment (SLURM_CONF) under which sbatch, squeue and submitit talk to the test cluster."""
+    reason = _why_not()
+    if reason:
+        pytest.skip(f"no Slurm cluster: {reason}")
+    root = tmp_path_factory.mktemp("slurm")
+    for folder in ("state", "spool"):
+        (root / folder).mkdir()
+    memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8)
+    (root / "slurm.conf").write_text(CONF.format(host=socket.gethostname(), root=root, cpus=os.cpu_count(),
+                                                 memory_mb=memory_mb, ctld_port=_free_port(),
+                                                 slurmd_port=_free_port()))
+    env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+    _start_munge()
+    subprocess.run(["slurmctld", "-i"], env=env, check=True)
+    subprocess.run(["slurmd"], env=env, check=True)
+    deadline = time.monotonic() + 60
+    while not _node_idle(env):
+        if time.monotonic() > deadline:
+            log = (root / "slurmctld.log").read_text()[-2000:] if (root / "slurmctld.log").exists() else ""
+            raise RuntimeError(f"the test cluster's node is not idle after 60 s; slurmctld.log ends:\n{log}")
+        time.sleep(0.5)
+    try:
+        yield env
+    finally:
+        subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, check=False)
+        for name in ("slurmd.pid", "slurmctld.pid"):
+            pid_file = root / name
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), 15)
+                except (ProcessLookupError, ValueError):
+                    pass
