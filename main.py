@@ -25,6 +25,7 @@ SECONDARY_PROCESS_OVERRIDES = ("hydra.output_subdir=null", "hydra/job_logging=di
 RECORD_OVERRIDES = ("hydra.output_subdir=null",)
 
 
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Hydra's flags that take a value: an override typed after one is still read as an override.
 VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
                "-cd", "--experimental-rerun", "--shell-completion", "-sc")
@@ -114,13 +115,20 @@ def main(cfg: DictConfig) -> float | None:
     def job() -> dict | None:
         return run(cfg, list(HydraConfig.get().overrides.task), _hydra_record(cfg))
 
+    searching = HydraConfig.get().sweeper._target_ != BASIC_SWEEPER
+    if searching and not cfg.dataset.get("val_per_class"):
+        with short_user_errors():
+            raise ValueError(f"hydra/sweeper={HydraConfig.get().runtime.choices.get('hydra/sweeper')} maximises the "
+                             "final balanced accuracy on the validation split, and this run has none: set "
+                             "dataset.val_per_class (labeled images per class held out), never tune on the test split")
     if HydraConfig.get().mode == RunMode.MULTIRUN:   # one failed job does not end the sweep
         results = SWEEP.run(job, str(cfg.get("run_dir")))
     else:
         with short_user_errors():
             results = job()
-    # Returned so Hydra sweepers can optimise it; None when the run stopped at train.stop_at.
-    return None if results is None else results["final"]["balanced_acc"]
+    # What a sweeper optimises: the final model's balanced accuracy on the held-out split (None without
+    # one, or when the run stopped at train.stop_at or failed: Optuna records the trial as failed).
+    return None if results is None or results["final_val"] is None else results["final_val"]["balanced_acc"]
 
 
 if __name__ == "__main__":

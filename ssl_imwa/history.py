@@ -180,9 +180,14 @@ class RunHistory:
             own = [entry for entry in tests if entry["source"] == "replica" and entry["replica"] == index]
             replicas_final.append({"replica": index, "final": own[-1] if own else None})
         seconds = self.state["train_seconds"]
+        validations = [entry for entry in self.state["evaluations"] if entry["split"] == "val"
+                       and self.representative(entry["source"], entry["replica"])]
         return {
             "status": "complete",
             "final": {key: final[key] for key in (*SUMMARY_METRICS, "per_class", "step")},
+            # the same model on the held-out split (dataset.val_per_class > 0): what a hyperparameter search reads
+            "final_val": ({key: validations[-1][key] for key in (*SUMMARY_METRICS, "per_class", "step")}
+                          if validations else None),
             "best": ({**self.state["best"], "selected_on": "val"} if self.state["best"] else None),
             "median_last20": {key: median_of_last([entry[key] for entry in representative])
                               for key in ("top1", "balanced_acc")},

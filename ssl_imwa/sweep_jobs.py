@@ -62,15 +62,27 @@ def swept_dirname(task_overrides: list[str], override_dirname: str, sweep_dir: s
     line's order (`train.lr=0.03,seed=1`), so directories (and TensorBoard's run names, which are
     their paths) say what differs. A job that a launcher started on another machine (a Slurm job) has
     no sweep on its command line: it reads the sweep's overrides from the `multirun.yaml` Hydra wrote
-    into the sweep directory; where neither shows a swept key, Hydra's `override_dirname` (every typed key)."""
+    into the sweep directory. A search (hydra/sweeper=optuna) sweeps the keys of its `params`. Where
+    nothing shows a swept key, Hydra's `override_dirname` (every typed key)."""
     swept = _swept_keys(sys.argv[1:] if command_line is None else command_line)
     if not swept and command_line is None and sweep_dir and (Path(sweep_dir) / "multirun.yaml").is_file():
         from omegaconf import OmegaConf
 
         swept = _swept_keys(list(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task))
+    if command_line is None:
+        swept += [key for key in _searched_keys() if key not in swept]
     values = {override.split("=", 1)[0].lstrip("+~"): override for override in map(str, task_overrides)}
     named = [values[key].lstrip("+~") for key in swept if key in values]
     return ",".join(named) if named else override_dirname
+
+
+def _searched_keys() -> list[str]:
+    """The keys a search sweeper's space names (`hydra.sweeper.params`); none for Hydra's basic sweeper."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(key) for key in (HydraConfig.get().sweeper.get("params") or {})]
 
 
 def _swept_keys(arguments: list[str]) -> list[str]:
