@@ -11,6 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ssl_imwa.data.config import DatasetConfig
 from ssl_imwa.merge import MOMENTUM_POLICIES
 from ssl_imwa.models.config import ModelConfig
+from ssl_imwa.trackers import check_loggers
 from ssl_imwa.validation import (
     expect_choice,
     expect_positive,
@@ -72,6 +73,8 @@ class Config:
     # Hydra's output directory (configs/config.yaml); None only where Hydra has none, as in `--cfg job`.
     run_dir: str | None = None
     plugins: list[str] = field(default_factory=list)
+    # Where the run logs besides metrics.jsonl: tensorboard, wandb, mlflow (ssl_imwa.trackers, docs/cluster.md).
+    logger: list[str] = field(default_factory=lambda: ["tensorboard"])
     # Untyped and open while Hydra composes (register_configs), so that a dataset's or a backbone's own
     # options (`dataset.<option>`, `model.<option>`) fit; validate() types each section by the dataclass
     # its plugin registered and names any unknown key there (docs/extending.md).
@@ -138,6 +141,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     validate_dataset(dataset)
     check_labeled_counts(dataset, typed.train.batch_size)  # where the class count is known before reading
     expect_range("seed", typed.seed, 0, 2 ** 32 - 1)  # numpy's seeds are unsigned 32-bit
+    check_loggers(list(typed.logger))
     _check_imwa(typed.imwa, typed.dataset.val_per_class, typed.train.iterations)
     if typed.train.batch_size % typed.imwa.data_parallel:
         raise ValueError(f"train.batch_size={typed.train.batch_size} is not divisible by imwa.data_parallel="

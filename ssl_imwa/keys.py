@@ -10,4 +10,4 @@ SUMMARY_METRICS = ("top1", "balanced_acc", "macro_f1", "head", "medium", "tail")
 # fingerprint leaves them out, the report does not split groups by them, and Hydra keeps them out of
 # a sweep's directory names (configs/config.yaml's override_dirname.exclude_keys, checked by a test).
 LAUNCH_KEYS = ("resume", "run_dir", "device", "train.stop_at", "train.progress", "train.num_threads",
-               "train.checkpoint_every", "train.log_every", "imwa.timeout_s", "imwa.keep_merges")
+               "train.checkpoint_every", "train.log_every", "imwa.timeout_s", "imwa.keep_merges", "logger")

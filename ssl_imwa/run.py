@@ -28,7 +28,7 @@ from ssl_imwa.history import RunHistory
 from ssl_imwa.imwa import Orchestrator
 from ssl_imwa.resume import launch_choices, resumed_config
 from ssl_imwa.rng import seed_everything
-from ssl_imwa.run_logger import RunLogger
+from ssl_imwa.run_logger import RunLogger, Tracker, trial_name
 from ssl_imwa.rundir import (
     LOCK_NAME,
     RunDirectoryLock,
@@ -36,6 +36,7 @@ from ssl_imwa.rundir import (
     used_by_a_run,
 )
 from ssl_imwa.stopping import StopRequests, Terminated
+from ssl_imwa.trackers import open_trackers
 
 log = logging.getLogger("ssl_imwa")
 # Where Hydra's record of a launch goes (Hydra's default hydra.output_subdir; ssl_imwa.resume reads it there).
@@ -168,7 +169,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayo
         log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)
     data, parts = _build(cfg, run_dir, device, layout)
-    logger = RunLogger(run_dir, data.class_names)
+    logger = RunLogger(run_dir, data.class_names, "tensorboard" in cfg.logger, _trackers(cfg, run_dir, comm))
     store = CheckpointStore(run_dir, fingerprint(cfg), layout.across_replicas, layout.data_parallel)
     stop = StopRequests()
     orchestrator = Orchestrator(cfg, parts, RunHistory(logger, cfg.imwa.k, store.is_main, data.counts), store, stop)
@@ -252,6 +253,16 @@ def record_a_lost_main_process(logger: RunLogger, run_dir: Path, rank: int, erro
         return
     logger.status("failed", error=f"process 0 (pid {owner['pid']} on {owner['host']}) died without recording why; "
                                    f"process {rank} then stopped: {type(error).__name__}: {error}")
+
+
+def _trackers(cfg: Config, run_dir: Path, comm: Communicator) -> list[Tracker]:
+    """The experiment trackers besides TensorBoard, opened by process 0 under the TensorBoard run's name."""
+    if not comm.is_main or not any(name != "tensorboard" for name in cfg.logger):
+        return []
+    from ssl_imwa.report.runs import flatten
+
+    return open_trackers(list(cfg.logger), run_dir, trial_name(run_dir),
+                         flatten(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -202,15 +202,28 @@ def trial_name(run_dir: Path) -> str:
     return ",".join(named) if named else run_dir.name
 
 
-class RunLogger:
-    """One TensorBoard event stream per source ('replica<k>', 'merged') plus the JSON files."""
+class Tracker(Protocol):
+    """An experiment tracker the run also logs to (ssl_imwa.trackers: W&B, MLflow)."""
 
-    def __init__(self, run_dir: Path, class_names: list[str], enabled_tensorboard: bool = True) -> None:
+    def scalars(self, stream: str, values: dict[str, float], step: int) -> None: ...
+
+    def summary(self, metrics: dict[str, float]) -> None: ...
+
+    def close(self, failed: bool) -> None: ...
+
+
+class RunLogger:
+    """One TensorBoard event stream per source ('replica<k>', 'merged') plus the JSON files, and the same
+    scalars to any experiment tracker the run logs to (ssl_imwa.trackers)."""
+
+    def __init__(self, run_dir: Path, class_names: list[str], enabled_tensorboard: bool = True,
+                 trackers: list[Tracker] | None = None) -> None:
         self.run_dir = run_dir
         self.class_names = class_names
         self.metrics_path = run_dir / "metrics.jsonl"
         self.status_path = run_dir / "status.json"
         self.enabled_tensorboard = enabled_tensorboard
+        self.trackers = trackers or []
         self._writers: dict[str, Any] = {}
         self._results: dict[str, Any] = {}  # as written by results(): the HParams session's metrics
         # (source, replica, split) -> (step, image) of the last confusion matrix drawn
@@ -222,12 +235,14 @@ class RunLogger:
         return self._writers[source]
 
     def scalars(self, source: str, values: dict[str, float], step: int, prefix: str = "train") -> None:
+        named = {f"{prefix}/{key}": value for key, value in values.items() if not math.isnan(value)}
+        for tracker in self.trackers:
+            tracker.scalars(source, named, step)
         if not self.enabled_tensorboard:
             return
         writer = self.writer(source)
-        for key, value in values.items():
-            if not math.isnan(value):
-                writer.add_scalar(f"{prefix}/{key}", value, step)
+        for key, value in named.items():
+            writer.add_scalar(key, value, step)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One evaluation as one line of metrics.jsonl (only process 0 writes the file)."""
@@ -257,18 +272,20 @@ class RunLogger:
         logger drew for the same evaluation (source, replica, split, step), if any, is reused:
         K=1 mirrors replica 0's evaluations at an episode's end into `merged`.
         """
+        name = stream or ("merged" if record["source"] == "merged" else f"replica{record['replica']}")
+        split, step = record["split"], record["step"]
+        values = {f"{split}/{key}": record[key] for key in SUMMARY_METRICS}
+        values.update({f"{split}_per_class/{index:03d}_{self.class_names[index]}": value
+                       for index, value in enumerate(record["per_class"])})
+        values = {key: value for key, value in values.items() if not math.isnan(value)}
+        for tracker in self.trackers:
+            tracker.scalars(name, values, step)
         if not self.enabled_tensorboard:
             return
-        name = stream or ("merged" if record["source"] == "merged" else f"replica{record['replica']}")
         writer = self.writer(name)
-        split, step = record["split"], record["step"]
         identity = (record["source"], record.get("replica"), split)
-        for key in SUMMARY_METRICS:
-            if not math.isnan(record[key]):
-                writer.add_scalar(f"{split}/{key}", record[key], step)
-        for index, value in enumerate(record["per_class"]):
-            if not math.isnan(value):
-                writer.add_scalar(f"{split}_per_class/{index:03d}_{self.class_names[index]}", value, step)
+        for key, value in values.items():
+            writer.add_scalar(key, value, step)
         if split != "test":
             return
         if confusion is not None:
@@ -286,12 +303,14 @@ class RunLogger:
         logger wrote, as test/* scalars at the final step (not `hparam/*` at step 0). No
         experiment declaration: see ssl_imwa/tensorboard_hparams.py for why.
         """
+        metrics = metric_values(self._results)
+        metrics.update({f"test/{key}": value for key, value in final_metrics.items() if not math.isnan(value)})
+        for tracker in self.trackers:
+            tracker.summary(metrics)
         if not self.enabled_tensorboard:
             return
         values = {**hparams, **command_line_hparams(self.run_dir)}
         values = {key: hparam_value(value) for key, value in values.items()}
-        metrics = metric_values(self._results)
-        metrics.update({f"test/{key}": value for key, value in final_metrics.items() if not math.isnan(value)})
         step = (self._results.get("final") or {}).get("step", 0)
         write_session(self.run_dir / "tensorboard" / "hparams", trial_name(self.run_dir), values, metrics, step,
                       "SUCCESS")
@@ -321,6 +340,9 @@ class RunLogger:
         after the others are closed, or, while a run ends on another error, logged, so that closing
         never hides the error that ended the run."""
         faults = []
+        for tracker in self.trackers:
+            tracker.close(failed=ending_a_failure)
+        self.trackers = []
         for writer in self._writers.values():
             try:
                 writer.close()
