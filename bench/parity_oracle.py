@@ -20,6 +20,11 @@ DASO to our choice one item at a time, so the oracle can show which item a diver
     bn_once     item 11: undo the queue forward's update of the student's BN running statistics
     eval_queue  item 11: queue features from the EMA model in eval mode (implies bn_once)
     f32_weights SAW: USB's initial unlabeled class weights in float32 (USB: float64 until its first re-estimate)
+    prior_sign  TRAS: USB's adjustment from the labeled frequencies (log pi_l, official) instead of min(n) / n_c
+    teacher_target  TRAS: transfer the standard head's strong-view logits, not the target head's weak-view ones
+    warmup_zero TRAS: during the warm-up the target head's losses with weight 0 (our zero gradient), not left out
+    joint_head  TRAS: the target head's logits from the joint forward's whole batch, not its linear layer per slice
+    joint_head  ABC: the same for ABC's auxiliary classifier (USB applies it to x_lb, x_ulb_w and x_ulb_s apart)
 
 DebiasPL and SAW run on both sides' own code as shipped. `--ours KEY=VALUE` adds overrides to OUR side
 only: `--ours algorithm.usb_order=true` switches our DebiasPL to USB's order of estimate, pseudo-labels
@@ -27,6 +32,22 @@ and margin. `--saw-epoch N` ends a SAW epoch every N steps on both sides (ours: 
 USB: its after_train_epoch pass over the unlabeled images, then before_train_epoch), so a short run
 crosses the re-weighting; without it both keep the recipe's 1,024-step epoch. The estimate each keeps
 (DebiasPL's p_hat, SAW's unlabeled weights) is compared after every step as well.
+ADSH: both sides end an epoch every parity_usb.ADSH_EPOCH = 50 steps (ours: algorithm.epoch_length; USB: its
+hook's after_train_epoch on its `evaluate('eval_ulb')` over our unlabeled images, in our pass's batches and
+order, unaugmented); the class scores s of both sides are compared after every step ("state").
+ABC: USB's side is its ABCNet (auxiliary classifier compared as our ABC head) in the DataParallel wrapper
+its train.py adds; each step USB's epoch is set as its loop sets it (the recipe's 256 epochs) and the
+global generator is reset to where our step found it, so `--ours algorithm.usb_rng=true` (torch.bernoulli on
+that generator, as USB) makes both sides draw the same Bernoulli masks; our default draws differ by design.
+
+DARP: both sides get the batch's unlabeled indices (USB's `idx_ulb`, which USB's loader yields for every
+algorithm and its `process_batch` passes to those that ask), 10-step epochs with refinement from step 50
+and the solver every 10 steps (parity_usb.DARP_*); USB's epoch is set as its loop sets it. The refined
+pseudo-labels of every unlabeled image are compared after every step ("state").
+
+TRAS: the target head joins after parity_usb.TRAS_WARMUP = 20 steps on both sides (USB's epoch set as its loop
+sets it); USB's TRASNet sits in the DataParallel wrapper its train.py adds, its aux_classifier compared as our
+target head. The four TRAS --align items above take USB to our design; with all four the runs are bitwise.
 
 Run (one process, one thread; USB set up as in bench/parity_usb.py):
 
@@ -34,6 +55,11 @@ Run (one process, one thread; USB set up as in bench/parity_usb.py):
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo daso --steps 200 --align all
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo debiaspl --steps 200 --ours algorithm.usb_order=true
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo saw --steps 200 --saw-epoch 50
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo adsh --steps 200
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo abc --steps 200 --ours algorithm.usb_rng=true
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo abc --steps 200 --ours algorithm.usb_rng=true --align joint_head
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo darp --steps 200 --ours algorithm.threshold_refined=false
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo tras --steps 200 --align prior_sign teacher_target warmup_zero joint_head
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 1000 --seeds 0 1 2 --score
     /tmp/usb_venv/bin/python bench/parity_oracle.py report   # markdown table of the scored runs
 """
@@ -55,7 +81,10 @@ sys.path.insert(0, str(REPO))
 
 from bench.parity_usb import BATCH, build_usb, our_overrides, score, usb_step
 
-ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue", "f32_weights")
+ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue", "f32_weights", "prior_sign", "teacher_target",
+               "warmup_zero", "joint_head")
+ABC_HEAD = "logits_abc"   # ssl_imwa.algorithms.abc.ABC_HEAD: our name of ABC's auxiliary head
+TRAS_HEAD = "logits_aux"   # ssl_imwa.algorithms.tras.TARGET_HEAD: our name of TRASNet's aux_classifier
 REPORT_STEPS = (1, 2, 5, 10, 20, 21, 50, 100, 200, 500, 1000)
 
 
@@ -72,6 +101,10 @@ class Tee:
     def __next__(self) -> dict[str, Any]:
         self.last = next(self.stream)
         return self.last
+
+    def __getattr__(self, name: str) -> Any:
+        """The rest is the stream's (`unlabeled_batches`, which the trainer's pass over the unlabeled set reads)."""
+        return getattr(self.stream, name)
 
 
 def build_ours(algo: str, seed: int, run_dir: Path, engine: Path, extra: list[str]) -> tuple[Any, Any, Any]:
@@ -167,6 +200,10 @@ def algorithm_states(algo: str, ours: Any, usb: Any) -> tuple[torch.Tensor, torc
         return ours.p_hat, usb.p_hat
     if algo == "saw":
         return ours.unlabeled_weights, usb.x_ulb_weights
+    if algo == "adsh":   # the class scores s (thresholds exp(-s))
+        return ours.s, usb.hooks_dict["MaskingHook"].adsh_s
+    if algo == "darp":   # the refined pseudo-labels of every unlabeled image
+        return ours.refined, usb.hooks_dict["PseudoLabelingHook"].pseudo_refine
     return None
 
 
@@ -179,9 +216,38 @@ def state_difference(algo: str, ours: Any, usb: Any) -> dict[str, float]:
     return {"state": ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()}
 
 
+def usb_net(model: nn.Module) -> nn.Module:
+    """USB's network under our tensor names: its `net` (our classifier); for ABC (USB's ABCNet inside the
+    DataParallel wrapper of its train.py) that classifier with ABCNet's auxiliary classifier as our ABC head."""
+    if not isinstance(model, nn.DataParallel):
+        return model.net
+    abc = model.module
+    view = nn.Module()   # shares USB's modules: loading into it loads USB's tensors
+    view.backbone = abc.backbone.net.backbone
+    head = TRAS_HEAD if type(abc).__name__ == "TRASNet" else ABC_HEAD   # TRASNet has ABCNet's layout
+    view.heads = nn.ModuleDict({**abc.backbone.net.heads, head: abc.aux_classifier})
+    return view
+
+
+def before_usb_step(usb: Any, algo: str, step: int, rng: torch.Tensor) -> None:
+    """ABC: USB's epoch as its train() loop sets it (its Bernoulli schedule reads epoch / epochs), and the
+    global generator as our step found it, so that with --ours algorithm.usb_rng=true both draw the same."""
+    if algo == "abc":
+        usb.epoch = step // usb.num_iter_per_epoch
+        torch.set_rng_state(rng)
+    if algo == "tras":   # USB's TRAS trains its aux head once epoch >= tras_warmup_epochs
+        usb.epoch = step // usb.num_iter_per_epoch
+    if algo == "darp":   # USB's DARP refines once epoch > darp_warmup_epochs
+        usb.epoch = step // usb.num_iter_per_epoch
+
+
 def end_usb_epoch(usb: Any, algo: str, step: int, saw_epoch: int) -> None:
-    """USB's epoch hooks where its train() loop calls them: SAW re-weights after an epoch's last step."""
-    if algo == "saw" and saw_epoch and (step + 1) % saw_epoch == 0:
+    """USB's epoch hooks where its train() loop calls them: SAW re-weights, ADSH re-estimates its scores
+    (from its `evaluate('eval_ulb')`, parity_usb.patch_usb_adsh) after an epoch's last step."""
+    from bench.parity_usb import ADSH_EPOCH
+
+    epoch = {"saw": saw_epoch, "adsh": ADSH_EPOCH}.get(algo, 0)
+    if epoch and (step + 1) % epoch == 0:
         usb.call_hook("after_train_epoch")
         usb.call_hook("before_train_epoch")
 
@@ -230,8 +296,8 @@ def start_usb(algo: str, seed: int, items: set[str], out: Path, data: Any, initi
         noise = torch.Generator().manual_seed(seed)
         initial = {name: t * (1 + perturb * torch.randn(t.shape, generator=noise)) if t.is_floating_point() else t
                    for name, t in initial.items()}
-    usb.model.net.load_state_dict(initial)
-    usb.ema_model.net.load_state_dict(initial)
+    usb_net(usb.model).load_state_dict(initial)
+    usb_net(usb.ema_model).load_state_dict(initial)
     usb.call_hook("before_run")  # USB's EMA registers the (now shared) initial weights here
     if algo == "daso":
         align_usb_daso(usb, items)
@@ -239,7 +305,72 @@ def start_usb(algo: str, seed: int, items: set[str], out: Path, data: Any, initi
         if "f32_weights" in items:
             usb.x_ulb_weights = usb.x_ulb_weights.float()
         usb.call_hook("before_train_epoch")   # hands the class weights to USB's losses
+    if algo == "tras":
+        align_usb_tras(usb, items)
+    if algo == "abc" and "joint_head" in items:
+        align_usb_joint_head(usb)
     return usb
+
+
+def align_usb_joint_head(usb: Any) -> None:
+    """--align joint_head for ABC and TRAS: their nets (ABCNet, TRASNet) compute the auxiliary classifier on
+    the whole batch's features, as our model computes every head, and their train_step applies the layer
+    again to each slice of them; here those calls return the slices of the forward's output, so the layer's
+    gradient is one sum over all rows, as ours (the layer's own forward still serves the net's)."""
+    state: dict[str, torch.Tensor] = {}
+    usb.model.module.register_forward_hook(
+        lambda module, args, output: state.update(features=output["feat"], aux=output["logits_aux"]))
+    layer = usb.model.module.aux_classifier
+    linear = layer.forward
+
+    def joint(features: torch.Tensor) -> torch.Tensor:
+        whole = state.get("features")
+        if whole is None or features._base is not whole:
+            return linear(features)
+        row = (features.storage_offset() - whole.storage_offset()) // whole.stride(0)
+        return state["aux"][row:row + features.shape[0]]
+
+    layer.forward = joint
+
+
+def align_usb_tras(usb: Any, items: set[str]) -> None:
+    """Switch USB's TRAS to our design for each named TRAS item (module docstring)."""
+    from bench.parity_usb import TRAS_WARMUP
+
+    if "prior_sign" in items:   # USB's own expressions, from pi_l = n_c / sum(n) as the official compute_adjustment
+        counts = torch.bincount(torch.as_tensor(usb.dataset_dict["train_lb"].targets), minlength=usb.num_classes)
+        usb.lb_class_dist = counts.double() / counts.sum()
+        usb.la = torch.log(usb.lb_class_dist ** usb.tro + 1e-12)
+        usb.T_logit = usb.A * torch.softmax(-usb.la / 1, dim=0) + usb.B
+        usb.tras_ce_loss.la = usb.la
+    state: dict[str, torch.Tensor] = {}
+    if "teacher_target" in items:
+        # The joint forward's standard-head logits (the tensor USB's FixMatch step splits) and the target head's
+        # weak-view pseudo-labels (the pseudo-labeling hook's second call of the step, TRAS's).
+        usb.model.module.register_forward_hook(lambda module, args, output: state.update(logits=output["logits"]))
+        labeler = usb.hooks_dict["PseudoLabelingHook"]
+        generate = labeler.gen_ulb_targets
+
+        def remember(*args: Any, **kwargs: Any) -> torch.Tensor:
+            state["labels"] = generate(*args, **kwargs)
+            return state["labels"]
+
+        labeler.gen_ulb_targets = remember
+    if "joint_head" in items:
+        align_usb_joint_head(usb)
+    kl, ce = usb.tras_kl_loss, usb.tras_ce_loss
+    weight = (lambda: 0.0 if usb.it < TRAS_WARMUP else 1.0) if "warmup_zero" in items else (lambda: 1.0)
+
+    def transfer(outputs: torch.Tensor, targets: torch.Tensor, T: float, mask: torch.Tensor) -> torch.Tensor:
+        if "teacher_target" in items:
+            strong = state["logits"][-outputs.shape[0]:]
+            targets = strong.detach() - usb.la[None, :] * usb.T_logit[state["labels"]][:, None]
+        return kl(outputs, targets, T, mask) * weight()
+
+    usb.tras_kl_loss = transfer
+    usb.tras_ce_loss = lambda *args, **kwargs: ce(*args, **kwargs) * weight()
+    if "warmup_zero" in items:
+        usb.warmup_epochs = 0
 
 
 def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], out: Path, scored: bool,
@@ -249,14 +380,16 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
     trainer, replica, data = build_ours(algo, seed, out / "ours_cfg", engine, [*extra, *epoch])
     usb = start_usb(algo, seed, items, out, data, replica.model.state_dict(), perturb)
     ours_tensors = tensor_groups(replica.model, replica.teacher.module)
-    usb_tensors = tensor_groups(usb.model.net, usb.ema_model.net)
+    usb_tensors = tensor_groups(usb_net(usb.model), usb_net(usb.ema_model))
     first: dict[str, Any] | None = None
     mask_flips, history = 0, []
     for step in range(steps):
+        rng = torch.get_rng_state()
         outputs = trainer.step(replica, step)
         b = replica.stream.last
+        before_usb_step(usb, algo, step, rng)
         usb_step(usb, {"x_lb": b["x"].clone(), "y_lb": b["y"].clone(), "x_ulb_w": b["u_weak"].clone(),
-                       "x_ulb_s": b["u_strong"][0].clone()}, step)
+                       "x_ulb_s": b["u_strong"][0].clone(), "idx_ulb": b["u_index"].clone()}, step)
         end_usb_epoch(usb, algo, step, saw_epoch)
         ours_mask, usb_mask = outputs["mask_rate"].item(), usb.log_dict["train/util_ratio"]
         mask_flips += round(abs(ours_mask - usb_mask) * BATCH * (len(b["u_weak"]) // BATCH))
@@ -317,7 +450,8 @@ def report(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=["run", "report"], default="run")
-    parser.add_argument("--algo", choices=["fixmatch", "daso", "debiaspl", "saw"], default="fixmatch")
+    parser.add_argument("--algo", choices=["fixmatch", "daso", "debiaspl", "saw", "abc", "darp", "adsh", "tras"],
+                        default="fixmatch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tol", type=float, default=1e-4, help="relative difference counted as a divergence")

@@ -54,9 +54,15 @@ STUB_MODULES = {
 }
 # The setting shared by both sides (experiment=cpu_digits_lt and the choices in the module docstring).
 STEPS, BATCH, LR, WD, THRESHOLD, EMA_DECAY, BN_MOMENTUM = 1000, 32, 0.03, 5e-4, 0.95, 0.999, 0.001
-MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2, "debiaspl": 2, "saw": 2}
-IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw")  # USB classes mixed into its FixMatch
+MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2, "debiaspl": 2, "saw": 2, "abc": 2, "darp": 2, "adsh": 2, "tras": 2}
+IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw", "abc", "darp", "adsh", "tras")  # USB classes mixed into its FixMatch
 DASO_WARMUP, DASO_PERIOD = 20, 1  # daso_short: 0.02 and 0.0004 of 1,000 steps (the period rounds up to 1)
+# DARP: 10-step epochs, refinement from epoch 5 (step 50), the solver every 10 steps, on both sides.
+DARP_EPOCH, DARP_WARMUP_EPOCHS, DARP_PERIOD = 10, 4, 10
+# ADSH: 50-step epochs on both sides (the recipe's 1,024-step epoch never ends in a short run).
+ADSH_EPOCH = 50
+# TRAS: the target head joins after 20 steps on both sides (USB: 20-step epochs, tras_warmup_epochs 1).
+TRAS_WARMUP = 20
 
 
 def write_stubs(stub_dir: Path) -> None:
@@ -120,6 +126,16 @@ def usb_args(algo: str, seed: int, num_classes: int) -> SimpleNamespace:
         args.update(imb_algorithm="debiaspl", debiaspl_tau=0.4, debiaspl_ema_p=0.999)
     if algo == "saw":
         args.update(imb_algorithm="saw")
+    if algo == "adsh":   # USB's argparse default adsh_tau_1 (its config files leave it)
+        args.update(imb_algorithm="adsh", adsh_tau_1=THRESHOLD)
+    if algo == "abc":   # USB's config for CIFAR-10-LT (abc_p_cutoff, abc_loss_ratio; epoch: 256 schedule epochs)
+        args.update(imb_algorithm="abc", abc_p_cutoff=THRESHOLD, abc_loss_ratio=1.0, epoch=256)
+    if algo == "darp":   # USB's config for CIFAR-10-LT (alpha 2, iter_T 10), the schedule above
+        args.update(imb_algorithm="darp", darp_alpha=2.0, darp_iter_T=10, darp_num_refine_iter=DARP_PERIOD,
+                    darp_warmup_epochs=DARP_WARMUP_EPOCHS, epoch=STEPS // DARP_EPOCH)
+    if algo == "tras":   # USB's generator for CIFAR-10-LT (A 2, B 2, tro 1, 1 warm-up epoch), TRAS_WARMUP-step epochs
+        args.update(imb_algorithm="tras", tras_A=2, tras_B=2, tras_tro=1.0, tras_warmup_epochs=1,
+                    epoch=STEPS // TRAS_WARMUP)
     return SimpleNamespace(**args)
 
 
@@ -151,6 +167,14 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
     base.AlgorithmBase.process_batch = on_cpu  # USB moves every tensor with .cuda(); this run is on CPU
     if algo == "saw":
         patch_usb_saw(data)
+    if algo == "adsh":
+        patch_usb_adsh(data)
+    if algo == "abc":
+        patch_usb_abc(data)
+    if algo == "darp":
+        patch_usb_darp(data)
+    if algo == "tras":
+        patch_usb_tras(data)
     settings = usb_args(algo, seed, num_classes)
 
     def net_builder(num_classes: int, **_: Any) -> USBNet:
@@ -173,6 +197,9 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
                 algorithm.probs_sim = sim.softmax(dim=1)
 
         algorithm.model.tap = same_batch
+    if algo in ("abc", "tras"):   # USB's train.py wraps both nets (send_model_cuda); their train_step reads model.module
+        algorithm.model = nn.DataParallel(algorithm.model)   # with no GPU a pass-through
+        algorithm.ema_model = nn.DataParallel(algorithm.ema_model)
     # USB's optimizer: SGD, Nesterov; its param groups never decay biases or 1-d parameters (BN), whatever
     # bn_wd_skip says (semilearn/nets/utils.py param_groups_weight_decay), so ours runs with
     # train.wd_exclude_bias_bn=true. Cosine schedule for FixMatch (USB's default), constant lr for DASO
@@ -189,6 +216,35 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
     algorithm.hooks_dict = {h.name: h for h in algorithm._hooks}
     algorithm.model.train()
     return algorithm
+
+
+def patch_usb_abc(data: Any) -> None:
+    """USB's ABC reads the labeled targets (its N_min / N_c) from its own labeled dataset; here from our split."""
+    from semilearn.imb_algorithms.abc import ABC
+
+    ABC.set_dataset = lambda self: {"train_lb": SimpleNamespace(targets=data.labeled_targets.numpy())}
+
+
+def patch_usb_tras(data: Any) -> None:
+    """USB's TRAS reads the labeled targets (its class distribution) from its own labeled dataset; here from our
+    split. Its train_step moves the class strengths with `.cuda()`; this run is on CPU."""
+    from semilearn.imb_algorithms.tras import TRAS
+
+    TRAS.set_dataset = lambda self: {"train_lb": SimpleNamespace(targets=data.labeled_targets.numpy())}
+    if not hasattr(TRAS.train_step, "on_host"):   # once per process (one build per seed)
+        TRAS.train_step = on_host(TRAS.train_step)
+        TRAS.train_step.on_host = True
+
+
+def patch_usb_darp(data: Any) -> None:
+    """USB's DARP reads the labeled targets and the unlabeled set's size from its own datasets; here from our
+    split. Its pseudo-labeling hook moves the refined labels with `.cuda()`; this run is on CPU."""
+    from semilearn.imb_algorithms.darp import DARP
+    from semilearn.imb_algorithms.darp.utils import DARPPseudoLabelingHook
+
+    DARP.set_dataset = lambda self: {"train_lb": SimpleNamespace(targets=data.labeled_targets.numpy()),
+                                     "train_ulb": [None] * len(data.unlabeled_images)}
+    DARPPseudoLabelingHook.refine_pseudo_labels = on_host(DARPPseudoLabelingHook.refine_pseudo_labels)
 
 
 def patch_usb_saw(data: Any) -> None:
@@ -222,14 +278,41 @@ def patch_usb_saw(data: Any) -> None:
         setattr(SAWWeightsHook, name, on_host(getattr(SAWWeightsHook, name)))
 
 
+
+def patch_usb_adsh(data: Any) -> None:
+    """USB's ADSH adds an `eval_ulb` loader over its own unlabeled set; here its end-of-epoch pass
+    (`evaluate('eval_ulb')`: the EMA weights, the model in eval mode) reads our unlabeled images in our
+    pass's batches and order, unaugmented as our pass reads them (USB's eval_ulb applies train_ulb's weak
+    transform, a random crop and flip: docs/algorithms.md)."""
+    from semilearn.imb_algorithms.adsh import Adsh
+
+    from ssl_imwa.data.stream import eval_batches
+
+    def evaluate_ulb(self: Any, eval_dest: str = "eval", out_key: str = "logits", return_logits: bool = False
+                     ) -> dict[str, Any]:
+        assert eval_dest == "eval_ulb" and return_logits
+        self.model.eval()
+        self.ema.apply_shadow()
+        with torch.no_grad():
+            logits = [self.model(images)[out_key] for images, _ in eval_batches(
+                data.unlabeled_images, data.unlabeled_targets, self.args.eval_batch_size, data.mean, data.std)]
+        self.ema.restore()
+        self.model.train()
+        return {"eval_ulb/logits": torch.cat(logits).numpy()}
+
+    Adsh.set_dataset = lambda self: None
+    Adsh.set_data_loader = lambda self: None
+    Adsh.evaluate = evaluate_ulb
+
+
 def on_host(hook: Any) -> Any:
     """`hook` with `Tensor.cuda` the identity while it runs (USB's hooks call it unconditionally)."""
 
-    def wrapped(self: Any, algorithm: Any) -> None:
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
         cuda = torch.Tensor.cuda
         torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
         try:
-            hook(self, algorithm)
+            return hook(self, *args, **kwargs)
         finally:
             torch.Tensor.cuda = cuda
 
@@ -298,8 +381,15 @@ def our_overrides(algo: str, seed: int, threads: int) -> list[str]:
     overrides = ["experiment=cpu_digits_lt", f"seed={seed}", "algorithm.ema.warmup=false",
                  f"model.bn_momentum={BN_MOMENTUM}", "train.wd_exclude_bias_bn=true", f"train.num_threads={threads}",
                  "train.progress=false"]
-    if algo in ("debiaspl", "saw"):   # their recipes are USB's (mu 2, constant lr, EMA and BN as USB)
+    if algo == "darp":   # its recipe is USB's; the schedule of DARP_EPOCH and the lines after it
+        return overrides + ["algorithm=darp", f"algorithm.epoch_length={DARP_EPOCH}",
+                            f"algorithm.warmup_epochs={DARP_WARMUP_EPOCHS}", f"algorithm.refine_every={DARP_PERIOD}"]
+    if algo in ("debiaspl", "saw", "abc"):   # their recipes are USB's (mu 2, constant lr, EMA and BN as USB)
         return overrides + [f"algorithm={algo}"]
+    if algo == "tras":   # its recipe is USB's, with the TRAS_WARMUP-step warm-up
+        return overrides + ["algorithm=tras", f"algorithm.warmup={TRAS_WARMUP}"]
+    if algo == "adsh":   # its recipe is USB's, with ADSH_EPOCH-step epochs
+        return overrides + ["algorithm=adsh", f"algorithm.epoch_length={ADSH_EPOCH}"]
     if algo.startswith("daso"):
         return overrides + ["algorithm=daso_short", "algorithm.ema.buffers=copy", f"train.mu={MU[algo]}",
                             "train.schedule=constant"]

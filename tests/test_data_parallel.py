@@ -42,6 +42,10 @@ ALGORITHMS = {
             "algorithm.follow_official_code=false"],
     "debiaspl": ["algorithm=debiaspl", "algorithm.momentum=0.9"],   # the estimate moves within a few steps
     "saw": ["algorithm=saw", "algorithm.epoch_length=2"],           # weights re-estimated from the whole batch
+    "tras": ["algorithm=tras", "algorithm.warmup=1"],   # warm-up step 0 (zero-weight head under DDP), then both heads
+    "darp": ["algorithm=darp", "algorithm.epoch_length=1", "algorithm.warmup_epochs=0", "algorithm.refine_every=2"],   # solver at 1, 3, ...
+    "adsh": ["algorithm=adsh", "algorithm.epoch_length=2"],         # every process runs the same pass after step 1
+    "abc": ["algorithm=abc", "algorithm.abc_threshold=0.2", "algorithm.schedule_epochs=10"],   # slices draw their rows
 }
 EARLY = 3
 # Relative L2 distance of all student (teacher) weights, D=2 vs D=1. Measured on 2026-11-28 (docs/imwa.md):

@@ -32,6 +32,10 @@ ALGORITHMS = {
     "acr": ["algorithm=acr", "algorithm.epoch_length=3", "algorithm.estimate_start_epoch=1"],
     "debiaspl": ["algorithm=debiaspl"],
     "saw": ["algorithm=saw", "algorithm.epoch_length=3"],
+    "tras": ["algorithm=tras", "algorithm.warmup=6"],   # the target head joins the loss at step 6
+    "darp": ["algorithm=darp", "algorithm.epoch_length=3", "algorithm.warmup_epochs=1", "algorithm.refine_every=3"],   # warm-up 4-5, solver 6 and 9
+    "adsh": ["algorithm=adsh", "algorithm.epoch_length=3"],   # the unlabeled pass after steps 5 and 8 is audited too
+    "abc": ["algorithm=abc", "algorithm.schedule_epochs=25"],   # 4-step schedule epochs: moves at 4 and 8
 }
 AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at 6 and 9, SAW re-weights after 5 and 8
 
