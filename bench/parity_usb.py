@@ -250,33 +250,20 @@ def patch_usb_darp(data: Any) -> None:
 def patch_usb_saw(data: Any) -> None:
     """USB's SAW reads the labeled targets and the unlabeled set's size from its own datasets and adds an
     `eval_ulb` loader; here both come from our split, and its end-of-epoch pass over the unlabeled images
-    (`evaluate('eval_ulb')`: the EMA weights in eval mode, unaugmented images) runs on our tensors."""
+    (`evaluate('eval_ulb')`: the EMA weights in eval mode; USB's own loader would apply the weak crop and
+    flip) runs on our unaugmented tensors."""
     from semilearn.imb_algorithms.saw import SAW
     from semilearn.imb_algorithms.saw.utils import SAWWeightsHook
-
-    from ssl_imwa.data.transforms import normalize
 
     def datasets(self: Any) -> dict[str, Any]:
         return {"train_lb": SimpleNamespace(targets=data.labeled_targets.numpy()),
                 "train_ulb": [None] * len(data.unlabeled_images)}
 
-    def evaluate_ulb(self: Any, eval_dest: str = "eval", out_key: str = "logits", return_logits: bool = False
-                     ) -> dict[str, Any]:
-        assert eval_dest == "eval_ulb" and return_logits
-        self.model.eval()
-        self.ema.apply_shadow()
-        with torch.no_grad():
-            logits = self.model(normalize(data.unlabeled_images, data.mean, data.std))[out_key]
-        self.ema.restore()
-        self.model.train()
-        return {"eval_ulb/logits": logits.numpy()}
-
     SAW.set_dataset = datasets
     SAW.set_data_loader = lambda self: None
-    SAW.evaluate = evaluate_ulb
+    SAW.evaluate = usb_unlabeled_pass(data)
     for name in ("before_run", "after_train_epoch"):   # both move the weights with .cuda(); this run is on CPU
         setattr(SAWWeightsHook, name, on_host(getattr(SAWWeightsHook, name)))
-
 
 
 def patch_usb_adsh(data: Any) -> None:
@@ -286,6 +273,15 @@ def patch_usb_adsh(data: Any) -> None:
     transform, a random crop and flip: docs/algorithms.md)."""
     from semilearn.imb_algorithms.adsh import Adsh
 
+    Adsh.set_dataset = lambda self: None
+    Adsh.set_data_loader = lambda self: None
+    Adsh.evaluate = usb_unlabeled_pass(data)
+
+
+def usb_unlabeled_pass(data: Any) -> Any:
+    """USB's `evaluate('eval_ulb', return_logits=True)` (the EMA weights, the model in eval mode) over our
+    unlabeled images, in our pass's batches and order and unaugmented as our pass reads them (USB's own
+    eval_ulb loader applies train_ulb's weak crop and flip): SAW's and ADSH's end-of-epoch pass."""
     from ssl_imwa.data.stream import eval_batches
 
     def evaluate_ulb(self: Any, eval_dest: str = "eval", out_key: str = "logits", return_logits: bool = False
@@ -300,9 +296,7 @@ def patch_usb_adsh(data: Any) -> None:
         self.model.train()
         return {"eval_ulb/logits": torch.cat(logits).numpy()}
 
-    Adsh.set_dataset = lambda self: None
-    Adsh.set_data_loader = lambda self: None
-    Adsh.evaluate = evaluate_ulb
+    return evaluate_ulb
 
 
 def on_host(hook: Any) -> Any:

@@ -28,6 +28,7 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
 KillWait=30
+FirstJobId={first_job_id}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -85,6 +86,17 @@ def _node_idle(env: dict[str, str]) -> bool:
     return state.returncode == 0 and state.stdout.strip() == "idle"
 
 
+def _cancel_every_job(env: dict[str, str], wait_s: float = 60) -> None:
+    """Cancel the cluster's jobs and wait until none is left, so that no job step outlives the cluster."""
+    subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True, check=False)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True, check=False)
+        if queue.returncode != 0 or not queue.stdout.strip():
+            return
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """The environment (SLURM_CONF) under which sbatch, squeue and submitit talk to the test cluster."""
@@ -95,7 +107,10 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     for folder in ("state", "spool"):
         (root / folder).mkdir()
     memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8)
+    # Job ids of its own: a slurmd refuses a job whose id a step daemon left by an earlier cluster still holds.
+    first_job_id = int(time.time()) % 50_000_000 + 1000
     (root / "slurm.conf").write_text(CONF.format(host=socket.gethostname(), root=root, cpus=os.cpu_count(),
+                                                 first_job_id=first_job_id,
                                                  memory_mb=memory_mb, ctld_port=_free_port(),
                                                  slurmd_port=_free_port()))
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
@@ -111,6 +126,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     try:
         yield env
     finally:
+        _cancel_every_job(env)
         subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, check=False)
         for name in ("slurmd.pid", "slurmctld.pid"):
             pid_file = root / name

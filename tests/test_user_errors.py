@@ -165,7 +165,7 @@ def test_main_says_a_typo_in_two_lines_even_in_a_sweep(tmp_path: Path) -> None:
     # the second value of a sweep is composed before the first job starts
     sweep = _main(["-m", *TINY, "algorithm=supervised,fixmatc", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert sweep.returncode == 1 and len(_lines(sweep)) == 2, _lines(sweep)
-    assert _lines(sweep)[0].startswith("error: algorithm=fixmatc: no such option; algorithm= takes one of acr, ")
+    assert _lines(sweep)[0].startswith("error: algorithm=fixmatc: no such option; algorithm= takes one of abc, acr, ")
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
