@@ -71,6 +71,7 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
              "y": torch.randint(0, 10, (args.batch,), device=device),
              "u_weak": torch.randn(unlabeled, *shape, device=device),
              "u_strong": [torch.randn(unlabeled, *shape, device=device) for _ in range(algorithm.num_strong_views())],
+             "u_index": torch.arange(unlabeled, device=device),   # per-sample state (DARP) sees every row
              "u_target": torch.randint(0, 10, (unlabeled,), device=device),
              "u_is_labeled": torch.zeros(unlabeled, dtype=torch.bool, device=device)}
     # The run's own assembly (EMA teacher, SGD, an fp16 gradient scaler) around the resident batch.
