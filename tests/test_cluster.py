@@ -66,6 +66,12 @@ def test_a_sweep_runs_each_point_as_a_slurm_job(tmp_path: Path, slurm_cluster: d
     _assert_the_two_seeds_ran(tmp_path / "sweep", result, reference_run)
     scripts = list((tmp_path / "sweep" / ".submitit").glob("*/*_submission.sh"))
     assert scripts and "#SBATCH --requeue" in scripts[0].read_text() and "--signal=USR2@5" in scripts[0].read_text()
+    # the report of a sweep that ran on the cluster, as of any sweep (docs/cluster.md)
+    report = subprocess.run([sys.executable, "-m", "ssl_imwa.report", str(tmp_path / "sweep"), "--out",
+                             str(tmp_path / "report")], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert rows[1].startswith("all runs,2,0,0,0,"), rows   # the two seeds, none crashed, stopped or running
 
 
 # Slows each training step when SSL_IMWA_TEST_STEP_SLEEP is set, so a preemption lands mid-run; sleeping

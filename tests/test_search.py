@@ -13,7 +13,9 @@ import yaml
 from tests.utils import ROOT
 
 pytestmark = pytest.mark.slow
-SHORT = ["experiment=quickstart", "train.iterations=20", "train.eval_every=10", "train.num_threads=1"]
+# docs/cluster.md's search (the digits regime with a validation split), its trials cut to 20 steps.
+SHORT = ["experiment=cpu_digits_lt", "train.iterations=20", "train.eval_every=10",
+         "train.num_threads=1"]
 
 
 def _search(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
