@@ -27,6 +27,7 @@ ALGORITHMS = {
     "acr": ["algorithm=acr", "algorithm.epoch_length=4", "algorithm.estimate_start_epoch=1"],
     "debiaspl": ["algorithm=debiaspl", "algorithm.threshold=0.5"],
     "saw": ["algorithm=saw", "algorithm.epoch_length=4", "algorithm.threshold=0.5"],
+    "saw_pass": ["algorithm=saw", "algorithm.epoch_length=4", "algorithm.threshold=0.5", "algorithm.estimate=pass"],
     "tras": ["algorithm=tras", "algorithm.warmup=4", "algorithm.threshold=0.5"],   # target head trains from step 4
     "darp": ["algorithm=darp", "algorithm.epoch_length=2", "algorithm.warmup_epochs=1", "algorithm.refine_every=3",
              "algorithm.threshold=0.5"],   # solver at steps 4, 7, 10, 13, 16, 19

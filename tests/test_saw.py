@@ -78,6 +78,25 @@ def test_weights_are_re_estimated_after_the_last_step_of_each_epoch() -> None:
     assert algorithm.pseudo_counts.tolist() == [0.0, 0.0]
 
 
+def test_estimate_pass_re_weights_from_the_teachers_argmax_over_the_unlabeled_set() -> None:
+    """USB's estimate (algorithm.estimate=pass): the engine's pass hands over the teacher's logits of every
+    unlabeled image; argmax counts clamped at 1, in float32. The steps themselves count nothing."""
+    algorithm = SAW(SAWConfig(epoch_length=2, estimate="pass"), algorithm_context([3, 1, 1], 100))
+    assert algorithm.unlabeled_pass_every() == 2
+    assert SAW(SAWConfig(epoch_length=2), algorithm_context([3, 1, 1], 100)).unlabeled_pass_every() == 0
+    model = FixedLogits(torch.tensor([[2.0, 0.0, 0.0]] * 2 + [[0.0, 1.0, 0.0]] * 4 + [[0.0, 1.0, 0.0]] * 2))
+    initial = algorithm.unlabeled_weights.clone()
+    for step in (0, 1):
+        algorithm.losses({"x": torch.zeros(2), "y": torch.tensor([0, 1]), "u_weak": torch.zeros(3),
+                          "u_strong": [torch.zeros(3)], "u_target": torch.full((3,), -1)}, model, None, step)
+    assert torch.equal(algorithm.unlabeled_weights, initial) and algorithm.pseudo_counts.tolist() == [0.0] * 3
+    logits = torch.tensor([[3.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 5.0, 1.0], [1.0, 0.0, 0.0]])
+    algorithm.after_unlabeled_pass({"logits": logits}, step=1)
+    # counts (3, 1, 0) -> clamped (3, 1, 1)
+    torch.testing.assert_close(algorithm.unlabeled_weights, torch.tensor(hand_weights([3, 1, 1])), rtol=1e-6, atol=0)
+    assert algorithm.unlabeled_weights.dtype == torch.float32
+
+
 def test_rare_classes_are_clamped_to_one_image() -> None:
     algorithm = SAW(SAWConfig(), algorithm_context([3, 1], 100))
     algorithm.pseudo_counts = torch.tensor([6.0, 0.0], dtype=torch.float64)

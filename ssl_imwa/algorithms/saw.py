@@ -24,7 +24,9 @@ from ssl_imwa.algorithm import (
 )
 from ssl_imwa.algorithms.common import confident_pseudo_labels, consistency_outputs
 from ssl_imwa.ema import EMAConfig
-from ssl_imwa.validation import expect_range
+from ssl_imwa.validation import expect_choice, expect_range
+
+ESTIMATES = ("stream", "pass")
 
 
 @dataclass
@@ -35,12 +37,18 @@ class SAWConfig(AlgorithmConfig):
     # Steps between re-estimates of the unlabeled weights (USB: one epoch = num_train_iter / epoch
     # = 262144 / 256 = 1024 steps on CIFAR-10-LT; the official code: --val-iteration 500).
     epoch_length: StepCount = 1024
+    # Where the unlabeled distribution comes from at each epoch's end. stream: the argmax of the student's
+    # weak-view predictions over the epoch's batches (the official code's --distbu weak); pass: the argmax
+    # of the EMA teacher over the whole unlabeled set (USB's after_train_epoch), through the engine's
+    # unlabeled pass, which reads the images unaugmented (USB's eval_ulb applies the weak crop and flip).
+    estimate: str = "stream"
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
         expect_range("algorithm.threshold", self.threshold, 0, 1)
         expect_range("algorithm.lambda_u", self.lambda_u, 0)
+        expect_choice("algorithm.estimate", self.estimate, ESTIMATES)
         resolve_steps(self.epoch_length, 1, "algorithm.epoch_length", minimum=1)
 
 
@@ -92,6 +100,14 @@ class SAW(Algorithm):
         self.unlabeled_weights = effective_number_weights(counts).float()
         self.pseudo_counts = torch.zeros_like(self.pseudo_counts)
 
+    def unlabeled_pass_every(self) -> int:
+        return self.epoch_length if self.cfg.estimate == "pass" else 0
+
+    def after_unlabeled_pass(self, outputs: dict[str, torch.Tensor], step: int) -> None:
+        """USB's re-estimate: the teacher's argmax counts over the unlabeled set, clamped at 1, in float32."""
+        counts = F.one_hot(outputs["logits"].argmax(dim=1), self.num_classes).sum(dim=0).clamp(min=1)
+        self.unlabeled_weights = effective_number_weights(counts.float())
+
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
         labeled, weak, (strong,) = self.forward_views(model, batch)
         per_sample = F.cross_entropy(labeled["logits"], batch["y"], reduction="none")
@@ -99,10 +115,11 @@ class SAW(Algorithm):
         labels, mask, _ = confident_pseudo_labels(weak["logits"], self.cfg.threshold)
         weighted_mask = mask * self.unlabeled_weights[labels]
         loss_u = (F.cross_entropy(strong["logits"], labels, reduction="none") * weighted_mask).mean()
-        counts = F.one_hot(labels, self.num_classes).sum(dim=0).double()
-        self.pseudo_counts = self.pseudo_counts + self.batch_group.sum(counts)
-        if (step + 1) % self.epoch_length == 0:
-            self.refresh_weights()
+        if self.cfg.estimate == "stream":
+            counts = F.one_hot(labels, self.num_classes).sum(dim=0).double()
+            self.pseudo_counts = self.pseudo_counts + self.batch_group.sum(counts)
+            if (step + 1) % self.epoch_length == 0:
+                self.refresh_weights()
         return {
             **consistency_outputs(loss_x, loss_u, self.cfg.lambda_u, labels, mask, batch["u_target"]),
         }
