@@ -16,8 +16,8 @@ from tests.reference_runs import DISTRIBUTED, IMWA, TINY, ReferenceRun
 from tests.utils import (
     ROOT,
     assert_bitwise_equal,
+    assert_same_run,
     checkpoint_tensors,
-    read_metrics,
     read_results,
 )
 
@@ -34,10 +34,6 @@ def _sweep(overrides: list[str], sweep_dir: Path, env: dict[str, str] | None = N
                           check=False)
 
 
-def _strip(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if key != "time_s"} for row in rows]
-
-
 def _assert_the_two_seeds_ran(sweep_dir: Path, result: subprocess.CompletedProcess, reference_run: ReferenceRun
                               ) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,8 +45,7 @@ def _assert_the_two_seeds_ran(sweep_dir: Path, result: subprocess.CompletedProce
         assert f"seed: {seed}\n" in (job / "config.yaml").read_text()
     # a job is the run main.py would have made: seed 0's equals the in-process reference bitwise
     reference = reference_run([*TINY, "seed=0"])
-    assert_bitwise_equal(checkpoint_tensors(reference), checkpoint_tensors(sweep_dir / "seed=0"))
-    assert _strip(read_metrics(reference)) == _strip(read_metrics(sweep_dir / "seed=0"))
+    assert_same_run(reference, sweep_dir / "seed=0")
 
 
 def test_a_sweep_runs_each_point_as_its_own_process_on_this_machine(tmp_path: Path,
@@ -136,8 +131,7 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_result(
     assert "Slurm requeued this job (restart 1" in log, log[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     full = reference_run([*overrides, "seed=0"])
-    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(run_dir))
-    assert _strip(read_metrics(full)) == _strip(read_metrics(run_dir))
+    assert_same_run(full, run_dir)
 
 
 def test_a_job_of_two_tasks_trains_the_replicas_in_two_processes(tmp_path: Path, slurm_cluster: dict[str, str],

@@ -30,7 +30,7 @@ from tests.utils import (
     compose_config,
     free_port,
     launch_process,
-    read_metrics,
+    metrics_without_time,
     run_processes,
 )
 
@@ -221,8 +221,7 @@ def test_resume_when_the_processes_stopped_on_both_sides_of_a_merge(tmp_path: Pa
         own = {key.removeprefix(f"{rank}."): value for key, value in reference.items() if key.startswith(f"{rank}.")}
         spread = {key.removeprefix("0."): value for key, value in checkpoint_tensors(split, f"latest.rank{rank}.pt").items()}
         assert_bitwise_equal(own, spread)
-    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
-    assert strip(read_metrics(full)) == strip(read_metrics(split))
+    assert metrics_without_time(full) == metrics_without_time(split)
 
 
 def test_hydra_overrides_that_protect_a_run_directory(monkeypatch: pytest.MonkeyPatch) -> None:

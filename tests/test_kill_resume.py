@@ -19,9 +19,8 @@ import pytest
 from tests.reference_runs import ALGORITHMS, IMWA, TINY, ReferenceRun
 from tests.utils import (
     ROOT,
-    assert_bitwise_equal,
-    checkpoint_tensors,
-    read_metrics,
+    assert_same_run,
+    metrics_without_time,
     train_run,
 )
 
@@ -112,9 +111,7 @@ def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
     assert result.returncode == -signal.SIGKILL, f"{draw}: the run was not killed\n{result.stderr[-2000:]}"
     # A kill before the first checkpoint leaves nothing to restore: the resume starts the run again.
     train_run(tmp_path, [*overrides, "resume=true"], "killed")
-    assert_bitwise_equal(checkpoint_tensors(full), checkpoint_tensors(killed))
-    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
-    assert strip(read_metrics(full)) == strip(read_metrics(killed)), draw
+    assert_same_run(full, killed, draw)
 
 
 HISTORY = ["experiment=quickstart", "train.iterations=40", "train.eval_every=10", "train.batch_size=16", "train.mu=2",
@@ -132,7 +129,6 @@ def test_a_resume_rewrites_metrics_jsonl_from_the_checkpoint(tmp_path: Path, cap
     stopped = train_run(tmp_path, [*HISTORY, "train.stop_at=20"], "stopped")
     written = (stopped / "metrics.jsonl").read_bytes()
     assert written.count(b"\n") == 2
-    strip = lambda rows: [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
     for damage in ("torn", "deleted"):
         run_dir = tmp_path / damage
         shutil.copytree(stopped, run_dir)
@@ -147,7 +143,7 @@ def test_a_resume_rewrites_metrics_jsonl_from_the_checkpoint(tmp_path: Path, cap
         assert f"metrics.jsonl {said}: rewrote its 2 evaluations" in caplog.text, damage
         rewritten = (run_dir / "metrics.jsonl").read_bytes()
         assert rewritten.startswith(written), damage
-        assert strip(read_metrics(run_dir)) == strip(read_metrics(full)), damage
+        assert metrics_without_time(run_dir) == metrics_without_time(full), damage
 
 
 @pytest.mark.slow

@@ -61,6 +61,17 @@ def assert_bitwise_equal(left: dict[str, torch.Tensor], right: dict[str, torch.T
         assert torch.equal(value, right[key]), f"{key} differs"
 
 
+def metrics_without_time(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows without their wall-clock field: what two runs that computed the same share."""
+    return [{key: value for key, value in row.items() if key != "time_s"} for row in read_metrics(run_dir)]
+
+
+def assert_same_run(expected: Path, actual: Path, what: str = "", checkpoint: str = "latest.pt") -> None:
+    """Two runs ended the same: the checkpoints' tensors bitwise, and every evaluation but its wall time."""
+    assert_bitwise_equal(checkpoint_tensors(expected, checkpoint), checkpoint_tensors(actual, checkpoint))
+    assert metrics_without_time(expected) == metrics_without_time(actual), what
+
+
 def assert_same_state(left: dict[str, Any], right: dict[str, Any], what: str) -> None:
     """Two state dicts (an algorithm's: tensors and plain values) hold the same keys and bitwise values."""
     assert left.keys() == right.keys(), what

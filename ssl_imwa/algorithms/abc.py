@@ -11,7 +11,7 @@ so the features see all the data; evaluation reads the ABC head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,17 +19,16 @@ from torch import nn
 
 from ssl_imwa.algorithm import (
     Algorithm,
-    AlgorithmConfig,
     AlgorithmContext,
     Batch,
     register_algorithm,
 )
 from ssl_imwa.algorithms.common import (
+    USBFixMatchConfig,
     confident_pseudo_labels,
     consistency_outputs,
     masked_consistency,
 )
-from ssl_imwa.ema import EMAConfig
 from ssl_imwa.validation import expect_range
 
 ABC_HEAD = "logits_abc"
@@ -37,10 +36,8 @@ MASK64 = (1 << 64) - 1
 
 
 @dataclass
-class ABCConfig(AlgorithmConfig):
+class ABCConfig(USBFixMatchConfig):
     name: str = "abc"
-    threshold: float = 0.95          # FixMatch's confidence threshold, standard head (USB p_cutoff)
-    lambda_u: float = 1.0            # weight of FixMatch's unlabeled loss (USB ulb_loss_ratio)
     abc_threshold: float = 0.95      # confidence of the ABC head's pseudo-labels (USB abc_p_cutoff; official 0.95)
     abc_weight: float = 1.0          # weight of the ABC head's loss (USB abc_loss_ratio; official 1)
     # The unlabeled masks' Bernoulli parameter 1 - (e / E)(1 - N_min / N_c) moves at each of E equal
@@ -51,13 +48,10 @@ class ABCConfig(AlgorithmConfig):
     # on resume. true: torch.bernoulli on the device's global generator, labeled rows then unlabeled
     # rows, as USB 0.3.2 draws them (for bench/parity_oracle.py; refused with imwa.data_parallel > 1).
     usb_rng: bool = False
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
-        for key in ("threshold", "abc_threshold"):
-            expect_range(f"algorithm.{key}", getattr(self, key), 0, 1)
-        expect_range("algorithm.lambda_u", self.lambda_u, 0)
+        expect_range("algorithm.abc_threshold", self.abc_threshold, 0, 1)
         expect_range("algorithm.abc_weight", self.abc_weight, 0)
         expect_range("algorithm.schedule_epochs", self.schedule_epochs, 1)
 

@@ -13,7 +13,7 @@ ADSH) are documented where they are made and in docs/algorithms.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ from torch import nn
 
 from ssl_imwa.algorithm import (
     Algorithm,
-    AlgorithmConfig,
     AlgorithmContext,
     Batch,
     Outputs,
@@ -29,19 +28,20 @@ from ssl_imwa.algorithm import (
     register_algorithm,
     resolve_steps,
 )
-from ssl_imwa.algorithms.common import consistency_outputs, masked_consistency
-from ssl_imwa.ema import EMAConfig
-from ssl_imwa.validation import expect_range
+from ssl_imwa.algorithms.common import (
+    USBFixMatchConfig,
+    consistency_outputs,
+    masked_consistency,
+)
 
 
 @dataclass
-class ADSHConfig(AlgorithmConfig):
+class ADSHConfig(USBFixMatchConfig):
     name: str = "adsh"
     # tau_1: the head class's confidence threshold in the re-estimate, and the initial score of every
     # class (USB adsh_tau_1; official --threshold). USB starts s_k at tau_1, i.e. the first epoch masks
     # at exp(-0.95) = 0.387; the official code starts its thresholds at tau_1 = 0.95 itself.
     threshold: float = 0.95
-    lambda_u: float = 1.0            # weight of the unlabeled loss (USB ulb_loss_ratio)
     # Steps between re-estimates: one epoch (USB num_train_iter / epoch = 262144 / 256 = 1024 steps on
     # CIFAR-10-LT; the official code: --eval_steps 512, first re-estimate after its second epoch).
     epoch_length: StepCount = 1024
@@ -50,12 +50,9 @@ class ADSHConfig(AlgorithmConfig):
     # so every prediction of that class passes. false: the index is clamped to 0, the MOST confident one,
     # as the official code's max(0, .) does.
     wrap_rank: bool = True
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
-        expect_range("algorithm.threshold", self.threshold, 0, 1)
-        expect_range("algorithm.lambda_u", self.lambda_u, 0)
         resolve_steps(self.epoch_length, 1, "algorithm.epoch_length", minimum=1)
 
 

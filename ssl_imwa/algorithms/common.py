@@ -1,8 +1,31 @@
-"""Pseudo-labelling pieces that FixMatch, DASO and ACR share (FixMatch: Sohn et al., NeurIPS 2020)."""
+"""Pieces the built-in algorithms share: FixMatch's pseudo-labelling (Sohn et al., NeurIPS 2020) and the
+config of the baselines that USB builds on its FixMatch."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ssl_imwa.algorithm import AlgorithmConfig
+from ssl_imwa.ema import EMAConfig
+from ssl_imwa.validation import expect_range
+
+
+@dataclass
+class USBFixMatchConfig(AlgorithmConfig):
+    """FixMatch's two keys with USB's defaults and USB's EMA teacher (decay 0.999, no warm-up, BN buffers
+    copied: its EMAHook): what DebiasPL, SAW, DARP, ABC, ADSH and TRAS share, as USB mixes each into its
+    FixMatch. A subclass redeclares `threshold` where the threshold means more there."""
+
+    threshold: float = 0.95          # FixMatch confidence threshold (USB p_cutoff)
+    lambda_u: float = 1.0            # weight of the unlabeled loss (USB ulb_loss_ratio)
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
+
+    def validate(self) -> None:
+        super().validate()
+        expect_range("algorithm.threshold", self.threshold, 0, 1)
+        expect_range("algorithm.lambda_u", self.lambda_u, 0)
 
 
 def confident_pseudo_labels(weak_logits: torch.Tensor, threshold: float, temperature: float = 1.0

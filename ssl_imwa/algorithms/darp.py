@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,17 @@ from torch import nn
 
 from ssl_imwa.algorithm import (
     Algorithm,
-    AlgorithmConfig,
     AlgorithmContext,
     Batch,
     StepCount,
     register_algorithm,
     resolve_steps,
 )
-from ssl_imwa.algorithms.common import consistency_outputs, masked_consistency
-from ssl_imwa.ema import EMAConfig
+from ssl_imwa.algorithms.common import (
+    USBFixMatchConfig,
+    consistency_outputs,
+    masked_consistency,
+)
 from ssl_imwa.validation import expect_range
 
 # scipy.optimize.newton's defaults as the official code and USB call it: at most 30 secant steps
@@ -43,10 +45,8 @@ FLOOR = 1e-6
 
 
 @dataclass
-class DARPConfig(AlgorithmConfig):
+class DARPConfig(USBFixMatchConfig):
     name: str = "darp"
-    threshold: float = 0.95           # FixMatch confidence threshold (USB p_cutoff; official --tau)
-    lambda_u: float = 1.0             # weight of the unlabeled loss (USB ulb_loss_ratio)
     alpha: float = 2.0                # the int(alpha q_c) most confident predictions of class c enter the solver (USB darp_alpha; official --alpha)
     solver_iterations: int = 10       # T, alternating updates of the solver (USB darp_iter_T; official --iter_T)
     solver_tol: float = 0.1           # secant tolerance on each class's dual variable (USB: 0.1; official th: 0.1, 0.3 on STL-10 and CIFAR-100)
@@ -57,12 +57,9 @@ class DARPConfig(AlgorithmConfig):
     # true: the mask thresholds the refined pseudo-label's confidence (official train_fix: max of the refined row);
     # false: the model's own confidence, as USB (its FixMatch masks the unrefined probabilities before the DARP hook).
     threshold_refined: bool = True
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
-        expect_range("algorithm.threshold", self.threshold, 0, 1)
-        expect_range("algorithm.lambda_u", self.lambda_u, 0)
         expect_range("algorithm.alpha", self.alpha, 0, low_open=True)
         expect_range("algorithm.solver_iterations", self.solver_iterations, 1)
         expect_range("algorithm.solver_tol", self.solver_tol, 0, low_open=True)

@@ -7,7 +7,7 @@ with the logit-adjusted `f(u_s) + tau * log p_hat` ("adaptive marginal loss"). L
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,21 +15,18 @@ from torch import nn
 
 from ssl_imwa.algorithm import (
     Algorithm,
-    AlgorithmConfig,
     AlgorithmContext,
     Batch,
     register_algorithm,
 )
-from ssl_imwa.algorithms.common import consistency_outputs
-from ssl_imwa.ema import EMAConfig
+from ssl_imwa.algorithms.common import USBFixMatchConfig, consistency_outputs
 from ssl_imwa.validation import expect_range
 
 
 @dataclass
-class DebiasPLConfig(AlgorithmConfig):
+class DebiasPLConfig(USBFixMatchConfig):
     name: str = "debiaspl"
     threshold: float = 0.95      # applied to the debiased pseudo-label (USB p_cutoff; official --threshold)
-    lambda_u: float = 1.0        # weight of the unlabeled loss (USB ulb_loss_ratio)
     tau: float = 0.4             # strength of the debiasing and of the margin (USB debiaspl_tau; official --tau)
     momentum: float = 0.999      # p_hat <- m p_hat + (1 - m) mean softmax(f(u_w)) (USB debiaspl_ema_p; official --qhat_m)
     # false (default): the official order (frank-xwang/debiased-pseudo-labeling, main_DebiasPL.py):
@@ -38,12 +35,9 @@ class DebiasPLConfig(AlgorithmConfig):
     # (DebiasPL.compute_prob), so the pseudo-labels see it, while the margin reads the p_hat of the
     # previous steps (DebiasPLHook handed the loss that tensor before compute_prob replaced it).
     usb_order: bool = False
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
-        expect_range("algorithm.threshold", self.threshold, 0, 1)
-        expect_range("algorithm.lambda_u", self.lambda_u, 0)
         expect_range("algorithm.tau", self.tau)
         expect_range("algorithm.momentum", self.momentum, 0, 1)
 

@@ -7,7 +7,7 @@ once per epoch, so the unlabeled weighting follows an unlabeled distribution tha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,25 +15,25 @@ from torch import nn
 
 from ssl_imwa.algorithm import (
     Algorithm,
-    AlgorithmConfig,
     AlgorithmContext,
     Batch,
     StepCount,
     register_algorithm,
     resolve_steps,
 )
-from ssl_imwa.algorithms.common import confident_pseudo_labels, consistency_outputs
-from ssl_imwa.ema import EMAConfig
-from ssl_imwa.validation import expect_choice, expect_range
+from ssl_imwa.algorithms.common import (
+    USBFixMatchConfig,
+    confident_pseudo_labels,
+    consistency_outputs,
+)
+from ssl_imwa.validation import expect_choice
 
 ESTIMATES = ("stream", "pass")
 
 
 @dataclass
-class SAWConfig(AlgorithmConfig):
+class SAWConfig(USBFixMatchConfig):
     name: str = "saw"
-    threshold: float = 0.95          # FixMatch confidence threshold (USB p_cutoff)
-    lambda_u: float = 1.0            # weight of the unlabeled loss (USB ulb_loss_ratio)
     # Steps between re-estimates of the unlabeled weights (USB: one epoch = num_train_iter / epoch
     # = 262144 / 256 = 1024 steps on CIFAR-10-LT; the official code: --val-iteration 500).
     epoch_length: StepCount = 1024
@@ -42,12 +42,9 @@ class SAWConfig(AlgorithmConfig):
     # of the EMA teacher over the whole unlabeled set (USB's after_train_epoch), through the engine's
     # unlabeled pass, which reads the images unaugmented (USB's eval_ulb applies the weak crop and flip).
     estimate: str = "stream"
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
-        expect_range("algorithm.threshold", self.threshold, 0, 1)
-        expect_range("algorithm.lambda_u", self.lambda_u, 0)
         expect_choice("algorithm.estimate", self.estimate, ESTIMATES)
         resolve_steps(self.epoch_length, 1, "algorithm.epoch_length", minimum=1)
 

@@ -13,7 +13,7 @@ docs/algorithms.md: the sign of its adjustment and the source of the transferred
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,6 @@ from torch import nn
 
 from ssl_imwa.algorithm import (
     Algorithm,
-    AlgorithmConfig,
     AlgorithmContext,
     Batch,
     StepCount,
@@ -29,11 +28,11 @@ from ssl_imwa.algorithm import (
     resolve_steps,
 )
 from ssl_imwa.algorithms.common import (
+    USBFixMatchConfig,
     confident_pseudo_labels,
     consistency_outputs,
     masked_consistency,
 )
-from ssl_imwa.ema import EMAConfig
 from ssl_imwa.validation import expect_range
 
 # The target head: the one evaluated (USB's key `logits_aux`, its `TRASNet.aux_classifier`).
@@ -44,10 +43,9 @@ TARGET_TEMPERATURE = 2.0
 
 
 @dataclass
-class TRASConfig(AlgorithmConfig):
+class TRASConfig(USBFixMatchConfig):
     name: str = "tras"
     threshold: float = 0.95         # confidence for both heads' masks (USB p_cutoff; official: 0.95 in the code)
-    lambda_u: float = 1.0           # weight of the standard head's FixMatch loss (USB ulb_loss_ratio)
     tau: float = 1.0                # adjustment log(pi_l^tau + 1e-12) (USB tras_tro; official --tro_train)
     strength_scale: float = 2.0     # A in the class strength A softmax(-adjustment)_c + B (USB tras_A; official --A)
     strength_offset: float = 2.0    # B (USB tras_B; official --B)
@@ -55,12 +53,9 @@ class TRASConfig(AlgorithmConfig):
     # of its 256 epochs (1,024 of 262,144 steps; scripts/config_generator_classic_cv_imb.py), kept as that
     # fraction; official: epochs 0-10 of 500 steps (5,500 of 250,000).
     warmup: StepCount = 1 / 256
-    ema: EMAConfig = field(default_factory=lambda: EMAConfig(decay=0.999, warmup=False, buffers="copy"))
 
     def validate(self) -> None:
         super().validate()
-        expect_range("algorithm.threshold", self.threshold, 0, 1)
-        expect_range("algorithm.lambda_u", self.lambda_u, 0)
         for key in ("tau", "strength_scale", "strength_offset"):   # any real; negative values are ablations
             expect_range(f"algorithm.{key}", getattr(self, key))
         resolve_steps(self.warmup, 1, "algorithm.warmup")
