@@ -4,10 +4,12 @@ cannot be started (not root, the packages missing: `.ci/run` installs them), the
 the reason."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket={munge_socket}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -57,28 +60,42 @@ def _why_not() -> str | None:
     return None
 
 
-def _munge_works() -> bool:
-    encoded = subprocess.run(["munge", "-n"], capture_output=True, check=False)
-    return encoded.returncode == 0 and subprocess.run(["unmunge"], input=encoded.stdout, capture_output=True,
-                                                      check=False).returncode == 0
+def _munge_works(socket_path: Path) -> bool:
+    encoded = subprocess.run(["munge", "-n", "-S", str(socket_path)], capture_output=True, check=False)
+    return encoded.returncode == 0 and subprocess.run(["unmunge", "-S", str(socket_path)], input=encoded.stdout,
+                                                      capture_output=True, check=False).returncode == 0
 
 
-def _start_munge() -> None:
-    if _munge_works():
-        return
-    key = Path("/etc/munge/munge.key")
-    if not key.exists():
-        key.write_bytes(os.urandom(1024))
-        shutil.chown(key, "munge", "munge")
-        key.chmod(0o400)
-    Path("/run/munge").mkdir(parents=True, exist_ok=True)
-    shutil.chown("/run/munge", "munge", "munge")
-    subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True, capture_output=True)
-    deadline = time.monotonic() + 20
-    while not _munge_works():
-        if time.monotonic() > deadline:
-            raise RuntimeError("munged started but munge -n | unmunge still fails")
-        time.sleep(0.2)
+@contextlib.contextmanager
+def _private_munged() -> Iterator[Path]:
+    """A munged of the cluster's own (its key, socket, pid and log files in one directory), run as root.
+
+    Not the machine's munged: that one's state depends on how the package was installed (apt may have
+    started it as root, leaving root-owned logs that the munge user's daemon then refuses), and sharing
+    it would let a stale daemon decide whether the tests run. munged wants every directory above its
+    socket searchable by all, hence a 0755 directory in /tmp rather than pytest's 0700 tree."""
+    folder = Path(tempfile.mkdtemp(prefix="ssl-imwa-munge-", dir="/tmp"))
+    folder.chmod(0o755)
+    key, socket_path, log = folder / "munge.key", folder / "munge.socket", folder / "munged.log"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    try:
+        started = subprocess.run(["munged", f"--key-file={key}", f"--socket={socket_path}",
+                                  f"--pid-file={folder / 'munged.pid'}", f"--log-file={log}",
+                                  f"--seed-file={folder / 'munged.seed'}"],
+                                 capture_output=True, text=True, check=False)
+        if started.returncode != 0:
+            raise RuntimeError(f"munged did not start (exit {started.returncode}): {started.stderr.strip()}")
+        deadline = time.monotonic() + 20
+        while not _munge_works(socket_path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"munged started but munge -n | unmunge fails; {log} ends:\n"
+                                   f"{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield socket_path
+    finally:
+        subprocess.run(["munged", "--stop", f"--socket={socket_path}"], capture_output=True, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _node_idle(env: dict[str, str]) -> bool:
@@ -103,18 +120,21 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     reason = _why_not()
     if reason:
         pytest.skip(f"no Slurm cluster: {reason}")
-    root = tmp_path_factory.mktemp("slurm")
+    with _private_munged() as munge_socket:
+        yield from _running_cluster(tmp_path_factory.mktemp("slurm"), munge_socket)
+
+
+def _running_cluster(root: Path, munge_socket: Path) -> Iterator[dict[str, str]]:
     for folder in ("state", "spool"):
         (root / folder).mkdir()
     memory_mb = int(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 * 0.8)
     # Job ids of its own: a slurmd refuses a job whose id a step daemon left by an earlier cluster still holds.
     first_job_id = int(time.time()) % 50_000_000 + 1000
     (root / "slurm.conf").write_text(CONF.format(host=socket.gethostname(), root=root, cpus=os.cpu_count(),
-                                                 first_job_id=first_job_id,
+                                                 first_job_id=first_job_id, munge_socket=munge_socket,
                                                  memory_mb=memory_mb, ctld_port=_free_port(),
                                                  slurmd_port=_free_port()))
     env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
-    _start_munge()
     subprocess.run(["slurmctld", "-i"], env=env, check=True)
     subprocess.run(["slurmd"], env=env, check=True)
     deadline = time.monotonic() + 60
