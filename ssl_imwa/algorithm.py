@@ -48,6 +48,12 @@ class AlgorithmConfig:
         expect_range("algorithm.ema.decay", self.ema.decay, 0, 1, high_open=True)
         expect_choice("algorithm.ema.buffers", self.ema.buffers, BUFFER_POLICIES)
 
+    def generation_count(self) -> int:
+        """How many whole trainings of train.iterations steps the run chains (CReST's generations;
+        `Algorithm.pseudo_labels_for_next_generation`). Asked of the config, so that validation
+        knows the run's length before anything is built."""
+        return 1
+
 
 @dataclass(frozen=True)
 class AlgorithmContext:
@@ -61,10 +67,18 @@ class AlgorithmContext:
     total_steps: int                # train.iterations: schedules given as fractions resolve against it
     num_unlabeled: int              # size of the unlabeled set (FlexMatch-style per-sample state needs it)
     device: torch.device | str = "cpu"
+    generation: int = 0             # which of the config's generation_count() this algorithm trains (0-based)
+    # The dataset's labeled counts, before any generation added pseudo-labels (None: labeled_counts).
+    dataset_labeled_counts: Sequence[int] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.labeled_counts)
+
+    @property
+    def original_labeled_counts(self) -> Sequence[int]:
+        """The labeled counts of the dataset's own split (what labeled_counts is in generation 0)."""
+        return self.labeled_counts if self.dataset_labeled_counts is None else self.dataset_labeled_counts
 
 
 def resolve_steps(value: StepCount, total_steps: int, key: str, minimum: int = 0) -> int:
@@ -211,6 +225,21 @@ class Algorithm(nn.Module):
         whose `u_index` is i, identical on every process of a data-parallel group."""
         raise NotImplementedError(f"algorithm '{self.name}' asks for unlabeled passes (unlabeled_pass_every() > 0) "
                                   "but does not define after_unlabeled_pass(outputs, step)")
+
+    def pseudo_labels_for_next_generation(self, outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unlabeled indices, classes): what joins the labeled set for the next generation.
+
+        Asked only when the config's generation_count() > 1, at the end of every generation but the
+        last: `outputs` are the merged EMA teacher's over the whole unlabeled set (as for
+        `after_unlabeled_pass`). The next generation trains from scratch (a fresh model, optimiser,
+        EMA teacher, schedule and data stream) on the labeled set with these added, with an algorithm
+        built for it that `inherit`s what it keeps of this one.
+        """
+        raise NotImplementedError(f"algorithm '{self.name}' chains generations (generation_count() > 1) but does "
+                                  "not define pseudo_labels_for_next_generation(outputs)")
+
+    def inherit(self, previous: Algorithm) -> None:
+        """Take what carries over from the previous generation's (merged) algorithm; nothing by default."""
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """nn.Module's strict load, after renaming old keys (`renamed_state_keys`) and turning the plain

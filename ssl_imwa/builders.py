@@ -6,12 +6,14 @@ benchmarks (bench/, gpu_smoke included), so that what they measure is what a run
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ssl_imwa.algorithm import Algorithm, AlgorithmContext, get_algorithm
@@ -76,11 +78,28 @@ def configure_torch(cfg: Config) -> torch.device:
     return device
 
 
-def build_algorithm(cfg: Config, data: SSLData, device: torch.device) -> Algorithm:
-    """The configured algorithm, told what it needs about the run (its AlgorithmContext)."""
+def build_algorithm(cfg: Config, data: SSLData, device: torch.device, generation: int = 0,
+                    dataset_labeled_counts: Sequence[int] | None = None) -> Algorithm:
+    """The configured algorithm, told what it needs about the run (its AlgorithmContext): for a later
+    generation, `data` holds its labeled set and `dataset_labeled_counts` the dataset's own counts."""
     context = AlgorithmContext(labeled_counts=tuple(data.counts["labeled"]), total_steps=cfg.train.iterations,
-                               num_unlabeled=len(data.unlabeled_images), device=device)
+                               num_unlabeled=len(data.unlabeled_images), device=device, generation=generation,
+                               dataset_labeled_counts=None if dataset_labeled_counts is None
+                               else tuple(dataset_labeled_counts))
     return get_algorithm(cfg.algorithm.name)(cfg.algorithm, context)
+
+
+@contextlib.contextmanager
+def generation_rng(seed: int, generation: int, device: torch.device) -> Iterator[None]:
+    """Where a generation's models are initialised: the run's RNG for generation 0 (so a run of one
+    generation is what it always was); for a later one, a generator seeded by (seed, generation) alone,
+    leaving the run's RNG untouched, so that a resume at any point rebuilds the same initial model."""
+    if generation == 0:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(np.random.SeedSequence([seed, generation]).generate_state(1, np.uint64)[0]))
+        yield
 
 
 def build_initial_model(cfg: Config, data: SSLData, algorithm: Algorithm, device: torch.device) -> torch.nn.Module:
@@ -117,8 +136,9 @@ def data_parallel_wrapper(model: torch.nn.Module, data_parallel: Communicator, d
 
 
 def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, initial_model: torch.nn.Module,
-                  device: torch.device, data_parallel: Communicator | None = None) -> Replica:
-    """A replica starts from a copy of the shared initial model, with its own stream seeded by (seed, index).
+                  device: torch.device, data_parallel: Communicator | None = None, generation: int = 0) -> Replica:
+    """A replica starts from a copy of the shared initial model, with its own stream seeded by (seed, index)
+    and, after the first generation, the generation (in the stream's `episode` slot: episodes share one stream).
 
     With a data-parallel group (D > 1) this process's copy trains on its slice of every batch: the
     stream is sharded, the model wrapped in DistributedDataParallel over the group (BN layers made
@@ -130,7 +150,7 @@ def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, 
         model = model.to(memory_format=torch.channels_last)
     mu = cfg.train.mu if algorithm.uses_unlabeled() else 0
     stream = data.make_stream(batch_size=cfg.train.batch_size, mu=mu, num_strong=algorithm.num_strong_views(),
-                              seed=cfg.seed, replica=index, episode=0, device=device,
+                              seed=cfg.seed, replica=index, episode=generation, device=device,
                               shard=(data_parallel.rank, data_parallel.world_size))
     return assemble_replica(index, model, stream, algorithm, ReplicaRecipe(cfg.train, cfg.algorithm.ema,
                                                                            cfg.model.sync_batchnorm),
@@ -164,14 +184,16 @@ def assemble_replica(index: int, model: torch.nn.Module, stream: Iterator, algor
                    algorithm=algorithm, stream=stream, scaler=scaler, wrapped=wrapped)
 
 
-def build_replicas(cfg: Config, data: SSLData, device: torch.device, layout: ProcessLayout
+def build_replicas(cfg: Config, data: SSLData, device: torch.device, layout: ProcessLayout, generation: int = 0,
+                   dataset_labeled_counts: Sequence[int] | None = None
                    ) -> tuple[list[Replica], torch.nn.Module, type[Algorithm]]:
-    """This process's replicas, all on `device`, and a copy of the shared initial model."""
+    """This process's replicas of `generation`, all on `device`, and a copy of the shared initial model."""
     local = layout.across_replicas.local_replicas(cfg.imwa.k)
-    # Algorithm state is per replica: each local replica gets its own instance.
-    algorithms = {k: build_algorithm(cfg, data, device) for k in local}
-    initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
-    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device, layout.data_parallel)
+    with generation_rng(cfg.seed, generation, device):
+        # Algorithm state is per replica: each local replica gets its own instance.
+        algorithms = {k: build_algorithm(cfg, data, device, generation, dataset_labeled_counts) for k in local}
+        initial_model = build_initial_model(cfg, data, algorithms[local[0]], device)
+    replicas = [build_replica(k, cfg, data, algorithms[k], initial_model, device, layout.data_parallel, generation)
                 for k in local]
     return replicas, initial_model, type(algorithms[local[0]])
 
@@ -185,14 +207,23 @@ class RunParts:
     trainer: Trainer
     evaluator: Evaluator
     merger: MergeStrategy
+    # (generation, (unlabeled indices, classes)) -> that generation's fresh replicas, trained on the
+    # dataset's labeled set with those pseudo-labels added (runs whose algorithm chains generations).
+    replicas_of_generation: Callable[[int, tuple[torch.Tensor, torch.Tensor]], list[Replica]] | None = None
 
 
 def build_run_parts(cfg: Config, data: SSLData, device: torch.device, layout: ProcessLayout) -> RunParts:
-    """This process's replicas, trainer, evaluator and merge strategy, as a run trains them."""
+    """This process's replicas, trainer, evaluator and merge strategy, as a run trains them. Evaluation and
+    merges stay the first generation's: its labeled counts define the head/medium/tail groups."""
     replicas, initial_model, algorithm_cls = build_replicas(cfg, data, device, layout)
+
+    def replicas_of_generation(generation: int, pseudo_labels: tuple[torch.Tensor, torch.Tensor]) -> list[Replica]:
+        return build_replicas(cfg, data.with_pseudo_labels(*pseudo_labels), device, layout, generation,
+                              data.counts["labeled"])[0]
+
     trainer = Trainer(cfg.train, device, layout.data_parallel)
     evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
     # Merges run among the processes of one data-parallel rank: every rank of a group merges at once.
     merger = build_merge(cfg.imwa, cfg.seed, layout.across_replicas,
                          lambda: MergeData(data, copy.deepcopy(initial_model), algorithm_cls.eval_head, device))
-    return RunParts(replicas, trainer, evaluator, merger)
+    return RunParts(replicas, trainer, evaluator, merger, replicas_of_generation)

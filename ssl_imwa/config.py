@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
-    iterations: int = 250_000      # T: global steps per replica
+    iterations: int = 250_000      # T: steps per replica (per generation, where the algorithm chains them)
     batch_size: int = 64           # B, labeled images per step
     mu: int = 7                    # unlabeled images per step = mu * B
     lr: float = 0.03
@@ -105,6 +105,11 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=schema)
 
 
+def generation_count(cfg: DictConfig) -> int:
+    """How many generations a validated config's run chains (its algorithm config says; 1 for most)."""
+    return OmegaConf.to_object(cfg.algorithm).generation_count()
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Check the composed config; type the algorithm section, and each merge strategy's `imwa.<name>`
     section, with the dataclass its plugin registered.
@@ -132,8 +137,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     _type_merge_options(typed.imwa, merge_sections, list(typed.plugins))  # after plugins: they may add one
     algorithm_cls = get_algorithm(typed.algorithm.name)
     typed.algorithm = typed_section("algorithm", algorithm_cls.Config, typed.algorithm)
-    OmegaConf.to_object(typed.algorithm).validate()
-    _check_train(typed.train, algorithm_cls.uses_unlabeled(), typed.algorithm.name)
+    algorithm_config = OmegaConf.to_object(typed.algorithm)
+    algorithm_config.validate()
+    _check_train(typed.train, algorithm_cls.uses_unlabeled(), typed.algorithm.name, algorithm_config.generation_count())
     typed.model = typed_model_section(typed.model)  # after plugins: they may register a backbone
     expect_range("model.bn_momentum", typed.model.bn_momentum, 0, 1)
     typed.dataset = typed_dataset_section(typed.dataset)  # ...or a dataset
@@ -151,7 +157,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     return typed
 
 
-def _check_train(train: DictConfig, uses_unlabeled: bool, algorithm: str) -> None:
+def _check_train(train: DictConfig, uses_unlabeled: bool, algorithm: str, generations: int) -> None:
     expect_choice("train.schedule", train.schedule, SCHEDULES)
     expect_choice("train.precision", train.precision, PRECISIONS)
     expect_positive("train.iterations", train.iterations)
@@ -168,7 +174,8 @@ def _check_train(train: DictConfig, uses_unlabeled: bool, algorithm: str) -> Non
     expect_positive("train.log_every", train.log_every)
     expect_positive("train.checkpoint_every", train.checkpoint_every, allow_zero=True)
     expect_positive("train.num_threads", train.num_threads, allow_zero=True)
-    expect_range("train.stop_at", train.stop_at, 0, train.iterations)
+    # A run of G generations trains G * train.iterations steps per replica (global steps count on).
+    expect_range("train.stop_at", train.stop_at, 0, train.iterations * generations)
 
 
 def _check_imwa(imwa: DictConfig, val_per_class: int, iterations: int) -> None:

@@ -2,7 +2,13 @@
 
 K=1, E=1 is a plain run; E=1 is vanilla MWA. Replicas keep their own data streams across
 episodes, so replica k's data in episode e is fixed by (seed, k, e) and K=1 with any E is
-bitwise the plain run (merging one replica is the identity). With W processes in G = W / D
+bitwise the plain run (merging one replica is the identity).
+
+An algorithm may chain G generations (CReST): each is a whole IMWA run of train.iterations steps and E
+episodes, the global step and the episode count going on across them. After the merge that ends a
+generation, the merged EMA teacher labels the unlabeled set, the algorithm picks pseudo-labels, and the
+next generation starts from fresh replicas (model, teacher, optimiser, schedule, streams) on the labeled
+set with those added (RunParts.replicas_of_generation). With W processes in G = W / D
 replica groups, this process holds replicas k with k mod G == its group; process 0 evaluates
 the merged model and writes the run's files. Of the D data-parallel processes of a group, all
 train and merge, and data-parallel rank 0 alone evaluates, logs and checkpoints (the D copies
@@ -23,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ssl_imwa.builders import RunParts
 from ssl_imwa.checkpoint_store import CheckpointStore
-from ssl_imwa.config import Config
+from ssl_imwa.config import Config, generation_count
 from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.history import RunHistory
 from ssl_imwa.keys import SUMMARY_METRICS
@@ -77,6 +83,13 @@ class Orchestrator:
         self.merger = parts.merger
         self.steps_per_episode = cfg.train.iterations // cfg.imwa.episodes
         self.episode = 0
+        self.generations = generation_count(cfg)
+        self.replicas_of_generation = parts.replicas_of_generation
+        # The generation the replicas train, the pseudo-labels it added to the labeled set (None in the
+        # first), and those its end picked for the next one (held from the pick to the next start).
+        self.generation = 0
+        self.pseudo_labels: dict[str, torch.Tensor] | None = None
+        self.next_pseudo_labels: dict[str, torch.Tensor] | None = None
         self.replica_steps = {replica.index: 0 for replica in self.replicas}
         # The episode's common start point, which TWA may use as a candidate; checkpointed when it
         # does, since after a resume mid-episode no replica holds it any more.
@@ -137,6 +150,8 @@ class Orchestrator:
             "replicas": [replica.state_dict() for replica in self.replicas],
             "run_state": {**self.history.checkpoint_state(), "rng": rng_state(self.trainer.device)},
             "episode_start": self.episode_start if self.keeps_start else None,
+            **({"generation": {"index": self.generation, "pseudo_labels": self.pseudo_labels,
+                               "next_pseudo_labels": self.next_pseudo_labels}} if self.generations > 1 else {}),
         })
 
     def resume(self) -> None:
@@ -161,6 +176,8 @@ class Orchestrator:
         if saved != sorted(self.replica_steps):
             raise RuntimeError(f"checkpoint {path} holds replicas {saved}, this process holds "
                                f"{sorted(self.replica_steps)} (imwa.k or the number of processes changed)")
+        if self.generations > 1:
+            self._restore_generation(payload.get("generation"), path)
         for replica, state in zip(self.replicas, payload["replicas"]):
             replica.load_state_dict(state)
         self.episode = payload["progress"]["episode"]
@@ -172,6 +189,44 @@ class Orchestrator:
         self.history.restore(run_state, path, on_cpu=self.trainer.device.type == "cpu")
         log.info("resumed from %s: episode %d, replica steps %s", path, self.episode + 1, self.replica_steps)
 
+    def _restore_generation(self, saved: dict[str, Any] | None, path: Path) -> None:
+        """The replicas of the checkpoint's generation, before its states load into them."""
+        if saved is None:
+            raise RuntimeError(f"checkpoint {path} records no generation, but algorithm '{self.cfg.algorithm.name}' "
+                               f"chains {self.generations}: it was not written by this run")
+        if saved["index"] > 0:
+            self._start_generation(saved["index"], saved["pseudo_labels"])
+        self.next_pseudo_labels = saved["next_pseudo_labels"]
+
+    # ----- generations -------------------------------------------------------------------
+    def _pick_pseudo_labels(self) -> dict[str, torch.Tensor]:
+        """The merged teacher over the unlabeled set, and the algorithm's picks from it (process 0's, for
+        every process: identical models on different devices may still order near-ties differently)."""
+        picks = None
+        if self.is_main:
+            replica = self.replicas[0]
+            outputs = self.trainer.predict_unlabeled(replica.teacher.module, replica.stream)
+            index, labels = replica.algorithm.pseudo_labels_for_next_generation(outputs)
+            picks = {"unlabeled_index": index.long().cpu(), "labels": labels.long().cpu()}
+        picks = self.comm.broadcast_object(picks, "pseudo-label broadcast")
+        picks = self.data_parallel.broadcast_object(picks, "pseudo-label broadcast")
+        return {key: value.cpu() for key, value in picks.items()}
+
+    def _start_generation(self, generation: int, pseudo_labels: dict[str, torch.Tensor]) -> None:
+        """Fresh replicas for `generation`, on the labeled set with `pseudo_labels` added; each algorithm
+        inherits what it keeps from the previous generation's merged one."""
+        previous = self.replicas[0].algorithm
+        # In place: RunParts holds the same list, so the previous generation's replicas are freed.
+        self.replicas[:] = self.replicas_of_generation(generation, (pseudo_labels["unlabeled_index"],
+                                                                    pseudo_labels["labels"]))
+        for replica in self.replicas:
+            replica.algorithm.inherit(previous)
+        self.generation, self.pseudo_labels, self.next_pseudo_labels = generation, pseudo_labels, None
+        self.episode_start, self.first_nonfinite = None, {}
+        per_class = torch.bincount(pseudo_labels["labels"], minlength=previous.num_classes).tolist()
+        log.info("generation %d/%d: %d pseudo-labeled images join the labeled set (per class %s)", generation + 1,
+                 self.generations, len(pseudo_labels["labels"]), per_class)
+
     # ----- training ----------------------------------------------------------------------
     def _train_replica(self, replica: Replica, episode_end: int, progress: tqdm) -> bool:
         """Train `replica` up to `episode_end`; False when train.stop_at interrupted the run."""
@@ -179,7 +234,7 @@ class Orchestrator:
         images_per_step = self.trainer.images_per_step(replica)
         while self.replica_steps[replica.index] < episode_end:
             step = self.replica_steps[replica.index]
-            outputs = self.trainer.step(replica, step)
+            outputs = self.trainer.step(replica, step - self.generation * train.iterations)
             self.replica_steps[replica.index] = done = step + 1
             self._watch_loss(replica, outputs["loss"], done)
             self.history.state["images"] += images_per_step
@@ -187,7 +242,7 @@ class Orchestrator:
             if done % train.log_every == 0 or done == episode_end:
                 self._ensure_finite([replica])
                 scalars = host_scalars(outputs, self.data_parallel)
-                scalars["lr"] = lr_at(train, step)
+                scalars["lr"] = lr_at(train, step - self.generation * train.iterations)
                 if self.leads:
                     self.logger.scalars(f"replica{replica.index}", scalars, done)
                 progress.set_postfix(loss=f"{scalars['loss']:.3f}", refresh=False)
@@ -215,13 +270,13 @@ class Orchestrator:
 
     def _log_evaluation(self, replica: Replica, done: int, test: dict[str, Any]) -> None:
         """One line per evaluation: what a log file (no progress bar) shows of a run's progress."""
-        total = len(self.replicas) * self.cfg.train.iterations
+        total = len(self.replicas) * self.cfg.train.iterations * self.generations
         remaining = total - sum(self.replica_steps.values())
         trained = total - remaining - self.steps_at_launch
         elapsed = time.perf_counter() - self.launch_clock
         eta = tqdm.format_interval(remaining * elapsed / trained) if trained else "?"
         log.info("replica %d step %d/%d: top1 %.4f balanced %.4f | %.0f images/s | ETA %s", replica.index, done,
-                 self.cfg.train.iterations, test["top1"], test["balanced_acc"],
+                 self.cfg.train.iterations * self.generations, test["top1"], test["balanced_acc"],
                  self.history.state["images"] / max(self.history.state["train_seconds"], 1e-9), eta)
 
     def _warn_if_the_teacher_lags(self, replica: Replica, done: int, test: dict[str, Any]) -> None:
@@ -268,16 +323,19 @@ class Orchestrator:
 
     def run(self) -> dict[str, Any] | None:
         """Train all episodes; returns results on process 0 (None elsewhere or when stopped by train.stop_at)."""
-        episodes = self.cfg.imwa.episodes
+        episodes = self.cfg.imwa.episodes * self.generations
         if self.is_main:
             self.logger.status("running")
         # A bar only in a terminal: in a log file (SLURM, nohup) its carriage-return updates are noise,
         # and the per-evaluation log lines say the same. In a terminal, log lines print above the bar.
         bar = self.cfg.train.progress and self.is_main and sys.stderr.isatty()
         self.steps_at_launch, self.launch_clock = sum(self.replica_steps.values()), time.perf_counter()
-        with tqdm(total=len(self.replicas) * self.cfg.train.iterations, initial=sum(self.replica_steps.values()),
+        with tqdm(total=len(self.replicas) * self.cfg.train.iterations * self.generations,
+                  initial=sum(self.replica_steps.values()),
                   disable=not bar, dynamic_ncols=True) as progress, logging_redirect_tqdm():
             while self.episode < episodes:
+                if self.episode // self.cfg.imwa.episodes > self.generation:
+                    self._start_generation(self.episode // self.cfg.imwa.episodes, self.next_pseudo_labels)
                 episode_end = (self.episode + 1) * self.steps_per_episode
                 if self.episode_start is None:   # every replica holds it now: they start from one state
                     start = {"model": self.replicas[0].model.state_dict(),
@@ -312,8 +370,12 @@ class Orchestrator:
             self.history.record_merge({"episode": self.episode + 1, "step": episode_end, **report,
                                        **{key: test[key] for key in SUMMARY_METRICS}})
             log.info("episode %d/%d merged (%s, %.2f s): top1 %.4f balanced %.4f", self.episode + 1,
-                     self.cfg.imwa.episodes, report["strategy"], report["seconds"], test["top1"],
+                     self.cfg.imwa.episodes * self.generations, report["strategy"], report["seconds"], test["top1"],
                      test["balanced_acc"])
+        if (self.episode + 1) % self.cfg.imwa.episodes == 0 and self.generation + 1 < self.generations:
+            # Before the merge checkpoint, which then holds them: a resume from it starts the next
+            # generation with these very picks.
+            self.next_pseudo_labels = self._pick_pseudo_labels()
         self.episode += 1
         self.store.publish_merge(self._save(f"merge_{self.episode:03d}.pt"), self.episode, self.cfg.imwa.keep_merges)
 

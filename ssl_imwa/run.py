@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_imwa.builders import RunParts, build_run_parts, configure_torch
 from ssl_imwa.checkpoint_store import CheckpointStore, fingerprint
 from ssl_imwa.cluster import continues_a_requeued_job
-from ssl_imwa.config import Config, validate
+from ssl_imwa.config import Config, generation_count, validate
 from ssl_imwa.data import SSLData, build_data
 from ssl_imwa.distributed import (
     Communicator,
@@ -177,10 +177,13 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayo
         orchestrator.resume()
     if comm.is_main:  # after a resume has been accepted: a refused one leaves the run's record as it was
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run dir %s | %s %s on %s (%s) | preset experiment=%s | k=%d episodes=%d | %d steps per replica | "
+    generations = generation_count(cfg)
+    length = (f"{generations} generations of {cfg.train.iterations} steps" if generations > 1
+              else f"{cfg.train.iterations} steps")
+    log.info("run dir %s | %s %s on %s (%s) | preset experiment=%s | k=%d episodes=%d | %s per replica | "
              "device %s, %d process(es) (%d per replica)", run_dir, "resuming" if cfg.resume else "starting",
              cfg.algorithm.name, cfg.dataset.name, cfg.model.name, preset, cfg.imwa.k, cfg.imwa.episodes,
-             cfg.train.iterations, device, comm.world_size, layout.data_parallel.world_size)
+             length, device, comm.world_size, layout.data_parallel.world_size)
     results = _run_to_the_end(orchestrator, stop, comm, cfg)
     if results is None:
         if comm.is_main:

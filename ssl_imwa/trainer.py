@@ -119,7 +119,8 @@ class Trainer:
         return prepared
 
     def step(self, replica: Replica, step: int) -> dict[str, torch.Tensor]:
-        """One optimisation step at global step `step`; returns the algorithm's (detached) outputs."""
+        """One optimisation step at step `step` of the schedule (the global step, or the step within the
+        generation where the algorithm chains generations); returns the algorithm's (detached) outputs."""
         for group in replica.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, step)
         batch = self._prepare(next(replica.stream))
@@ -155,15 +156,20 @@ class Trainer:
         """
         algorithm = replica.algorithm
         model = replica.teacher.module if algorithm.unlabeled_pass_model == "teacher" else replica.model
+        algorithm.after_unlabeled_pass(self.predict_unlabeled(model, replica.stream), step)
+
+    @torch.no_grad()
+    def predict_unlabeled(self, model: nn.Module, stream: Any) -> dict[str, torch.Tensor]:
+        """`model`'s float32 outputs over every unlabeled image of `stream` (eval mode, unaugmented, in index
+        order), the same on every process that holds the same model."""
         was_training = model.training
         model.eval()
         chunks = []
-        for images in replica.stream.unlabeled_batches(self.cfg.eval_batch_size):
+        for images in stream.unlabeled_batches(self.cfg.eval_batch_size):
             with self.autocast():
                 chunks.append(model(self._prepare({"x": images})["x"]))
         model.train(was_training)
-        outputs = {key: torch.cat([chunk[key].float() for chunk in chunks]) for key in chunks[0]}
-        algorithm.after_unlabeled_pass(outputs, step)
+        return {key: torch.cat([chunk[key].float() for chunk in chunks]) for key in chunks[0]}
 
     def images_per_step(self, replica: Replica) -> int:
         """Images this process forwards per step (labeled + every unlabeled view: its slice when D > 1)."""

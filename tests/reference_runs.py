@@ -32,6 +32,9 @@ ALGORITHMS = {
     "darp": ["algorithm=darp", "algorithm.epoch_length=2", "algorithm.warmup_epochs=1", "algorithm.refine_every=3",
              "algorithm.threshold=0.5"],   # solver at steps 4, 7, 10, 13, 16, 19
     "adsh": ["algorithm=adsh", "algorithm.epoch_length=4", "algorithm.threshold=0.5"],   # passes after steps 3, 7, ...
+    # Two generations of 20 steps: the IMWA tests stop and resume in the second as well.
+    "crest": ["algorithm=crest", "algorithm.generations=2", "algorithm.threshold=0.5"],
+    "crest_plus": ["algorithm=crest_plus", "algorithm.generations=2", "algorithm.threshold=0.5"],
     "abc": ["algorithm=abc", "algorithm.threshold=0.5", "algorithm.abc_threshold=0.5", "algorithm.schedule_epochs=5"],
 }
 

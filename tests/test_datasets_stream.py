@@ -240,3 +240,29 @@ def test_replica_streams_share_the_resident_tensors() -> None:
         assert getattr(first, name).device == META
     on_cpu = data.make_stream(4, 2, 1, seed=0)
     assert all(getattr(on_cpu, name).data_ptr() == getattr(data, name).data_ptr() for name in names)
+
+
+def test_pseudo_labels_join_the_labeled_set_and_share_the_resident_unlabeled_set() -> None:
+    """CReST's next generation: picked unlabeled images first, as their picked classes, then the labeled set;
+    the unlabeled set is the same tensors, on the host and on a device that already holds the data."""
+    data = build_data(DatasetConfig(name="digits", n_max=30, m_max=40, imbalance=10, hflip=False))
+    data.make_stream(4, 2, 1, seed=0, device=META)
+    index, labels = torch.tensor([5, 0, 17]), torch.tensor([9, 2, 2])
+    picked = data.with_pseudo_labels(index, labels)
+    assert torch.equal(picked.labeled_images, torch.cat([data.unlabeled_images[index], data.labeled_images]))
+    assert torch.equal(picked.labeled_targets, torch.cat([labels, data.labeled_targets]))
+    expected = list(data.counts["labeled"])
+    expected[9] += 1
+    expected[2] += 2
+    assert picked.counts["labeled"] == expected and data.counts["labeled"] != expected
+    assert picked.unlabeled_images is data.unlabeled_images
+    on_meta = picked.make_stream(4, 2, 1, seed=0, device=META)
+    held = data.make_stream(4, 2, 1, seed=0, device=META)
+    assert on_meta.unlabeled_images is held.unlabeled_images
+    assert on_meta.labeled_targets.shape == (len(data.labeled_targets) + 3,)
+    with pytest.raises(IndexError, match="outside the unlabeled set"):
+        data.with_pseudo_labels(torch.tensor([len(data.unlabeled_images)]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="classes outside"):
+        data.with_pseudo_labels(torch.tensor([0]), torch.tensor([10]))
+    with pytest.raises(ValueError, match="two 1-D tensors"):
+        data.with_pseudo_labels(torch.tensor([0, 1]), torch.tensor([0]))

@@ -8,10 +8,12 @@ import pytest
 
 from ssl_imwa.algorithm import BUILTIN_PACKAGE, get_algorithm, list_algorithms
 from ssl_imwa.checkpoint import read_checkpoint
+from ssl_imwa.config import generation_count, validate
 from tests.reference_runs import ALGORITHMS, IMWA, ReferenceRun
 from tests.utils import (
     assert_same_run,
     assert_same_state,
+    compose_config,
     read_results,
     train_run,
 )
@@ -30,13 +32,19 @@ def test_a_run_stopped_mid_episode_resumes_bitwise_and_merges(algorithm: str, tm
                                                               reference_run: ReferenceRun) -> None:
     overrides = [*IMWA, *ALGORITHMS[algorithm]]
     full = reference_run(overrides)
-    # Step 13 of replica 0 is inside episode 2, while replica 1 is still at the episode's start.
-    stopped = train_run(tmp_path, [*overrides, "train.stop_at=13", "train.checkpoint_every=1"], "stopped")
-    train_run(tmp_path, [*overrides, "resume=true"], "stopped")
-    assert_same_run(full, stopped)
-    replicas = [read_checkpoint(run_dir / "checkpoints" / "latest.pt")["replicas"] for run_dir in (full, stopped)]
-    for index in (0, 1):
-        assert_same_state(replicas[0][index]["algorithm"], replicas[1][index]["algorithm"], f"replica {index} resumed")
+    generations = generation_count(validate(compose_config(overrides)))
+    # Step 13 of replica 0 is inside episode 2, while replica 1 is still at the episode's start; with a
+    # second generation, step 33 is the same place in it.
+    for stop_at in (13, 33) if generations > 1 else (13,):
+        stopped = train_run(tmp_path, [*overrides, f"train.stop_at={stop_at}", "train.checkpoint_every=1"],
+                            f"stopped_{stop_at}")
+        train_run(tmp_path, [*overrides, "resume=true"], f"stopped_{stop_at}")
+        assert_same_run(full, stopped, f"stopped at {stop_at}")
+        replicas = [read_checkpoint(run_dir / "checkpoints" / "latest.pt")["replicas"] for run_dir in (full, stopped)]
+        for index in (0, 1):
+            assert_same_state(replicas[0][index]["algorithm"], replicas[1][index]["algorithm"],
+                              f"replica {index} resumed")
     for part in ("model", "teacher", "algorithm"):   # the last merge gave both replicas the same
         assert_same_state(replicas[0][0][part], replicas[0][1][part], f"{algorithm} {part} after the merge")
-    assert [entry["episode"] for entry in read_results(full)["imwa"]["per_episode"]] == [1, 2]
+    assert [entry["episode"] for entry in read_results(full)["imwa"]["per_episode"]] == \
+        list(range(1, 2 * generations + 1))

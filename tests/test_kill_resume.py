@@ -35,7 +35,8 @@ DRAWS_PER_RUN = int(os.environ.get("SSL_IMWA_KILL_DRAWS", "4"))  # each a fresh 
 SEED = int(os.environ.get("SSL_IMWA_KILL_SEED", int(time.time()) // 86400))
 
 KILL_PLUGIN = '''
-"""Kills this process (SIGKILL) where SSL_IMWA_KILL says: "step:<n>" or "write:<n>"; inert without it."""
+"""Kills this process (SIGKILL) where SSL_IMWA_KILL says: "step:<n>", "write:<n>" or "pass:<n>" (inside the
+n-th pass over the unlabeled set of a generation's end); inert without it."""
 import io
 import os
 import signal
@@ -62,6 +63,16 @@ if plan:
             return real_step(self, replica, at)
 
         Trainer.step = step
+    elif kind == "pass":
+        real_predict = Trainer.predict_unlabeled
+
+        def predict_unlabeled(self, model, stream):
+            outputs = real_predict(self, model, stream)
+            if due():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return outputs
+
+        Trainer.predict_unlabeled = predict_unlabeled
     else:
         real_save = torch.save
 
@@ -84,7 +95,7 @@ def _draws() -> list[tuple[str, str, int]]:
     draws = []
     for _ in range(DRAWS_PER_RUN):
         config = rng.choice(sorted(CONFIGS))
-        steps = 40 if config.startswith("imwa") else 20
+        steps = 40 if config.startswith(("imwa", "crest")) else 20   # CReST's: two generations of 20
         kind = rng.choice(["step", "write"])
         draws.append((config, kind, rng.randint(2, steps - 1) if kind == "step" else rng.randint(1, 6)))
     return draws
@@ -103,15 +114,33 @@ def test_a_kill_anywhere_resumes_to_the_uninterrupted_result(tmp_path: Path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     full = reference_run(CONFIGS[config])
     killed = tmp_path / "killed"
-    env = {**os.environ, "SSL_IMWA_KILL": f"{kind}:{count}",
-           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={killed}",
+    kill_and_resume(tmp_path, overrides, f"{kind}:{count}", draw)
+    assert_same_run(full, killed, draw)
+
+
+def kill_and_resume(tmp_path: Path, overrides: list[str], plan: str, draw: str) -> None:
+    """Run `overrides` into tmp_path/killed under the kill plugin's `plan`, then resume it to the end."""
+    env = {**os.environ, "SSL_IMWA_KILL": plan, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *overrides, f"hydra.run.dir={tmp_path / 'killed'}",
                              "train.progress=false"], env=env, capture_output=True, text=True, timeout=300,
                             check=False)
     assert result.returncode == -signal.SIGKILL, f"{draw}: the run was not killed\n{result.stderr[-2000:]}"
     # A kill before the first checkpoint leaves nothing to restore: the resume starts the run again.
     train_run(tmp_path, [*overrides, "resume=true"], "killed")
-    assert_same_run(full, killed, draw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["crest", "crest_plus"])
+def test_a_kill_inside_the_pass_that_ends_a_generation_resumes_to_the_uninterrupted_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_run: ReferenceRun, algorithm: str) -> None:
+    """SIGKILL after the merged teacher's pass over the unlabeled set, before its picks reach any checkpoint:
+    the resume redoes the merge and the pass, and the next generation learns from the same picks."""
+    (tmp_path / "kill_plugin.py").write_text(KILL_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = [*IMWA, *ALGORITHMS[algorithm]]
+    full = reference_run(overrides)
+    kill_and_resume(tmp_path, [*overrides, "plugins=[kill_plugin]"], "pass:1", f"{algorithm}, kill in the pass")
+    assert_same_run(full, tmp_path / "killed", f"{algorithm}, killed in the pass")
 
 
 HISTORY = ["experiment=quickstart", "train.iterations=40", "train.eval_every=10", "train.batch_size=16", "train.mu=2",

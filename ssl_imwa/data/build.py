@@ -4,6 +4,7 @@ Datasets are found by name in the dataset registry (`ssl_imwa.data.dataset`); wh
 reader returns its arrays (the long-tailed split, resizing, statistics, tensors) is the same for all.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,34 @@ class SSLData:
             )
             self._resident[device] = tuple(part.to(device) for part in parts)
         return self._resident[device]
+
+    def with_pseudo_labels(self, unlabeled_index: torch.Tensor, labels: torch.Tensor) -> "SSLData":
+        """This data with unlabeled images `unlabeled_index` added to the labeled set as classes `labels`.
+
+        The picked images come first, then the labeled set, as in CReST's official code and USB's; the
+        unlabeled set, validation and test splits are unchanged (the picks stay unlabeled images too).
+        `counts["labeled"]` becomes the new set's; the split's record (`split`) stays the dataset's own.
+        """
+        unlabeled_index, labels = unlabeled_index.long().cpu(), labels.long().cpu()
+        if unlabeled_index.shape != labels.shape or unlabeled_index.dim() != 1:
+            raise ValueError(f"pseudo-labels: {tuple(unlabeled_index.shape)} indices for {tuple(labels.shape)} labels, "
+                             "expected two 1-D tensors of one length")
+        if len(unlabeled_index) and not (0 <= int(unlabeled_index.min()) and
+                                         int(unlabeled_index.max()) < len(self.unlabeled_images)):
+            raise IndexError(f"pseudo-labels: indices outside the unlabeled set of {len(self.unlabeled_images)}")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
+            raise ValueError(f"pseudo-labels: classes outside 0..{self.num_classes - 1}")
+        targets = torch.cat([labels, self.labeled_targets])
+        counts = {**self.counts, "labeled": torch.bincount(targets, minlength=self.num_classes).tolist()}
+        picked = dataclasses.replace(
+            self, labeled_images=torch.cat([self.unlabeled_images[unlabeled_index], self.labeled_images]),
+            labeled_targets=targets, counts=counts)
+        # Devices holding this data keep one copy of the unlabeled set, shared by both.
+        for device, (images, targets_on, unlabeled, unlabeled_targets, is_labeled) in self._resident.items():
+            index = unlabeled_index.to(device)
+            picked._resident[device] = (torch.cat([unlabeled[index], images]), torch.cat([labels.to(device), targets_on]),
+                                        unlabeled, unlabeled_targets, is_labeled)
+        return picked
 
     def make_stream(
         self,
