@@ -45,6 +45,14 @@ algorithm and its `process_batch` passes to those that ask), 10-step epochs with
 and the solver every 10 steps (parity_usb.DARP_*); USB's epoch is set as its loop sets it. The refined
 pseudo-labels of every unlabeled image are compared after every step ("state").
 
+CReST+: parity_usb.CREST_GENERATIONS = 2 generations, --steps split between them. At the boundary both sides
+label our unlabeled images with their EMA teacher (USB: its `evaluate('eval_ulb')` unaugmented, as ADSH) and
+pick (USB: CReST.train's per-class confidence order, then its own get_split); the labeled sets they build
+must be identical (images and classes, in order), else the oracle stops there. Then both restart from OUR
+next generation's initial weights (USB: a new optimizer and its before_run hooks, as its re_init and
+train() loop do), our stream over the new labeled set feeding both, each alignment estimate p_model going
+on from the first generation (compared as "state").
+
 TRAS: the target head joins after parity_usb.TRAS_WARMUP = 20 steps on both sides (USB's epoch set as its loop
 sets it); USB's TRASNet sits in the DataParallel wrapper its train.py adds, its aux_classifier compared as our
 target head. The four TRAS --align items above take USB to our design; with all four the runs are bitwise.
@@ -60,6 +68,7 @@ Run (one process, one thread; USB set up as in bench/parity_usb.py):
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo abc --steps 200 --ours algorithm.usb_rng=true --align joint_head
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo darp --steps 200 --ours algorithm.threshold_refined=false
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo tras --steps 200 --align prior_sign teacher_target warmup_zero joint_head
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo crest --steps 200
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 1000 --seeds 0 1 2 --score
     /tmp/usb_venv/bin/python bench/parity_oracle.py report   # markdown table of the scored runs
 """
@@ -73,13 +82,23 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.parity_usb import BATCH, build_usb, our_overrides, score, usb_step
+from bench.parity_usb import (
+    BATCH,
+    CREST_GENERATIONS,
+    LR,
+    WD,
+    build_usb,
+    our_overrides,
+    score,
+    usb_step,
+)
 
 ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue", "f32_weights", "prior_sign", "teacher_target",
                "warmup_zero", "joint_head")
@@ -107,8 +126,8 @@ class Tee:
         return getattr(self.stream, name)
 
 
-def build_ours(algo: str, seed: int, run_dir: Path, engine: Path, extra: list[str]) -> tuple[Any, Any, Any]:
-    """(trainer, replica, data) exactly as ssl_imwa.run builds them for parity_usb's command line.
+def build_ours(algo: str, seed: int, run_dir: Path, engine: Path, extra: list[str]) -> tuple[Any, Any, Any, Any]:
+    """(trainer, replica, data, config) exactly as ssl_imwa.run builds them for parity_usb's command line.
 
     `engine`: the checkout whose ssl_imwa/ and configs/ are tested (a snapshot such as
     `git archive HEAD ssl_imwa configs` keeps a long run clear of edits in progress); `extra`: overrides
@@ -139,7 +158,59 @@ def build_ours(algo: str, seed: int, run_dir: Path, engine: Path, extra: list[st
     initial = build_initial_model(cfg, data, algorithm, device)
     replica = build_replica(0, cfg, data, algorithm, initial, device)
     replica.stream = Tee(replica.stream)
-    return Trainer(cfg.train, device), replica, data
+    return Trainer(cfg.train, device), replica, data, cfg
+
+
+def next_generation_ours(trainer: Any, replica: Any, data: Any, cfg: Any, generation: int) -> tuple[Any, Any]:
+    """Our next generation as ssl_imwa.imwa starts it (K = 1: the teacher is the merged model): the teacher's
+    pass, the algorithm's picks, fresh replica parts on the labeled set with them, the estimate inherited.
+    Returns (replica, its data)."""
+    from ssl_imwa.builders import (
+        build_algorithm,
+        build_initial_model,
+        build_replica,
+        generation_rng,
+    )
+
+    outputs = trainer.predict_unlabeled(replica.teacher.module, replica.stream)
+    picked = data.with_pseudo_labels(*replica.algorithm.pseudo_labels_for_next_generation(outputs))
+    device = trainer.device
+    with generation_rng(cfg.seed, generation, device):
+        algorithm = build_algorithm(cfg, picked, device, generation, data.counts["labeled"])
+        initial = build_initial_model(cfg, picked, algorithm, device)
+    algorithm.inherit(replica.algorithm)
+    fresh = build_replica(0, cfg, picked, algorithm, initial, device, generation=generation)
+    fresh.stream = Tee(fresh.stream)
+    return fresh, picked
+
+
+def next_generation_usb(usb: Any, data: Any, initial: dict[str, torch.Tensor], generation: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """USB's CReST between generations: its pass and pick (CReST.train's lines, then its get_split, which
+    returns the next labeled set), and its re_init from OUR next initial weights: a new optimizer (no
+    scheduler: ImbAlgorithmBase), the temperature of CReST.train, the before_run hooks (a new EMA)."""
+    import math
+
+    from semilearn.core.utils import get_optimizer
+
+    np.math = math   # USB 0.3.2's get_split calls np.math.pow, an alias of Python's math that NumPy 2 removed
+    logits = torch.as_tensor(usb.evaluate("eval_ulb", return_logits=True)["eval_ulb/logits"])
+    score_, predicted = torch.max(torch.softmax(logits, dim=1), dim=1)
+    pseudo_label_list = []
+    for cls in range(usb.num_classes):
+        members = torch.where(predicted == cls)[0]
+        pseudo_label_list.append(members[torch.argsort(score_[members], descending=True)].numpy())
+    labeled = usb.get_split(data.labeled_images.numpy(), data.labeled_targets.numpy(), data.unlabeled_images.numpy(),
+                            data.unlabeled_targets.numpy(), pseudo_label_list)
+    usb_net(usb.model).load_state_dict(initial)
+    usb_net(usb.ema_model).load_state_dict(initial)
+    usb.optimizer = get_optimizer(usb.model, "SGD", LR, 0.9, WD, 1.0, bn_wd_skip=False)
+    usb.scheduler = None
+    usb.gen = generation
+    progress = generation / (usb.num_gens - 1)
+    usb.cur_dist_align_t = (1.0 - progress) * 1.0 + progress * usb.dist_align_t
+    usb.call_hook("before_run")
+    return labeled
 
 
 def align_usb_daso(algorithm: Any, items: set[str]) -> None:
@@ -204,6 +275,8 @@ def algorithm_states(algo: str, ours: Any, usb: Any) -> tuple[torch.Tensor, torc
         return ours.s, usb.hooks_dict["MaskingHook"].adsh_s
     if algo == "darp":   # the refined pseudo-labels of every unlabeled image
         return ours.refined, usb.hooks_dict["PseudoLabelingHook"].pseudo_refine
+    if algo == "crest":   # the alignment's estimate of the model's class distribution
+        return ours.p_model, usb.hooks_dict["DistAlignHook"].p_model
     return None
 
 
@@ -309,6 +382,8 @@ def start_usb(algo: str, seed: int, items: set[str], out: Path, data: Any, initi
         align_usb_tras(usb, items)
     if algo == "abc" and "joint_head" in items:
         align_usb_joint_head(usb)
+    if algo == "crest":   # CReST.train sets both before each generation
+        usb.gen, usb.cur_dist_align_t = 0, 1.0
     return usb
 
 
@@ -377,19 +452,33 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
                engine: Path, perturb: float, extra: list[str], saw_epoch: int) -> dict[str, Any]:
     """Lockstep run of both sides; prints a line per report step and the first divergence beyond `tol`."""
     epoch = [f"algorithm.epoch_length={saw_epoch}"] if algo == "saw" and saw_epoch else []
-    trainer, replica, data = build_ours(algo, seed, out / "ours_cfg", engine, [*extra, *epoch])
+    trainer, replica, data, cfg = build_ours(algo, seed, out / "ours_cfg", engine, [*extra, *epoch])
     usb = start_usb(algo, seed, items, out, data, replica.model.state_dict(), perturb)
     ours_tensors = tensor_groups(replica.model, replica.teacher.module)
     usb_tensors = tensor_groups(usb_net(usb.model), usb_net(usb.ema_model))
     first: dict[str, Any] | None = None
     mask_flips, history = 0, []
+    generation_steps = steps // CREST_GENERATIONS if algo == "crest" else steps
     for step in range(steps):
+        if step and step % generation_steps == 0:
+            generation = step // generation_steps
+            replica, picked = next_generation_ours(trainer, replica, data, cfg, generation)
+            lb_images, lb_targets = next_generation_usb(usb, data, replica.model.state_dict(), generation)
+            same = (np.array_equal(lb_images, picked.labeled_images.numpy())
+                    and np.array_equal(lb_targets, picked.labeled_targets.numpy()))
+            print(f"generation {generation + 1}: {len(picked.labeled_targets) - len(data.labeled_targets)} pseudo-labels "
+                  f"join the labeled set, per class {picked.counts['labeled']}; USB's labeled set "
+                  f"{'is identical' if same else 'DIFFERS'}", flush=True)
+            if not same:
+                raise SystemExit("the two sides picked different pseudo-labels: the oracle stops here")
+            ours_tensors = tensor_groups(replica.model, replica.teacher.module)
+        local = step % generation_steps
         rng = torch.get_rng_state()
-        outputs = trainer.step(replica, step)
+        outputs = trainer.step(replica, local)
         b = replica.stream.last
-        before_usb_step(usb, algo, step, rng)
+        before_usb_step(usb, algo, local, rng)
         usb_step(usb, {"x_lb": b["x"].clone(), "y_lb": b["y"].clone(), "x_ulb_w": b["u_weak"].clone(),
-                       "x_ulb_s": b["u_strong"][0].clone(), "idx_ulb": b["u_index"].clone()}, step)
+                       "x_ulb_s": b["u_strong"][0].clone(), "idx_ulb": b["u_index"].clone()}, local)
         end_usb_epoch(usb, algo, step, saw_epoch)
         ours_mask, usb_mask = outputs["mask_rate"].item(), usb.log_dict["train/util_ratio"]
         mask_flips += round(abs(ours_mask - usb_mask) * BATCH * (len(b["u_weak"]) // BATCH))
@@ -450,7 +539,8 @@ def report(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=["run", "report"], default="run")
-    parser.add_argument("--algo", choices=["fixmatch", "daso", "debiaspl", "saw", "abc", "darp", "adsh", "tras"],
+    parser.add_argument("--algo", choices=["fixmatch", "daso", "debiaspl", "saw", "abc", "darp", "adsh", "tras",
+                                           "crest"],
                         default="fixmatch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=200)

@@ -54,8 +54,9 @@ STUB_MODULES = {
 }
 # The setting shared by both sides (experiment=cpu_digits_lt and the choices in the module docstring).
 STEPS, BATCH, LR, WD, THRESHOLD, EMA_DECAY, BN_MOMENTUM = 1000, 32, 0.03, 5e-4, 0.95, 0.999, 0.001
-MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2, "debiaspl": 2, "saw": 2, "abc": 2, "darp": 2, "adsh": 2, "tras": 2}
-IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw", "abc", "darp", "adsh", "tras")  # USB classes mixed into its FixMatch
+MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2, "debiaspl": 2, "saw": 2, "abc": 2, "darp": 2, "adsh": 2, "tras": 2,
+      "crest": 2}
+IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw", "abc", "darp", "adsh", "tras", "crest")  # USB classes mixed into its FixMatch
 DASO_WARMUP, DASO_PERIOD = 20, 1  # daso_short: 0.02 and 0.0004 of 1,000 steps (the period rounds up to 1)
 # DARP: 10-step epochs, refinement from epoch 5 (step 50), the solver every 10 steps, on both sides.
 DARP_EPOCH, DARP_WARMUP_EPOCHS, DARP_PERIOD = 10, 4, 10
@@ -63,6 +64,8 @@ DARP_EPOCH, DARP_WARMUP_EPOCHS, DARP_PERIOD = 10, 4, 10
 ADSH_EPOCH = 50
 # TRAS: the target head joins after 20 steps on both sides (USB: 20-step epochs, tras_warmup_epochs 1).
 TRAS_WARMUP = 20
+# CReST+: two generations on both sides (the oracle's --steps split between them), the recipe's alpha and T.
+CREST_GENERATIONS = 2
 
 
 def write_stubs(stub_dir: Path) -> None:
@@ -136,6 +139,9 @@ def usb_args(algo: str, seed: int, num_classes: int) -> SimpleNamespace:
     if algo == "tras":   # USB's generator for CIFAR-10-LT (A 2, B 2, tro 1, 1 warm-up epoch), TRAS_WARMUP-step epochs
         args.update(imb_algorithm="tras", tras_A=2, tras_B=2, tras_tro=1.0, tras_warmup_epochs=1,
                     epoch=STEPS // TRAS_WARMUP)
+    if algo == "crest":   # USB's config for CIFAR-10-LT (alpha 3) with its CReST+ alignment (argparse defaults)
+        args.update(imb_algorithm="crest", crest_num_gens=CREST_GENERATIONS, crest_dist_align_t=0.5,
+                    crest_pro_dist_align=True, crest_alpha=3.0)
     return SimpleNamespace(**args)
 
 
@@ -175,6 +181,8 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
         patch_usb_darp(data)
     if algo == "tras":
         patch_usb_tras(data)
+    if algo == "crest":
+        patch_usb_crest(data)
     settings = usb_args(algo, seed, num_classes)
 
     def net_builder(num_classes: int, **_: Any) -> USBNet:
@@ -211,7 +219,8 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
         from semilearn.core.utils import get_cosine_schedule_with_warmup
         algorithm.scheduler = get_cosine_schedule_with_warmup(algorithm.optimizer, STEPS, num_warmup_steps=0)
     # DebiasPL registers its hook under the name "NORMAL" (its priority passed as the name).
-    keep = {"ParamUpdateHook", "EMAHook", "PseudoLabelingHook", "MaskingHook", "NORMAL", "SAWWeightsHook"}
+    keep = {"ParamUpdateHook", "EMAHook", "PseudoLabelingHook", "MaskingHook", "NORMAL", "SAWWeightsHook",
+            "DistAlignHook"}
     algorithm._hooks = [h for h in algorithm._hooks if h.name in keep]
     algorithm.hooks_dict = {h.name: h for h in algorithm._hooks}
     algorithm.model.train()
@@ -264,6 +273,17 @@ def patch_usb_saw(data: Any) -> None:
     SAW.evaluate = usb_unlabeled_pass(data)
     for name in ("before_run", "after_train_epoch"):   # both move the weights with .cuda(); this run is on CPU
         setattr(SAWWeightsHook, name, on_host(getattr(SAWWeightsHook, name)))
+
+
+def patch_usb_crest(data: Any) -> None:
+    """USB's CReST reads the labeled targets (its class distribution) from its own labeled dataset and adds an
+    `eval_ulb` loader; here the targets come from our split, and its end-of-generation pass
+    (`evaluate('eval_ulb')`) reads our unlabeled images as our pass does (usb_unlabeled_pass)."""
+    from semilearn.imb_algorithms.crest import CReST
+
+    CReST.set_dataset = lambda self: {"train_lb": SimpleNamespace(targets=data.labeled_targets.numpy())}
+    CReST.set_data_loader = lambda self: None
+    CReST.evaluate = usb_unlabeled_pass(data)
 
 
 def patch_usb_adsh(data: Any) -> None:
@@ -382,6 +402,8 @@ def our_overrides(algo: str, seed: int, threads: int) -> list[str]:
         return overrides + [f"algorithm={algo}"]
     if algo == "tras":   # its recipe is USB's, with the TRAS_WARMUP-step warm-up
         return overrides + ["algorithm=tras", f"algorithm.warmup={TRAS_WARMUP}"]
+    if algo == "crest":   # CReST+ with USB's recipe, CREST_GENERATIONS generations
+        return overrides + ["algorithm=crest_plus", f"algorithm.generations={CREST_GENERATIONS}"]
     if algo == "adsh":   # its recipe is USB's, with ADSH_EPOCH-step epochs
         return overrides + ["algorithm=adsh", f"algorithm.epoch_length={ADSH_EPOCH}"]
     if algo.startswith("daso"):
