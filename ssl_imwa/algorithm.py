@@ -202,6 +202,18 @@ class Algorithm(nn.Module):
         """A class property: config validation asks it before any algorithm is built."""
         return True
 
+    @classmethod
+    def eval_logit_offset(cls, model: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
+        """What evaluation subtracts from every image's `eval_head` logits before the argmax; None (the
+        default): nothing, and evaluation reads the logits as they are.
+
+        Called once per evaluation (and per `LoadedRun.predict`) with the evaluated model, in eval mode,
+        without autograd, under the run's autocast, and `inputs`: one normalised evaluation image [1, C, H, W]
+        (its shape, dtype, device and memory format). Returns a [num_classes] tensor. A classmethod: it
+        may read only the model (CDMAD's test-time refinement: the model's logits of a solid image).
+        """
+        return None
+
     def build_heads(self, feature_dim: int, num_classes: int) -> dict[str, nn.Module]:
         """Extra heads beyond the standard 'logits' head."""
         return {}

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from ssl_imwa.data import SSLData
+    from ssl_imwa.evaluator import LogitOffset
 
 class TrainResult(NamedTuple):
     """What `train` returns: results.json's contents (None when stopped at train.stop_at) and the run directory."""
@@ -83,6 +84,7 @@ class LoadedRun:
 
     Each model returns a dict of logits by head name; `head` is the one the run evaluated (ACR:
     its balanced head). `data` is the run's dataset, split as it was (test images: `data.test_images`).
+    `logit_offset`: the algorithm's `eval_logit_offset`, which `predict` applies as the run's evaluation does.
     """
 
     run_dir: Path
@@ -91,6 +93,7 @@ class LoadedRun:
     head: str
     replicas: list[ReplicaModels]
     device: torch.device
+    logit_offset: LogitOffset | None = None
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -107,6 +110,7 @@ class LoadedRun:
         import torch
 
         from ssl_imwa.data.transforms import normalize
+        from ssl_imwa.evaluator import measure_logit_offset, offset_logits
         from ssl_imwa.trainer import autocast_factory
 
         if model not in ("teacher", "student"):
@@ -115,13 +119,16 @@ class LoadedRun:
         autocast = autocast_factory(self.config.train.precision, self.device)
         batch_size = self.config.train.eval_batch_size
         predicted = []
+        offset = None
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 batch = normalize(images[start:start + batch_size].to(self.device), self.data.mean, self.data.std)
                 if self.config.train.channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
+                if start == 0:   # once per call, as once per evaluation
+                    offset = measure_logit_offset(self.logit_offset, network, batch[:1], autocast)
                 with autocast():
-                    predicted.append(network(batch)[self.head].argmax(dim=1))
+                    predicted.append(offset_logits(network(batch)[self.head], offset).argmax(dim=1))
         return torch.cat(predicted).cpu()
 
 
@@ -138,4 +145,5 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu
     saved = open_run(directory, cfg, checkpoint, torch.device(device))
     replicas = [ReplicaModels(saved.network(index, "teacher"), saved.network(index, "student"))
                 for index in range(len(saved.payload["replicas"]))]
-    return LoadedRun(directory, cfg, saved.data, saved.algorithm_cls.eval_head, replicas, saved.device)
+    return LoadedRun(directory, cfg, saved.data, saved.algorithm_cls.eval_head, replicas, saved.device,
+                     saved.algorithm_cls.eval_logit_offset)

@@ -26,7 +26,7 @@ from ssl_imwa.distributed import (
     world_size_from_environment,
 )
 from ssl_imwa.ema import EMAConfig, EMATeacher
-from ssl_imwa.evaluator import Evaluator
+from ssl_imwa.evaluator import Evaluator, LogitOffset
 from ssl_imwa.merge import MergeData, MergeStrategy, build_merge
 from ssl_imwa.models import backbone_options, create_model
 from ssl_imwa.models.batchnorm import synchronise_batchnorm
@@ -110,15 +110,17 @@ def build_initial_model(cfg: Config, data: SSLData, algorithm: Algorithm, device
     return model.to(device)
 
 
-def build_evaluator(cfg: Config, data: SSLData, head: str, device: torch.device) -> Evaluator:
-    """Evaluation of `head` on the test split and, when the protocol holds one out, the validation split."""
+def build_evaluator(cfg: Config, data: SSLData, head: str, device: torch.device,
+                    logit_offset: LogitOffset | None = None) -> Evaluator:
+    """Evaluation of `head` on the test split and, when the protocol holds one out, the validation split;
+    `logit_offset`: the algorithm's `eval_logit_offset` (what is subtracted from `head`'s logits)."""
     # Resident on the device (uint8, a few hundred MB at most), so an evaluation copies nothing.
     splits = {"test": (data.test_images.to(device), data.test_targets)}
     if data.val_images is not None:
         splits["val"] = (data.val_images.to(device), data.val_targets)
     return Evaluator(splits, data.num_classes, data.counts["labeled"], data.mean, data.std, head,
                      cfg.train.eval_batch_size, device, cfg.train.channels_last,
-                     autocast_factory(cfg.train.precision, device))
+                     autocast_factory(cfg.train.precision, device), logit_offset)
 
 
 def data_parallel_wrapper(model: torch.nn.Module, data_parallel: Communicator, device: torch.device) -> torch.nn.Module:
@@ -222,7 +224,7 @@ def build_run_parts(cfg: Config, data: SSLData, device: torch.device, layout: Pr
                               data.counts["labeled"])[0]
 
     trainer = Trainer(cfg.train, device, layout.data_parallel)
-    evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device)
+    evaluator = build_evaluator(cfg, data, algorithm_cls.eval_head, device, algorithm_cls.eval_logit_offset)
     # Merges run among the processes of one data-parallel rank: every rank of a group merges at once.
     merger = build_merge(cfg.imwa, cfg.seed, layout.across_replicas,
                          lambda: MergeData(data, copy.deepcopy(initial_model), algorithm_cls.eval_head, device))

@@ -113,7 +113,8 @@ def evaluate_checkpoint(run_dir: Path, checkpoint: str = "latest", heads: Sequen
         raise ValueError(f"--head {unknown}: this {cfg.algorithm.name} model has heads {available} (or 'all')")
     if split == "val" and saved.data.val_images is None:
         raise ValueError(f"--split val: run {run_dir} has no validation split (dataset.val_per_class is 0)")
-    return build_evaluator(cfg, saved.data, eval_head, saved.device).evaluate_heads(network, split, chosen)
+    evaluator = build_evaluator(cfg, saved.data, eval_head, saved.device, saved.algorithm_cls.eval_logit_offset)
+    return evaluator.evaluate_heads(network, split, chosen)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -36,6 +36,8 @@ ALGORITHMS = {
     "crest": ["algorithm=crest", "algorithm.generations=2", "algorithm.threshold=0.5"],
     "crest_plus": ["algorithm=crest_plus", "algorithm.generations=2", "algorithm.threshold=0.5"],
     "abc": ["algorithm=abc", "algorithm.threshold=0.5", "algorithm.abc_threshold=0.5", "algorithm.schedule_epochs=5"],
+    "simpro": ["algorithm=simpro", "algorithm.epoch_length=4", "algorithm.threshold=0.5"],   # M-steps after 3, 7, ...
+    "cdmad": ["algorithm=cdmad", "algorithm.debias_start=4"],   # stateless; pseudo-labels debiased from step 4
 }
 
 

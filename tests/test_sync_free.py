@@ -36,6 +36,9 @@ ALGORITHMS = {
     "darp": ["algorithm=darp", "algorithm.epoch_length=3", "algorithm.warmup_epochs=1", "algorithm.refine_every=3"],   # warm-up 4-5, solver 6 and 9
     "adsh": ["algorithm=adsh", "algorithm.epoch_length=3"],   # the unlabeled pass after steps 5 and 8 is audited too
     "abc": ["algorithm=abc", "algorithm.schedule_epochs=25"],   # 4-step schedule epochs: moves at 4 and 8
+    "crest_plus": ["algorithm=crest_plus"],   # the alignment's estimate at every step (the pick is per generation)
+    "simpro": ["algorithm=simpro", "algorithm.epoch_length=3"],   # M-steps after 5 and 8
+    "cdmad": ["algorithm=cdmad", "algorithm.debias_start=6"],   # the solid image's bias subtracted from step 6
 }
 AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at 6 and 9, SAW re-weights after 5 and 8
 
