@@ -7,7 +7,10 @@
 #     one thread per run ($THREADS, default 1), so two sections can run side by side on two cores.
 # Usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]
 #   sections: imwa0 imwa1 imwa2 (per seed), algorithms0 algorithms1 algorithms2, acr0 acr1 acr2 (ACR with
-#   the official code's estimate), precision (cifar10 only)
+#   the official code's estimate), precision (cifar10 only); digits only: table0 table1 table2 (every
+#   algorithm on consistent, reversed and uniform unlabeled data, per seed) and top0 top1 top2 (IMWA K=2 E=4,
+#   MWA K=2 E=1 and the compute-matched K=1 on top of the algorithms named in $TOP, on $TOP_DATA, default
+#   consistent)
 # A run whose results.json exists is skipped, so the script can be restarted.
 set -uo pipefail
 OUT=${1:?usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]}
@@ -84,12 +87,66 @@ acr_official_arms() {  # ACR with the official code's estimate beside the paper'
   done
 }
 
-mkdir -p "$OUT/imwa" "$OUT/algorithms" "$OUT/precision"
+# The whole table: each algorithm with its recipe (mu, lr schedule, ...) under the common protocol above, on the
+# same disjoint split (CDMAD's and ACR's recipes: nested), schedules given in epochs kept at their recipes'
+# proportions of the run. CReST chains its 6 generations of 168 steps (1,008 in all: compute-matched).
+declare -A ARMS=(
+  [supervised]="algorithm=supervised"
+  [fixmatch]="algorithm=fixmatch"
+  [daso]="algorithm=daso_short train.mu=7 train.schedule=cosine"
+  [acr]="algorithm=acr_short dataset.protocol=disjoint"
+  [debiaspl]="algorithm=debiaspl"
+  [saw]="algorithm=saw algorithm.epoch_length=0.00390625"
+  [darp]="algorithm=darp"
+  [abc]="algorithm=abc"
+  [adsh]="algorithm=adsh algorithm.epoch_length=0.00390625"
+  [tras]="algorithm=tras"
+  [crest]="algorithm=crest train.iterations=168"
+  [crest_plus]="algorithm=crest_plus train.iterations=168"
+  [simpro]="algorithm=simpro algorithm.epoch_length=0.0116"
+  [cdmad]="algorithm=cdmad dataset.protocol=disjoint"
+)
+TABLE=(supervised fixmatch daso acr debiaspl saw darp abc adsh tras crest crest_plus simpro cdmad)
+
+arm() {  # the arm's overrides for unlabeled setting $2 (DASO's T_dist: 1.5 when gamma_l == gamma_u, else 0.3)
+  local name=$1 u=$2
+  echo "${ARMS[$name]}"
+  if [ "$name" = daso ]; then [ "$u" = consistent ] && echo algorithm.dist_temperature=1.5 || echo algorithm.dist_temperature=0.3; fi
+}
+
+table_arms() {
+  local s=$1 u name
+  for u in consistent reversed uniform; do
+    for name in "${TABLE[@]}"; do
+      # shellcheck disable=SC2046
+      run "table/${name}_${u}_s$s" $(arm "$name" "$u") dataset.unlabeled=$u seed="$s"
+    done
+  done
+}
+
+top_arms() {  # IMWA, MWA and the compute-matched K=1 (twice the steps) on top of each algorithm in $TOP
+  local s=$1 u name steps
+  for u in ${TOP_DATA:-consistent}; do
+    for name in ${TOP:?set TOP to the algorithms to build on, e.g. TOP="acr saw darp"}; do
+      steps=1000; [[ "$name" == crest* ]] && steps=168
+      # shellcheck disable=SC2046
+      run "top/${name}_imwa_k2e4_${u}_s$s" $(arm "$name" "$u") dataset.unlabeled=$u imwa.k=2 imwa.episodes=4 seed="$s"
+      # shellcheck disable=SC2046
+      run "top/${name}_mwa_k2e1_${u}_s$s" $(arm "$name" "$u") dataset.unlabeled=$u imwa.k=2 imwa.episodes=1 seed="$s"
+      # shellcheck disable=SC2046
+      run "top/${name}_k1_long_${u}_s$s" $(arm "$name" "$u") dataset.unlabeled=$u train.iterations=$((2 * steps)) seed="$s"
+    done
+  done
+}
+
+mkdir -p "$OUT/imwa" "$OUT/algorithms" "$OUT/precision" "$OUT/table" "$OUT/top"
 for section in $SECTIONS; do
   case $section in
     imwa0|imwa1|imwa2) imwa_arms "${section#imwa}" ;;
     algorithms0|algorithms1|algorithms2) algorithm_arms "${section#algorithms}" ;;
     acr0|acr1|acr2) acr_official_arms "${section#acr}" ;;
+    table0|table1|table2) table_arms "${section#table}" ;;
+    top0|top1|top2) top_arms "${section#top}" ;;
     precision)  # bf16 + channels_last against fp32 on the same short run
       run precision/fixmatch_fp32 algorithm=fixmatch train.iterations=400 train.precision=fp32 train.channels_last=false
       run precision/fixmatch_bf16_cl algorithm=fixmatch train.iterations=400 ;;
