@@ -11,7 +11,8 @@
 #   algorithm on consistent, reversed and uniform unlabeled data, per seed) and top0 top1 top2 (IMWA K=2 E=4,
 #   MWA K=2 E=1 and the compute-matched K=1 on top of the algorithms named in $TOP, on $TOP_DATA, default
 #   consistent)
-# A run whose results.json exists is skipped, so the script can be restarted.
+# A run whose results.json exists is skipped, so the script can be restarted; copies of it may run side by
+# side on one OUT (a run is claimed by OUT/<run>.lock; remove the locks a killed copy left before restarting).
 set -uo pipefail
 OUT=${1:?usage: [STUDY=digits] bench/cpu_study.sh OUT_DIR [section ...]}
 shift
@@ -36,12 +37,14 @@ case $STUDY in
   *) echo "unknown STUDY=$STUDY (cifar10 or digits)"; exit 2 ;;
 esac
 
-run() {
+run() {  # several copies of this script may share OUT (one per core): a run is claimed by its lock directory
   local name=$1; shift
   if [ -f "$OUT/$name/results.json" ]; then echo "skip $name (done)"; return; fi
+  if ! mkdir "$OUT/$name.lock" 2> /dev/null; then echo "skip $name (claimed: $OUT/$name.lock)"; return; fi
   echo "$(date '+%F %T') start $name (load $(cut -d' ' -f1 /proc/loadavg))"
   python main.py "${COMMON[@]}" "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1 \
     && echo "$(date '+%F %T') done  $name" || echo "$(date '+%F %T') FAILED $name (see $OUT/$name.log)"
+  rmdir "$OUT/$name.lock"
 }
 
 imwa_arms() {  # supervised, FixMatch K=1, IMWA K=2 E=4, MWA K=2 E=1, FixMatch K=1 with twice the steps, IMWA with TWA

@@ -1,6 +1,7 @@
 """Regenerate one study's part of docs/results.md (tables and small PNG plots) from its run directories.
 
     python -m bench.make_results digits /tmp/dstudy     (STUDY=digits bench/cpu_study.sh /tmp/dstudy)
+    python -m bench.make_results digits_table /tmp/dstudy   (its table0..2 and top0..2 sections)
     python -m bench.make_results cifar10 /tmp/study     (bench/cpu_study.sh /tmp/study)
 
 For each section of the study it runs `python -m ssl_imwa.report` into docs/results/<section>/ and
@@ -65,6 +66,18 @@ STUDIES = {
                                       ("algorithms/acr_*_s[0-9]",), "acr_tau"),
             "digits_imwa": Section("FixMatch K=1, MWA, IMWA and the compute-matched K=1", ("imwa",), "imwa", "imwa"),
         }),
+    # Its own block: regenerating it needs only its table/ and top/ runs, and leaves the digits block above as
+    # it was generated (that study's run directories need not be on this machine).
+    "digits_table": Study(
+        "Digits at 8×8: the whole table, every algorithm on consistent, reversed and uniform unlabeled data",
+        "the 596 digits test images",
+        {
+            "digits_table": Section("Consistent unlabeled data (the tables cover all three settings)",
+                                    ("table/*_consistent_s[0-9]",), "table"),
+            "digits_table_reversed": Section("Reversed unlabeled data", ("table/*_reversed_s[0-9]",)),
+            "digits_table_uniform": Section("Uniform unlabeled data", ("table/*_uniform_s[0-9]",)),
+            "digits_top": Section("IMWA, MWA and the compute-matched K=1 on top of the best algorithms", ("top/*_s[0-9]",), "top"),
+        }),
     "cifar10": Study(
         "CIFAR-10-LT at 32×32",
         "the 10,000 test images",
@@ -93,7 +106,7 @@ def study_block(name: str, study_dir: Path) -> str:
     study = STUDIES[name]
     parts = [f"# {study.title}\n", (ROOT / "docs" / f"results_notes_{name}.md").read_text().rstrip() + "\n"]
     for section_name, section in study.sections.items():
-        if not (study_dir / section.patterns[0].split("/")[0]).is_dir():
+        if not any(any(study_dir.glob(pattern)) for pattern in section.patterns):   # a section the study did not run
             continue
         parts.append(f"\n## {section.title}\n\nRegenerate: `python -m ssl_imwa.report "
                      + " ".join(f"{study_dir}/{p}" for p in section.patterns) + f" --out docs/results/{section_name}`\n")

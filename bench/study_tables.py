@@ -3,6 +3,8 @@
     python -m bench.study_tables imwa /tmp/study/imwa
     python -m bench.study_tables algorithms /tmp/study
     python -m bench.study_tables acr_tau /tmp/study
+    python -m bench.study_tables table /tmp/study
+    python -m bench.study_tables top /tmp/study
 
 `imwa`: each arm's balanced accuracy per seed with mean ± sample std, each arm's difference from
 the plain FixMatch K=1 run of the same seed, every MWA/IMWA replica's own accuracy beside the
@@ -10,7 +12,9 @@ merged model's, and the merged model after each episode. `algorithms`: every alg
 consistent and reversed unlabeled data, per seed, and its difference from supervised training on
 the same labels (the consistent supervised and FixMatch runs are the imwa/ runs of that seed).
 `acr_tau`: ACR with the paper's estimate beside the official code's (the default), seed by seed:
-balanced accuracy and the adaptive tau read from each run's TensorBoard stream.
+balanced accuracy and the adaptive tau read from each run's TensorBoard stream. `table`: the whole table
+(every algorithm on consistent, reversed and uniform data), paired with supervised and FixMatch by seed,
+head/medium/tail and cost; `top`: IMWA, MWA and the compute-matched K=1 on top of chosen algorithms.
 """
 from __future__ import annotations
 
@@ -132,6 +136,90 @@ def algorithm_tables(study: Path) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+TABLE = ("supervised", "fixmatch", "daso", "acr", "debiaspl", "saw", "darp", "abc", "adsh", "tras", "crest",
+         "crest_plus", "cossl", "simpro", "cdmad")
+TABLE_SETTINGS = ("consistent", "reversed", "uniform")
+
+
+def mean_cell(values: list[float]) -> str:
+    """`mean ± std` without the count (the tables say n once)."""
+    if not values:
+        return ""
+    return f"{statistics.mean(values):.1f}" + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+
+
+def paired_cell(differences: list[float]) -> str:
+    """Mean paired difference and on how many seeds the arm was higher."""
+    if not differences:
+        return ""
+    return f"{statistics.mean(differences):+.1f} ({sum(d > 0 for d in differences)}/{len(differences)})"
+
+
+def whole_table(study: Path) -> None:
+    """The whole table (cpu_study.sh's table sections): balanced accuracy per setting, paired with supervised and
+    FixMatch by seed; head / medium / tail; the cost of each arm relative to FixMatch on the same seed."""
+    runs = collect(study / "table")
+    present = [name for name in TABLE if any(runs.get(f"{name}_{u}") for u in TABLE_SETTINGS)]
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+    print(f"Seeds {', '.join(map(str, seeds))}; cells: mean ± sample std over the seeds that finished (n below), "
+          "differences paired by seed: mean (seeds on which the arm was higher / seeds compared).\n")
+    header = ["algorithm"] + [f"{u}" for u in TABLE_SETTINGS] + [f"{u}: − supervised" for u in TABLE_SETTINGS] \
+        + [f"{u}: − FixMatch" for u in TABLE_SETTINGS] + ["n"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in present:
+        cells = [name]
+        arms = [runs.get(f"{name}_{u}", {}) for u in TABLE_SETTINGS]
+        cells += [mean_cell([accuracy(arm[s]) for s in sorted(arm)]) for arm in arms]
+        for reference in ("supervised", "fixmatch"):
+            cells += ["" if name == reference else paired_cell(paired_differences(arm, runs.get(f"{reference}_{u}", {})))
+                      for arm, u in zip(arms, TABLE_SETTINGS, strict=True)]
+        cells.append("/".join(str(len(arm)) for arm in arms))
+        print("| " + " | ".join(cells) + " |")
+
+    print("\nHead, medium and tail classes (thirds by labeled count: head the 3 most frequent, tail the 4 rarest "
+          "of 10), mean "
+          "accuracy (%) over the seeds:\n")
+    header = ["algorithm"] + [f"{u} {group}" for u in TABLE_SETTINGS for group in ("head", "medium", "tail")]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in present:
+        cells = [name]
+        for u in TABLE_SETTINGS:
+            arm = runs.get(f"{name}_{u}", {})
+            cells += [f"{statistics.mean(100 * arm[s]['final'][group] for s in arm):.1f}" if arm else ""
+                      for group in ("head", "medium", "tail")]
+        print("| " + " | ".join(cells) + " |")
+
+    print("\nCost relative to FixMatch on the same setting and seed (geometric mean over the pairs): images/s "
+          "(images forwarded per second, each view counted) and wall time of the run:\n")
+    print("| algorithm | images/s ÷ FixMatch's | wall time ÷ FixMatch's |")
+    print("|---|---|---|")
+    for name in present:
+        pairs = [(runs[f"{name}_{u}"][s], runs[f"fixmatch_{u}"][s]) for u in TABLE_SETTINGS
+                 for s in sorted(runs.get(f"{name}_{u}", {}).keys() & runs.get(f"fixmatch_{u}", {}).keys())]
+        if not pairs:
+            continue
+        speed = statistics.geometric_mean([arm["images_per_s"] / base["images_per_s"] for arm, base in pairs])
+        wall = statistics.geometric_mean([arm["wall_time_s"] / base["wall_time_s"] for arm, base in pairs])
+        print(f"| {name} | {speed:.2f} | {wall:.2f} |")
+
+
+def top_tables(study: Path) -> None:
+    """IMWA, MWA and the compute-matched K=1 on top of the chosen algorithms, each paired by seed with the
+    algorithm's own K=1 run of the table."""
+    runs, table = collect(study / "top"), collect(study / "table")
+    print("| arm | seeds | balanced acc. mean ± std | − the algorithm's K=1 (table), paired |")
+    print("|---|---|---|---|")
+    for arm, by_seed in sorted(runs.items()):
+        match = re.fullmatch(r"(.+?)_(imwa_k2e4|mwa_k2e1|k1_long)_(\w+)", arm)
+        if not match:
+            continue
+        base = table.get(f"{match.group(1)}_{match.group(3)}", {})
+        print(f"| {arm} | {len(by_seed)} | {mean_cell([accuracy(by_seed[s]) for s in sorted(by_seed)])} | "
+              f"{paired_cell(paired_differences(by_seed, base))} |")
+
+
 def tau_curve(run_dir: Path) -> list[float]:
     """ACR's logged adaptive tau (train/tau of replica 0), in step order."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -160,9 +248,11 @@ def acr_tau_tables(study: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    tables = {"imwa": lambda path: imwa_tables(collect(path)), "algorithms": algorithm_tables, "acr_tau": acr_tau_tables}
+    tables = {"imwa": lambda path: imwa_tables(collect(path)), "algorithms": algorithm_tables, "acr_tau": acr_tau_tables,
+              "table": whole_table, "top": top_tables}
     if len(argv) != 2 or argv[0] not in tables:
-        sys.exit("usage: python -m bench.study_tables imwa STUDY/imwa | algorithms STUDY | acr_tau STUDY")
+        sys.exit("usage: python -m bench.study_tables imwa STUDY/imwa | algorithms STUDY | acr_tau STUDY | table STUDY "
+                 "| top STUDY")
     tables[argv[0]](Path(argv[1]))
 
 

@@ -182,20 +182,32 @@ class Algorithm(nn.Module):
 
     def forward_views(self, model: nn.Module, batch: Batch) -> tuple[Outputs, Outputs, list[Outputs]]:
         """Model outputs for the labeled batch, the weak view and each strong view, per `cfg.weak_pass`."""
+        labeled, weak, strong = self.forward_all_views(model, batch)
+        return labeled[0], weak, strong
+
+    def forward_all_views(self, model: nn.Module, batch: Batch) -> tuple[list[Outputs], Outputs, list[Outputs]]:
+        """As `forward_views`, with the labeled strong views (`num_labeled_strong_views`) after the labeled
+        batch: ([x, *x_strong], u_w, [u_s...]), in one forward in that order when `weak_pass` is joint."""
+        labeled = [batch["x"], *batch.get("x_strong", [])[:self.num_labeled_strong_views()]]
         strong = batch["u_strong"][:self.num_strong_views()]
         if self.cfg.weak_pass not in WEAK_PASSES:
             raise ValueError(f"algorithm.weak_pass='{self.cfg.weak_pass}': expected one of {', '.join(WEAK_PASSES)}")
         if self.cfg.weak_pass == "joint":
-            labeled, weak, *strong_outputs = forward_concat(model, [batch["x"], batch["u_weak"], *strong])
-            return labeled, weak, strong_outputs
+            outputs = forward_concat(model, [*labeled, batch["u_weak"], *strong])
+            return outputs[:len(labeled)], outputs[len(labeled)], outputs[len(labeled) + 1:]
         with torch.no_grad():
             (weak,) = forward_concat(model, [batch["u_weak"]])
-        labeled, *strong_outputs = forward_concat(model, [batch["x"], *strong])
-        return labeled, weak, strong_outputs
+        outputs = forward_concat(model, [*labeled, *strong])
+        return outputs[:len(labeled)], weak, outputs[len(labeled):]
 
     def num_strong_views(self) -> int:
         """Strong views per unlabeled image that the data stream must provide."""
         return 1
+
+    def num_labeled_strong_views(self) -> int:
+        """Strong views per labeled image (`batch["x_strong"]`, a list; SimPro's labeled loss uses one); 0 by
+        default, and then the stream draws exactly what it drew before this option existed."""
+        return 0
 
     @classmethod
     def uses_unlabeled(cls) -> bool:

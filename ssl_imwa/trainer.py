@@ -114,8 +114,9 @@ class Trainer:
         for key in IMAGE_KEYS:
             if key in prepared and prepared[key].dim() == 4:
                 prepared[key] = to_cl(prepared[key])
-        if "u_strong" in prepared:
-            prepared["u_strong"] = [to_cl(view) for view in prepared["u_strong"]]
+        for key in ("u_strong", "x_strong"):
+            if key in prepared:
+                prepared[key] = [to_cl(view) for view in prepared[key]]
         return prepared
 
     def step(self, replica: Replica, step: int) -> dict[str, torch.Tensor]:
@@ -174,5 +175,6 @@ class Trainer:
     def images_per_step(self, replica: Replica) -> int:
         """Images this process forwards per step (labeled + every unlabeled view: its slice when D > 1)."""
         unlabeled = self.cfg.mu * self.cfg.batch_size if replica.algorithm.uses_unlabeled() else 0
-        whole = self.cfg.batch_size + unlabeled * (1 + replica.algorithm.num_strong_views())
+        labeled = self.cfg.batch_size * (1 + replica.algorithm.num_labeled_strong_views())
+        whole = labeled + unlabeled * (1 + replica.algorithm.num_strong_views())
         return whole // self.data_parallel.world_size

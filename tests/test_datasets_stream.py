@@ -22,6 +22,7 @@ def _stream(
     num_strong: int = 1,
     device: str | torch.device = "cpu",
     shard: tuple[int, int] = (0, 1),
+    num_labeled_strong: int = 0,
 ) -> TrainStream:
     generator = torch.Generator().manual_seed(99)
     return TrainStream(
@@ -43,13 +44,14 @@ def _stream(
         episode=episode,
         device=device,
         shard=shard,
+        num_labeled_strong=num_labeled_strong,
     )
 
 
 def _assert_batches_equal(left: dict, right: dict) -> None:
     assert left.keys() == right.keys()
     for key, value in left.items():
-        if key == "u_strong":
+        if key in ("u_strong", "x_strong"):
             assert len(value) == len(right[key])
             for one, other in zip(value, right[key]):
                 assert torch.equal(one, other)
@@ -67,8 +69,10 @@ def test_data_parallel_shards_are_slices_of_the_whole_batch(shards: int) -> None
         expected = next(whole)
         pieces = [next(part) for part in parts]
         assert pieces[0]["x"].shape[0] == 4 // shards
-        joined = {key: torch.cat([piece[key] for piece in pieces]) for key in expected if key != "u_strong"}
+        joined = {key: torch.cat([piece[key] for piece in pieces]) for key in expected
+                  if key not in ("u_strong", "x_strong")}
         joined["u_strong"] = [torch.cat([piece["u_strong"][view] for piece in pieces]) for view in range(2)]
+        joined["x_strong"] = []
         _assert_batches_equal(expected, joined)
     assert all(part.state_dict()["labeled_sampler"]["position"] == whole.state_dict()["labeled_sampler"]["position"]
                for part in parts)
@@ -226,7 +230,7 @@ def test_a_device_stream_has_the_cpu_batch_layout() -> None:
     on_cpu, on_meta = next(_stream(num_strong=2)), next(_stream(num_strong=2, device=META))
     assert on_cpu.keys() == on_meta.keys()
     for key in on_cpu:
-        pairs = zip(on_cpu[key], on_meta[key]) if key == "u_strong" else [(on_cpu[key], on_meta[key])]
+        pairs = zip(on_cpu[key], on_meta[key]) if key in ("u_strong", "x_strong") else [(on_cpu[key], on_meta[key])]
         for cpu_tensor, meta_tensor in pairs:
             assert (cpu_tensor.shape, cpu_tensor.dtype) == (meta_tensor.shape, meta_tensor.dtype), key
 
@@ -266,3 +270,21 @@ def test_pseudo_labels_join_the_labeled_set_and_share_the_resident_unlabeled_set
         data.with_pseudo_labels(torch.tensor([0]), torch.tensor([10]))
     with pytest.raises(ValueError, match="two 1-D tensors"):
         data.with_pseudo_labels(torch.tensor([0, 1]), torch.tensor([0]))
+
+
+def test_labeled_strong_views_come_after_every_other_draw() -> None:
+    """SimPro's labeled strong view: the batches of a stream without one, plus x_strong (strong augmentations
+    of the same labeled images, from a generator of their own), sharded and resumed like the rest."""
+    plain, with_view = _stream(), _stream(num_labeled_strong=1)
+    for _ in range(3):
+        before, after = next(plain), next(with_view)
+        assert before["x_strong"] == [] and len(after["x_strong"]) == 1
+        _assert_batches_equal(before, {**after, "x_strong": []})
+        assert after["x_strong"][0].shape == after["x"].shape and not torch.equal(after["x_strong"][0], after["x"])
+    whole = next(_stream(num_labeled_strong=2))
+    halves = [next(_stream(num_labeled_strong=2, shard=(index, 2))) for index in range(2)]
+    for view in range(2):
+        assert torch.equal(torch.cat([half["x_strong"][view] for half in halves]), whole["x_strong"][view])
+    resumed = _stream(num_labeled_strong=1)
+    resumed.load_state_dict(with_view.state_dict())
+    _assert_batches_equal(next(resumed), next(with_view))

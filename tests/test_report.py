@@ -502,17 +502,17 @@ def test_report_explains_the_short_names(default_report: tuple[Path, str]) -> No
     assert "Group labels use short names: K = imwa.k, E = imwa.episodes." in printed
 
 
-def _long_label_sweep() -> list[report.GroupSummary]:
-    """Ten groups whose labels run to 100+ characters, as a real ablation grid's do."""
+def _long_label_sweep(groups: int = 10) -> list[report.GroupSummary]:
+    """`groups` groups whose labels run to 100+ characters, as a real ablation grid's do."""
     runs = []
-    for index in range(10):
+    for index in range(groups):
         k = (1, 2, 4)[index % 3]
         config = {
             "algorithm.name": ("fixmatch", "acr")[index % 2],
             "imwa.k": k,
             "imwa.episodes": 4 if k > 1 else 1,
-            "imwa.merge": ("uniform", "twa")[index // 5],
-            "dataset.val_per_class": (0, 20)[index // 5],
+            "imwa.merge": ("uniform", "twa")[2 * index // groups],
+            "dataset.val_per_class": (0, 20)[2 * index // groups],
             "train.unlabeled_loss_warmup_iterations": 1000 * index,
             "model.widths": f"[{32 + index},64,128,256]",
             "seed": 0,
@@ -526,14 +526,16 @@ def _long_label_sweep() -> list[report.GroupSummary]:
     return [report.summarise(group) for group in report.group_runs(runs)]
 
 
-def test_plots_with_ten_long_labels_keep_their_axes_and_legend_in_the_figure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("groups", [10, 14])   # 14: the study's table, one group per algorithm
+def test_plots_with_many_long_labels_keep_their_axes_and_legend_in_the_figure(tmp_path: Path, groups: int) -> None:
     """Long labels must not push the legend off the image or shrink the axes to a sliver
-    (matplotlib: "constrained_layout not applied because axes sizes collapsed to zero")."""
+    (matplotlib: "constrained_layout not applied because axes sizes collapsed to zero"), and every
+    group's line must be told apart from every other's (past the ten colours, by its line style)."""
     from ssl_imwa.report.plots import curves_figure, episodes_figure, per_class_figure
 
-    summaries = _long_label_sweep()
+    summaries = _long_label_sweep(groups)
     labels = [summary.label for summary in summaries]
-    assert len(labels) == 10 and min(map(len, labels)) > 100
+    assert len(labels) == groups and min(map(len, labels)) > 100
     per_class = [(s.label, np.asarray(s.included[0].final["per_class"]) * 100) for s in summaries[:6]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any layout warning fails the test
@@ -558,6 +560,10 @@ def test_plots_with_ten_long_labels_keep_their_axes_and_legend_in_the_figure(tmp
             assert legend.get_window_extent(renderer).y1 <= axes.get_tightbbox(renderer).y0, name  # below
             assert [text.get_text().replace("\n", " ") for text in legend.get_texts()] == shown, name
             assert axes.get_title(), name
+            if name != "per_class":
+                looks = [(line.get_color(), line.get_linestyle()) for line in axes.get_lines() if line.get_label() in shown
+                         or not line.get_label().startswith("_")]
+                assert len(set(looks)) == len(looks) == len(shown), (name, looks)
     for plot, filename in ((report.plot_curves, "curves.png"), (report.plot_episodes, "episodes.png")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -26,12 +26,10 @@ NUM_UNLABELED = 400
 BATCH, MU = 4, 2                      # 4 labeled and 8 unlabeled images per step
 EPOCH_LENGTH, EPOCHS = 3, 4
 THRESHOLD = 0.7                       # below the recipe's 0.95 so that every step has masked and kept samples
-# The official labeled batch has a weak and a strong view; our stream has the weak one. The oracle gets
-# the weak logits for both, so its mean over 2B rows equals ours over B up to the summation order. The
-# masked pseudo-label sum (official: boolean indexing; ours: a product with the mask, no host sync) may
-# differ in the last float32 bits, and so may everything computed from it in later epochs. Measured on
-# CPU (torch 2.14): L_x and L within 1.4e-7 relative (about one float32 ulp), every other quantity bitwise.
-# The planted faults below move the compared quantities by orders of magnitude more.
+# Both sides get a weak and a strong view of the labeled batch (official TransformFixMatch2; ours the
+# stream's labeled strong view). The masked pseudo-label sum (official: boolean indexing; ours: a product
+# with the mask, no host sync) may differ in the last float32 bits, and so may everything computed from it
+# in later epochs. The planted faults below move the compared quantities by orders of magnitude more.
 RTOL, ATOL = 1e-6, 1e-8
 Step = dict[str, torch.Tensor]
 GENUINE_CONSISTENCY = simpro.adjusted_soft_consistency   # what planted faults wrap (monkeypatch restores it)
@@ -71,7 +69,7 @@ def official_train(steps: list[Step], cls_num_list_l: list[int], num_unlabeled: 
         count_labeled_dataset = torch.zeros(num_classes)                             # l. 591
         for batch_idx in range(eval_step):
             step = steps[epoch * eval_step + batch_idx]
-            logits_l_w, logits_l_s = step["labeled"], step["labeled"]   # no labeled strong view here (above)
+            logits_l_w, logits_l_s = step["labeled"], step["labeled_strong"]
             logits_u_w, logits_u_s, logits_u_s1 = step["weak"], step["strong"], step["strong1"]
             targets_l = step["targets"]
             pseudo_label = torch.softmax(logits_u_w.detach() + adjustment_u, dim=-1)   # l. 637-639
@@ -110,7 +108,8 @@ def random_steps(count: int, seed: int = 0) -> list[Step]:
     def logits(rows: int) -> torch.Tensor:
         return 2.5 * torch.randn(rows, NUM_CLASSES, generator=generator)
 
-    return [{"labeled": logits(BATCH), "weak": logits(unlabeled), "strong": logits(unlabeled),
+    return [{"labeled": logits(BATCH), "labeled_strong": logits(BATCH), "weak": logits(unlabeled),
+             "strong": logits(unlabeled),
              "strong1": logits(unlabeled), "targets": torch.randint(NUM_CLASSES, (BATCH,), generator=generator),
              "u_target": torch.randint(-1, NUM_CLASSES, (unlabeled,), generator=generator)} for _ in range(count)]
 
@@ -118,13 +117,15 @@ def random_steps(count: int, seed: int = 0) -> list[Step]:
 def step_batch(step: Step, rows: slice = slice(None), unlabeled_rows: slice = slice(None)
                ) -> tuple[Batch, FixedLogits]:
     """The batch layout of TrainStream.next (images are placeholders) and a model returning the step's
-    logits for x, u_w, u_s1, u_s2 (in forward_concat's order), both restricted to the given rows."""
+    logits for x, x_s, u_w, u_s1, u_s2 (in forward_concat's order), both restricted to the given rows."""
     labeled, weak = step["labeled"][rows], step["weak"][unlabeled_rows]
+    labeled_strong = step["labeled_strong"][rows]
     strong, strong1 = step["strong"][unlabeled_rows], step["strong1"][unlabeled_rows]
-    batch = {"x": torch.zeros(len(labeled), 1, 2, 2), "y": step["targets"][rows],
+    batch = {"x": torch.zeros(len(labeled), 1, 2, 2), "x_strong": [torch.zeros(len(labeled), 1, 2, 2)],
+             "y": step["targets"][rows],
              "u_weak": torch.zeros(len(weak), 1, 2, 2), "u_strong": [torch.zeros(len(weak), 1, 2, 2)] * 2,
              "u_target": step["u_target"][unlabeled_rows]}
-    return batch, FixedLogits(torch.cat([labeled, weak, strong, strong1]))
+    return batch, FixedLogits(torch.cat([labeled, labeled_strong, weak, strong, strong1]))
 
 
 def simpro_config(tau: float, momentum: float) -> SimProConfig:
@@ -240,6 +241,14 @@ class LabeledLossNotScaled(SimPro):
         return 1.0
 
 
+class LabeledStrongViewLeftOut(SimPro):
+    """Fault: L_x over the labeled weak view alone (the forward still sees the strong one)."""
+
+    def forward_all_views(self, model: torch.nn.Module, batch: Batch) -> tuple[list, dict, list]:
+        labeled, weak, strong = super().forward_all_views(model, batch)
+        return labeled[:1], weak, strong
+
+
 class MassOfAllPseudoLabels(SimPro):
     """Fault: the epoch sum takes every pseudo-label, not only the confident ones."""
 
@@ -279,6 +288,7 @@ SUBCLASS_FAULTS = {
     "prior updated before pseudo-labelling": (PriorUpdatedBeforePseudoLabels, "step 2, pseudo-labels"),
     "prior updated every step": (PriorUpdatedEveryStep, "step 0, pseudo_label_mass"),   # emptied at once
     "labeled loss not scaled": (LabeledLossNotScaled, "step 0, loss_x"),
+    "labeled strong view left out": (LabeledStrongViewLeftOut, "step 0, loss_x"),
     "unconfident pseudo-labels counted": (MassOfAllPseudoLabels, "step 0, pseudo_label_mass"),
 }
 FUNCTION_FAULTS = {

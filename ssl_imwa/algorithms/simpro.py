@@ -27,10 +27,10 @@ What the official code does, and this code with it (SimPro/train.py at aa2425d; 
   summed masked soft pseudo-labels (the "+ 1" is the official code's: pi_u then sums to a bit less than
   1), `pi <- m pi + (1 - m) (n + s) / sum(n + s)` with n the labeled images counted in the epoch's batches.
 
+L_x covers the labeled batch's weak and strong views, as the official (its TransformFixMatch2), through
+the stream's labeled strong view (`num_labeled_strong_views`); `labeled_strong_view=false` leaves it out.
+
 Deliberate differences (each also noted at its place below):
-- The official labeled loss also covers a strong view of the labeled batch; the data stream here gives
-  only the weak labeled view, so L_x is over that view alone (its mean is the official one's when both
-  views are the same image; adding a labeled strong view is a data-stream change).
 - scale_ratio's loader lengths are floor(set size / global batch) as with drop_last on one process,
   at least 1 (a set smaller than its batch would give the official code an empty loader).
 - Under data parallelism the epoch sums are over the whole (gathered) batch, so every process keeps the
@@ -71,6 +71,9 @@ class SimProConfig(USBFixMatchConfig):
     # true: L_x / scale_ratio, the official ratio of the unlabeled to the labeled loader's length;
     # false: L_x unscaled (FixMatch's weighting).
     scale_labeled_loss: bool = True
+    # true: L_x over the labeled batch's weak and strong views (official TransformFixMatch2: (weak, strong),
+    # L_x over both, train.py l. 656-662); false: over the weak view alone (FixMatch's).
+    labeled_strong_view: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -160,6 +163,9 @@ class SimPro(Algorithm):
     def num_strong_views(self) -> int:
         return 2   # official TransformFixMatch: (weak, strong, strong1)
 
+    def num_labeled_strong_views(self) -> int:
+        return 1 if self.cfg.labeled_strong_view else 0
+
     def labeled_loss_divisor(self, batch: Batch) -> float:
         """scale_ratio from the global batch sizes (a process sees 1/D of each) and the two set sizes."""
         if not self.cfg.scale_labeled_loss:
@@ -169,13 +175,15 @@ class SimPro(Algorithm):
                                    sum(self.context.labeled_counts), batch["x"].shape[0] * world)
 
     def losses(self, batch: Batch, model: nn.Module, teacher: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        labeled, weak, strong = self.forward_views(model, batch)
+        # One forward over (x, x_strong, u_w, u_s, u_s1), the official order (train.py l. 623-635).
+        labeled, weak, strong = self.forward_all_views(model, batch)
         # Both adjustments read the estimates of the previous M-step (official: computed at the epoch start).
         adjustment = prior_adjustment(self.training_prior, self.cfg.tau)
         probs, mask = bayes_pseudo_labels(weak["logits"], prior_adjustment(self.unlabeled_prior, self.cfg.tau),
                                           self.cfg.threshold)
-        # Difference: the official L_x also averages over a strong view of the labeled batch (not in our stream).
-        loss_x = F.cross_entropy(labeled["logits"] + adjustment, batch["y"]) / self.labeled_loss_divisor(batch)
+        labeled_logits = torch.cat([view["logits"] for view in labeled])
+        loss_x = F.cross_entropy(labeled_logits + adjustment, torch.cat([batch["y"]] * len(labeled))) \
+            / self.labeled_loss_divisor(batch)
         loss_u = adjusted_soft_consistency([view["logits"] for view in strong], adjustment, probs, mask)
         self.accumulate(batch["y"], probs, mask)
         if (step + 1) % self.epoch_length == 0:

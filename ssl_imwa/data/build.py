@@ -117,6 +117,7 @@ class SSLData:
         episode: int = 0,
         device: str | torch.device = "cpu",
         shard: tuple[int, int] = (0, 1),
+        num_labeled_strong: int = 0,
     ) -> TrainStream:
         """A training stream over this data, seeded by (seed, replica, episode); all streams on a device share its
         tensors. `shard` (i, n): only rows i/n to (i+1)/n of every batch (one of n data-parallel processes)."""
@@ -142,6 +143,7 @@ class SSLData:
             episode=episode,
             device=device,
             shard=shard,
+            num_labeled_strong=num_labeled_strong,
         )
 
 

@@ -25,8 +25,10 @@ from ssl_imwa.data.transforms import (
 
 
 def _derive_seeds(seed: int, replica: int, episode: int) -> list[int]:
-    """Three independent 63-bit seeds for (labeled sampler, unlabeled sampler, augmentation)."""
-    children = np.random.SeedSequence([seed, replica, episode]).spawn(3)
+    """Four independent 63-bit seeds for (labeled sampler, unlabeled sampler, augmentation, labeled strong
+    augmentation). SeedSequence's i-th child does not depend on how many are spawned: the first three are
+    what they were before the fourth was added."""
+    children = np.random.SeedSequence([seed, replica, episode]).spawn(4)
     return [int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for child in children]
 
 
@@ -102,6 +104,7 @@ class TrainStream:
         episode: int,
         device: str | torch.device = "cpu",
         shard: tuple[int, int] = (0, 1),
+        num_labeled_strong: int = 0,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -109,8 +112,9 @@ class TrainStream:
         if not 0 <= index < count or batch_size % count:
             raise ValueError(f"shard {index} of {count}: expected 0 <= index < count and count dividing "
                              f"batch_size={batch_size}")
-        if mu < 0 or num_strong < 0:
-            raise ValueError(f"mu and num_strong must be >= 0, got mu={mu}, num_strong={num_strong}")
+        if mu < 0 or num_strong < 0 or num_labeled_strong < 0:
+            raise ValueError(f"mu, num_strong and num_labeled_strong must be >= 0, got mu={mu}, num_strong={num_strong}, "
+                             f"num_labeled_strong={num_labeled_strong}")
         if mu > 0 and len(unlabeled_images) == 0:
             raise ValueError(f"mu={mu} asks for unlabeled batches, but the unlabeled set is empty")
         if not (len(unlabeled_images) == len(unlabeled_targets) == len(unlabeled_is_labeled)):
@@ -124,6 +128,7 @@ class TrainStream:
         self.batch_size = batch_size
         self.mu = mu
         self.num_strong = num_strong
+        self.num_labeled_strong = num_labeled_strong
         self.mean = list(mean)
         self.std = list(std)
         self.pad = pad
@@ -142,15 +147,17 @@ class TrainStream:
         """Restart sampling and augmentation for (seed, replica, episode); the tensors stay resident."""
         self.replica = replica
         self.episode = episode
-        labeled_seed, unlabeled_seed, augment_seed = _derive_seeds(self.seed, replica, episode)
+        labeled_seed, unlabeled_seed, augment_seed, labeled_strong_seed = _derive_seeds(self.seed, replica, episode)
         self.labeled_sampler = InfiniteSampler(len(self.labeled_images), labeled_seed)
         self.unlabeled_sampler: InfiniteSampler | None = (
             InfiniteSampler(len(self.unlabeled_images), unlabeled_seed) if self.mu > 0 else None
         )
         self.augment_generator = torch.Generator().manual_seed(augment_seed)
+        # A generator of their own: a stream with labeled strong views draws every other batch entry as one without.
+        self.labeled_strong_generator = torch.Generator().manual_seed(labeled_strong_seed)
 
     def next(self) -> dict[str, Any]:
-        """One step's batch: x, y, u_weak, u_strong (list), u_index, u_is_labeled, u_target.
+        """One step's batch: x, x_strong (list), y, u_weak, u_strong (list), u_index, u_is_labeled, u_target.
 
         With a shard (i, n), the rows i/n to (i+1)/n of the batch the whole stream would give:
         every draw is made for the whole batch, so the data does not depend on n.
@@ -172,12 +179,18 @@ class TrainStream:
             plan_strong(generator, unlabeled_shape, self.pad, self.hflip, self.cutout, buffer, unlabeled_rows)
             for _ in range(self.num_strong)
         ]
+        labeled_strong_plans = [
+            plan_strong(self.labeled_strong_generator, labeled_shape, self.pad, self.hflip, self.cutout, buffer, labeled_rows)
+            for _ in range(self.num_labeled_strong)
+        ]
         params = buffer.send(self.device)
         labeled_index, unlabeled_index = labeled_slot.read(params), unlabeled_slot.read(params)
         labeled = self.labeled_images.index_select(0, labeled_index)
         unlabeled = self.unlabeled_images.index_select(0, unlabeled_index)
         return {
             "x": normalize(apply_weak(labeled, labeled_plan, params), self.mean, self.std),
+            "x_strong": [normalize(apply_strong(labeled, one, params), self.mean, self.std)
+                         for one in labeled_strong_plans],
             "y": self.labeled_targets.index_select(0, labeled_index),
             "u_weak": normalize(apply_weak(unlabeled, weak_plan, params), self.mean, self.std),
             "u_strong": [normalize(apply_strong(unlabeled, one, params), self.mean, self.std) for one in strong_plans],
@@ -207,6 +220,8 @@ class TrainStream:
             "labeled_sampler": self.labeled_sampler.state_dict(),
             "unlabeled_sampler": None if self.unlabeled_sampler is None else self.unlabeled_sampler.state_dict(),
             "augment_generator": self.augment_generator.get_state(),
+            **({"labeled_strong_generator": self.labeled_strong_generator.get_state()}
+               if self.num_labeled_strong else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,6 +234,8 @@ class TrainStream:
         if self.unlabeled_sampler is not None:
             self.unlabeled_sampler.load_state_dict(state["unlabeled_sampler"])
         self.augment_generator.set_state(state["augment_generator"])
+        if self.num_labeled_strong:
+            self.labeled_strong_generator.set_state(state["labeled_strong_generator"])
 
 
 def eval_batches(
