@@ -92,7 +92,9 @@ acr_official_arms() {  # ACR with the official code's estimate beside the paper'
 
 # The whole table: each algorithm with its recipe (mu, lr schedule, ...) under the common protocol above, on the
 # same disjoint split (CDMAD's and ACR's recipes: nested), schedules given in epochs kept at their recipes'
-# proportions of the run. CReST chains its 6 generations of 168 steps (1,008 in all: compute-matched).
+# proportions of the run. CReST chains its 6 generations of 250 steps each: USB's proportion (each generation
+# 65,536 steps, a quarter of its other baselines' 262,144), so 1,500 steps in all, 1.5 times the others' compute
+# (6 generations of 168 steps, compute-matched, end at 50%: a 168-step model picks wrong pseudo-labels).
 declare -A ARMS=(
   [supervised]="algorithm=supervised"
   [fixmatch]="algorithm=fixmatch"
@@ -104,12 +106,14 @@ declare -A ARMS=(
   [abc]="algorithm=abc"
   [adsh]="algorithm=adsh algorithm.epoch_length=0.00390625"
   [tras]="algorithm=tras"
-  [crest]="algorithm=crest train.iterations=168"
-  [crest_plus]="algorithm=crest_plus train.iterations=168"
+  [crest]="algorithm=crest train.iterations=250"
+  [crest_plus]="algorithm=crest_plus train.iterations=250"
+  [cossl]="algorithm=cossl"
   [simpro]="algorithm=simpro algorithm.epoch_length=0.0116"
   [cdmad]="algorithm=cdmad dataset.protocol=disjoint"
 )
-TABLE=(supervised fixmatch daso acr debiaspl saw darp abc adsh tras crest crest_plus simpro cdmad)
+# $TABLE_ALGORITHMS (space-separated) runs only those arms
+read -r -a TABLE <<< "${TABLE_ALGORITHMS:-supervised fixmatch daso acr debiaspl saw darp abc adsh tras crest crest_plus cossl simpro cdmad}"
 
 arm() {  # the arm's overrides for unlabeled setting $2 (DASO's T_dist: 1.5 when gamma_l == gamma_u, else 0.3)
   local name=$1 u=$2
@@ -131,7 +135,7 @@ top_arms() {  # IMWA, MWA and the compute-matched K=1 (twice the steps) on top o
   local s=$1 u name steps
   for u in ${TOP_DATA:-consistent}; do
     for name in ${TOP:?set TOP to the algorithms to build on, e.g. TOP="acr saw darp"}; do
-      steps=1000; [[ "$name" == crest* ]] && steps=168
+      steps=1000; [[ "$name" == crest* ]] && steps=250
       # shellcheck disable=SC2046
       run "top/${name}_imwa_k2e4_${u}_s$s" $(arm "$name" "$u") dataset.unlabeled=$u imwa.k=2 imwa.episodes=4 seed="$s"
       # shellcheck disable=SC2046

@@ -25,6 +25,15 @@ DASO to our choice one item at a time, so the oracle can show which item a diver
     warmup_zero TRAS: during the warm-up the target head's losses with weight 0 (our zero gradient), not left out
     joint_head  TRAS: the target head's logits from the joint forward's whole batch, not its linear layer per slice
     joint_head  ABC: the same for ABC's auxiliary classifier (USB applies it to x_lb, x_ulb_w and x_ulb_s apart)
+    tfe_class   CoSSL: USB's co-learning labels one-hot (as the official code's), so its `mixup_prob[label.argmax()]`
+                reads the row's class, not class 0 (whose probability 0 never mixes)
+    eval_teacher  CoSSL: USB's EMA model computes the co-learning features in eval mode (its BN on running statistics)
+    rng         CoSSL: USB's random numbers are ours (co-learning: random.random and np.random.uniform per row;
+                classifier warm-up: np.random.choice and np.random.beta per class, the classifier's
+                reset_parameters, the feature loader's shuffles)
+    ema_lerp    any algorithm: USB's EMA update with our formula (torch.lerp; USB (1 - m) p + m shadow rounds
+                differently, 1e-7 to 1e-5 of the teachers): for CoSSL, whose classifier learns from the teacher's
+                features, this shows the rest bitwise
 
 DebiasPL and SAW run on both sides' own code as shipped. `--ours KEY=VALUE` adds overrides to OUR side
 only: `--ours algorithm.usb_order=true` switches our DebiasPL to USB's order of estimate, pseudo-labels
@@ -53,6 +62,13 @@ next generation's initial weights (USB: a new optimizer and its before_run hooks
 train() loop do), our stream over the new labeled set feeding both, each alignment estimate p_model going
 on from the first generation (compared as "state").
 
+CoSSL: both sides run plain FixMatch for parity_usb.COSSL_EPOCH = 50 steps, then the classifier warm-up (USB: its
+before_train_epoch of epoch 1, its loaders reading our images as our dataset pass does, parity_usb.patch_usb_cossl;
+10 epochs of COSSL_CLASSIFIER_STEPS Adam steps), then co-learning, USB's co-learning loaders handing it our step's
+class-balanced labeled batch and the unlabeled strong views we pair with it. USB's CoSSL_Net sits in the
+DataParallel wrapper its train.py adds; its teacher_classifier is compared as our teacher head, its tfe_optimizer's
+momentum as that head's momentum buffers. The three CoSSL --align items take USB to our design.
+
 TRAS: the target head joins after parity_usb.TRAS_WARMUP = 20 steps on both sides (USB's epoch set as its loop
 sets it); USB's TRASNet sits in the DataParallel wrapper its train.py adds, its aux_classifier compared as our
 target head. The four TRAS --align items above take USB to our design; with all four the runs are bitwise.
@@ -69,6 +85,7 @@ Run (one process, one thread; USB set up as in bench/parity_usb.py):
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo darp --steps 200 --ours algorithm.threshold_refined=false
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo tras --steps 200 --align prior_sign teacher_target warmup_zero joint_head
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo crest --steps 200
+    /tmp/usb_venv/bin/python bench/parity_oracle.py --algo cossl --steps 200 --align tfe_class eval_teacher rng
     /tmp/usb_venv/bin/python bench/parity_oracle.py --algo fixmatch --steps 1000 --seeds 0 1 2 --score
     /tmp/usb_venv/bin/python bench/parity_oracle.py report   # markdown table of the scored runs
 """
@@ -101,7 +118,8 @@ from bench.parity_usb import (
 )
 
 ALIGN_ITEMS = ("samebatch", "mask", "boundary", "bn_once", "eval_queue", "f32_weights", "prior_sign", "teacher_target",
-               "warmup_zero", "joint_head")
+               "warmup_zero", "joint_head", "tfe_class", "eval_teacher", "rng", "ema_lerp")
+COSSL_HEADS = ("logits_tfe", "logits_cossl")   # ssl_imwa.algorithms.cossl: TEACHER_HEAD, EVAL_HEAD
 ABC_HEAD = "logits_abc"   # ssl_imwa.algorithms.abc.ABC_HEAD: our name of ABC's auxiliary head
 TRAS_HEAD = "logits_aux"   # ssl_imwa.algorithms.tras.TARGET_HEAD: our name of TRASNet's aux_classifier
 REPORT_STEPS = (1, 2, 5, 10, 20, 21, 50, 100, 200, 500, 1000)
@@ -312,6 +330,10 @@ def before_usb_step(usb: Any, algo: str, step: int, rng: torch.Tensor) -> None:
         usb.epoch = step // usb.num_iter_per_epoch
     if algo == "darp":   # USB's DARP refines once epoch > darp_warmup_epochs
         usb.epoch = step // usb.num_iter_per_epoch
+    if algo == "cossl":   # USB's loop: before_train_epoch at each epoch's start (CoSSL's classifier warm-up at one)
+        usb.epoch = step // usb.num_iter_per_epoch
+        if step % usb.num_iter_per_epoch == 0:
+            usb.call_hook("before_train_epoch")
 
 
 def end_usb_epoch(usb: Any, algo: str, step: int, saw_epoch: int) -> None:
@@ -323,6 +345,113 @@ def end_usb_epoch(usb: Any, algo: str, step: int, saw_epoch: int) -> None:
     if epoch and (step + 1) % epoch == 0:
         usb.call_hook("after_train_epoch")
         usb.call_hook("before_train_epoch")
+
+
+def usb_tensor_groups(usb: Any, algo: str) -> dict[str, dict[str, torch.Tensor]]:
+    """USB's tensors under our names (usb_net; CoSSL: cossl_view)."""
+    return tensor_groups(usb_view(usb, algo, usb.model), usb_view(usb, algo, usb.ema_model))
+
+
+def usb_view(usb: Any, algo: str, model: nn.Module) -> nn.Module:
+    """One of USB's nets under our tensor names."""
+    return cossl_view(usb, model) if algo == "cossl" else usb_net(model)
+
+
+def cossl_view(usb: Any, model: nn.Module) -> nn.Module:
+    """USB's CoSSL_Net (in its DataParallel wrapper) under our names: its standard classifier as our head, its
+    teacher_classifier as our teacher head with the student's tfe_optimizer momentum (zero before its first step)
+    as that head's buffers (ours keeps them in the head, and the EMA teacher copies them), and whether its
+    classifier warm-up has run as our evaluated head's switch."""
+    net, student = model.module, usb.model.module.teacher_classifier
+    view = nn.Module()   # shares USB's modules: loading into it loads USB's tensors
+    view.backbone = net.backbone.net.backbone
+    teacher, switch = nn.Module(), nn.Module()
+    teacher.weight, teacher.bias = net.teacher_classifier.weight, net.teacher_classifier.bias
+    for name, param in (("momentum_weight", student.weight), ("momentum_bias", student.bias)):
+        state = usb.tfe_optimizer.state.get(param, {})
+        teacher.register_buffer(name, state.get("momentum_buffer", torch.zeros_like(param)))
+    switch.register_buffer("switched", torch.tensor(int(getattr(usb, "cossl_switched", False))))
+    view.heads = nn.ModuleDict({"logits": net.classifier, COSSL_HEADS[0]: teacher, COSSL_HEADS[1]: switch})
+    return view
+
+
+class NumpyWith:
+    """NumPy, with the np.random functions given replaced (what USB's CoSSL modules call as np.random.*)."""
+
+    def __init__(self, **random_functions: Any) -> None:
+        self.random = type("Random", (), {name: staticmethod(f) for name, f in random_functions.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+
+def align_usb_cossl(usb: Any, items: set[str], ours: Any) -> None:
+    """Switch USB's CoSSL to our design for each CoSSL --align item (module docstring): `rng` replaces its
+    random sources by our draws (feed_usb_cossl for the co-learning ones, here the classifier warm-up's, from
+    cossl.warmup_draws at the warm-up's step); `tfe_class` is in feed_usb_cossl, `eval_teacher` in start_usb.
+    Whatever is aligned, marks when USB's classifier warm-up runs (our evaluated head's switch)."""
+    import semilearn.imb_algorithms.cossl.cossl as cossl_module
+    import semilearn.imb_algorithms.cossl.utils as cossl_utils
+
+    from bench import parity_usb
+    from ssl_imwa.algorithms.cossl import warmup_draws
+
+    hook = usb.hooks_dict["ParamUpdateHook"]
+    warm_up = hook.before_train_epoch
+    state: dict[str, Any] = {"row": -1}
+
+    def aligned_warm_up(algorithm: Any) -> None:
+        if algorithm.epoch != algorithm.warm_epoch:
+            return warm_up(algorithm)
+        algorithm.cossl_switched = True
+        if "rng" not in items:
+            return warm_up(algorithm)
+        step = algorithm.epoch * algorithm.num_iter_per_epoch
+        draws = warmup_draws(ours.key, step, ours.context.labeled_counts, algorithm.model.module.num_features, ours.cfg)
+        rows, lambdas = list(draws.partner_rows.values()), list(draws.lambdas.values())
+        parity_usb.COSSL_ORDERS[:] = draws.permutations
+        cossl_utils.np = NumpyWith(choice=lambda *args, **kwargs: rows.pop(0),
+                                   beta=lambda *args, **kwargs: lambdas.pop(0))
+        reset = nn.Linear.reset_parameters
+
+        def our_initialisation(layer: nn.Linear) -> None:
+            if layer.bias is None:   # the imprinted classifier, whose weights USB overwrites
+                return reset(layer)
+            with torch.no_grad():
+                layer.weight.copy_(draws.weight)
+                layer.bias.copy_(draws.bias)
+
+        nn.Linear.reset_parameters = our_initialisation
+        try:
+            return warm_up(algorithm)
+        finally:
+            nn.Linear.reset_parameters = reset
+            cossl_utils.np = np
+            assert not rows and not lambdas and not parity_usb.COSSL_ORDERS, "USB used other draws than ours"
+
+    hook.before_train_epoch = aligned_warm_up
+    if "rng" in items:   # the co-learning draws: row i's uniform, then (when it mixes) its lambda
+        def uniform() -> float:
+            state["row"] += 1
+            return state["uniforms"][state["row"]]
+
+        cossl_module.random = type("Random", (), {"random": staticmethod(uniform)})
+        cossl_module.np = NumpyWith(uniform=lambda low, high, size: np.array([state["lambdas"][state["row"]]]))
+    usb.cossl_rng_state = state
+
+
+def feed_usb_cossl(usb: Any, batch: dict[str, Any], ours: Any, step: int, items: set[str]) -> None:
+    """The co-learning batches USB's loaders hand it at `step` (parity_usb.StepFeed): our class-balanced labeled
+    batch (one-hot labels with `tfe_class`) and the unlabeled strong views we pair with it (row mu * r with row r);
+    with `rng`, our draws of the step for its random.random and np.random.uniform."""
+    labels, stride = batch["y_balanced"], len(batch["u_strong"][0]) // len(batch["x"])
+    rows = len(labels)
+    targets = torch.nn.functional.one_hot(labels, usb.num_classes).float() if "tfe_class" in items else labels.clone()
+    usb.cossl_feed = {"labeled": {"x_lb": batch["x_balanced"].clone(), "y_lb": targets},
+                      "unlabeled": {"x_ulb_s": batch["u_strong"][0][::stride][:rows].clone()}}
+    if "rng" in items:
+        uniforms, lambdas = ours.mixing_draws(step, rows)
+        usb.cossl_rng_state.update(row=-1, uniforms=uniforms.tolist(), lambdas=lambdas.tolist())
 
 
 def tensor_groups(student: nn.Module, teacher: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -365,12 +494,14 @@ def start_usb(algo: str, seed: int, items: set[str], out: Path, data: Any, initi
     """USB's side from OUR initial weights, after its `before_run`, with the --align items switched."""
     usb_algo = "daso_samebatch" if algo == "daso" and "samebatch" in items else algo
     usb = build_usb(usb_algo, seed, out, data)
+    if "ema_lerp" in items:
+        usb_ema_as_ours()
     if perturb:  # rounding-sized noise on USB's copy: how fast identical code amplifies it
         noise = torch.Generator().manual_seed(seed)
         initial = {name: t * (1 + perturb * torch.randn(t.shape, generator=noise)) if t.is_floating_point() else t
                    for name, t in initial.items()}
-    usb_net(usb.model).load_state_dict(initial)
-    usb_net(usb.ema_model).load_state_dict(initial)
+    usb_view(usb, algo, usb.model).load_state_dict(initial)
+    usb_view(usb, algo, usb.ema_model).load_state_dict(initial)
     usb.call_hook("before_run")  # USB's EMA registers the (now shared) initial weights here
     if algo == "daso":
         align_usb_daso(usb, items)
@@ -384,7 +515,23 @@ def start_usb(algo: str, seed: int, items: set[str], out: Path, data: Any, initi
         align_usb_joint_head(usb)
     if algo == "crest":   # CReST.train sets both before each generation
         usb.gen, usb.cur_dist_align_t = 0, 1.0
+    if algo == "cossl":
+        usb.cossl_switched = False   # whether USB's classifier warm-up has run (compared as our evaluated head's switch)
+        if "eval_teacher" in items:
+            usb.ema_model.eval()
     return usb
+
+
+def usb_ema_as_ours() -> None:
+    """--align ema_lerp: USB's EMA.update (semilearn/core/utils/misc.py:152-155) with our update's formula,
+    shadow <- lerp(shadow, p, 1 - m), as ssl_imwa/ema.py's torch._foreach_lerp_."""
+    from semilearn.core.utils.misc import EMA
+
+    def update(self: Any) -> None:
+        for name, param in self.model.named_parameters():
+            self.shadow[name] = torch.lerp(self.shadow[name], param.data, 1.0 - self.decay)
+
+    EMA.update = update
 
 
 def align_usb_joint_head(usb: Any) -> None:
@@ -454,8 +601,10 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
     epoch = [f"algorithm.epoch_length={saw_epoch}"] if algo == "saw" and saw_epoch else []
     trainer, replica, data, cfg = build_ours(algo, seed, out / "ours_cfg", engine, [*extra, *epoch])
     usb = start_usb(algo, seed, items, out, data, replica.model.state_dict(), perturb)
+    if algo == "cossl":
+        align_usb_cossl(usb, items, replica.algorithm)
     ours_tensors = tensor_groups(replica.model, replica.teacher.module)
-    usb_tensors = tensor_groups(usb_net(usb.model), usb_net(usb.ema_model))
+    usb_tensors = usb_tensor_groups(usb, algo)
     first: dict[str, Any] | None = None
     mask_flips, history = 0, []
     generation_steps = steps // CREST_GENERATIONS if algo == "crest" else steps
@@ -477,9 +626,13 @@ def run_oracle(algo: str, seed: int, steps: int, tol: float, items: set[str], ou
         outputs = trainer.step(replica, local)
         b = replica.stream.last
         before_usb_step(usb, algo, local, rng)
+        if algo == "cossl":
+            feed_usb_cossl(usb, b, replica.algorithm, local, items)
         usb_step(usb, {"x_lb": b["x"].clone(), "y_lb": b["y"].clone(), "x_ulb_w": b["u_weak"].clone(),
                        "x_ulb_s": b["u_strong"][0].clone(), "idx_ulb": b["u_index"].clone()}, local)
         end_usb_epoch(usb, algo, step, saw_epoch)
+        if algo == "cossl":   # USB's tfe_optimizer creates its momentum at its first step: read its state afresh
+            usb_tensors = usb_tensor_groups(usb, algo)
         ours_mask, usb_mask = outputs["mask_rate"].item(), usb.log_dict["train/util_ratio"]
         mask_flips += round(abs(ours_mask - usb_mask) * BATCH * (len(b["u_weak"]) // BATCH))
         diff = differences(ours_tensors, usb_tensors)
@@ -540,7 +693,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", choices=["run", "report"], default="run")
     parser.add_argument("--algo", choices=["fixmatch", "daso", "debiaspl", "saw", "abc", "darp", "adsh", "tras",
-                                           "crest"],
+                                           "crest", "cossl"],
                         default="fixmatch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=200)

@@ -55,8 +55,8 @@ STUB_MODULES = {
 # The setting shared by both sides (experiment=cpu_digits_lt and the choices in the module docstring).
 STEPS, BATCH, LR, WD, THRESHOLD, EMA_DECAY, BN_MOMENTUM = 1000, 32, 0.03, 5e-4, 0.95, 0.999, 0.001
 MU = {"fixmatch": 7, "daso": 2, "daso_samebatch": 2, "debiaspl": 2, "saw": 2, "abc": 2, "darp": 2, "adsh": 2, "tras": 2,
-      "crest": 2}
-IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw", "abc", "darp", "adsh", "tras", "crest")  # USB classes mixed into its FixMatch
+      "crest": 2, "cossl": 2}
+IMB_ON_FIXMATCH = ("daso", "daso_samebatch", "debiaspl", "saw", "abc", "darp", "adsh", "tras", "crest", "cossl")  # USB classes mixed into its FixMatch
 DASO_WARMUP, DASO_PERIOD = 20, 1  # daso_short: 0.02 and 0.0004 of 1,000 steps (the period rounds up to 1)
 # DARP: 10-step epochs, refinement from epoch 5 (step 50), the solver every 10 steps, on both sides.
 DARP_EPOCH, DARP_WARMUP_EPOCHS, DARP_PERIOD = 10, 4, 10
@@ -66,6 +66,10 @@ ADSH_EPOCH = 50
 TRAS_WARMUP = 20
 # CReST+: two generations on both sides (the oracle's --steps split between them), the recipe's alpha and T.
 CREST_GENERATIONS = 2
+# CoSSL: 50-step epochs on both sides, the classifier warm-up at the start of epoch 1 (step 50; USB cossl_warm_epoch 1,
+# ours algorithm.warmup=50), its 10 epochs of COSSL_CLASSIFIER_STEPS Adam steps (USB num_eval_iter).
+COSSL_EPOCH, COSSL_CLASSIFIER_STEPS = 50, 100
+EVAL_BATCH = 1000   # USB eval_batch_size here; experiment=cpu_digits_lt's train.eval_batch_size (our passes' chunks)
 
 
 def write_stubs(stub_dir: Path) -> None:
@@ -139,6 +143,11 @@ def usb_args(algo: str, seed: int, num_classes: int) -> SimpleNamespace:
     if algo == "tras":   # USB's generator for CIFAR-10-LT (A 2, B 2, tro 1, 1 warm-up epoch), TRAS_WARMUP-step epochs
         args.update(imb_algorithm="tras", tras_A=2, tras_B=2, tras_tro=1.0, tras_warmup_epochs=1,
                     epoch=STEPS // TRAS_WARMUP)
+    if algo == "cossl":   # USB's config for CIFAR-10-LT, with COSSL_EPOCH-step epochs and a 1-epoch warm-up
+        args.update(imb_algorithm="cossl", cossl_max_lam=0.6, cossl_tfe_augment="strong", cossl_tfe_u_ratio=1,
+                    cossl_warm_epoch=1, cossl_tfe_warm_epoch=10, cossl_tfe_warm_lr=0.02,
+                    cossl_tfe_warm_ema_decay=0.999, cossl_tfe_warm_wd=5e-4, cossl_tfe_warm_bs=64,
+                    epoch=STEPS // COSSL_EPOCH, num_eval_iter=COSSL_CLASSIFIER_STEPS)
     if algo == "crest":   # USB's config for CIFAR-10-LT (alpha 3) with its CReST+ alignment (argparse defaults)
         args.update(imb_algorithm="crest", crest_num_gens=CREST_GENERATIONS, crest_dist_align_t=0.5,
                     crest_pro_dist_align=True, crest_alpha=3.0)
@@ -183,10 +192,12 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
         patch_usb_tras(data)
     if algo == "crest":
         patch_usb_crest(data)
+    if algo == "cossl":
+        patch_usb_cossl(data)
     settings = usb_args(algo, seed, num_classes)
 
     def net_builder(num_classes: int, **_: Any) -> USBNet:
-        return USBNet(num_classes, channels)
+        return (CoSSLUSBNet if algo == "cossl" else USBNet)(num_classes, channels)
 
     # DASO is USB's class mixing DASO into FixMatch, built the way USB's train.py builds it.
     algorithm = (get_imb_algorithm(settings, net_builder, None, None) if algo in IMB_ON_FIXMATCH
@@ -205,7 +216,7 @@ def build_usb(algo: str, seed: int, out: Path, data: Any) -> Any:
                 algorithm.probs_sim = sim.softmax(dim=1)
 
         algorithm.model.tap = same_batch
-    if algo in ("abc", "tras"):   # USB's train.py wraps both nets (send_model_cuda); their train_step reads model.module
+    if algo in ("abc", "tras", "cossl"):   # USB's train.py wraps both nets (send_model_cuda); their train_step reads model.module
         algorithm.model = nn.DataParallel(algorithm.model)   # with no GPU a pass-through
         algorithm.ema_model = nn.DataParallel(algorithm.ema_model)
     # USB's optimizer: SGD, Nesterov; its param groups never decay biases or 1-d parameters (BN), whatever
@@ -296,6 +307,130 @@ def patch_usb_adsh(data: Any) -> None:
     Adsh.set_dataset = lambda self: None
     Adsh.set_data_loader = lambda self: None
     Adsh.evaluate = usb_unlabeled_pass(data)
+
+
+class CoSSLUSBNet(USBNet):
+    """USBNet with the `classifier` USB's CoSSL_Net takes as its standard head (our net's head, not a copy)."""
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.net.heads["logits"]
+
+
+class PassImages:
+    """A stand-in for USB's labeled or unlabeled dataset in its CoSSL classifier warm-up: its loaders over it
+    (cossl_pass_loader) read our images as our dataset pass does."""
+
+    def __init__(self, data: Any, labeled: bool) -> None:
+        self.data, self.labeled = data, labeled
+        self.targets = data.labeled_targets.numpy() if labeled else data.unlabeled_targets.numpy()
+
+
+class StepFeed:
+    """USB's CoSSL co-learning loaders (tfe_train_lb, tfe_train_ulb): each `next` hands the batch the oracle set
+    for this step (`usb.cossl_feed`, from our step's class-balanced batch and strong views)."""
+
+    def __init__(self, algorithm: Any, part: str) -> None:
+        self.algorithm, self.part = algorithm, part
+
+    def __iter__(self) -> StepFeed:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.algorithm.cossl_feed[self.part]
+
+
+def cossl_pass_loader(dataset: Any, batch_size: int = 1, shuffle: bool = False, sampler: Any = None,
+                      **kwargs: Any) -> Any:
+    """USB's CoSSL warm-up builds its loaders with this (patch_usb_cossl): over a PassImages, our unaugmented
+    images in our pass's chunks and order (USB: the weak view of the labeled images; the strong view's features
+    and the weak view's probabilities of the unlabeled ones); over its feature set, PyTorch's DataLoader, its
+    shuffling order replaced by `cossl_orders` where that is set (the oracle's --align rng)."""
+    from ssl_imwa.data.stream import eval_batches
+
+    if isinstance(dataset, PassImages):
+        data = dataset.data
+        images, targets = ((data.labeled_images, data.labeled_targets) if dataset.labeled
+                           else (data.unlabeled_images, data.unlabeled_targets))
+        return [{"x_lb": x, "y_lb": y} if dataset.labeled else {"x_ulb_w": x, "x_ulb_s": x}
+                for x, y in eval_batches(images, targets, EVAL_BATCH, data.mean, data.std)]
+    if shuffle and COSSL_ORDERS:
+        sampler, shuffle = OrderFeed(COSSL_ORDERS), False
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, **kwargs)
+
+
+# The warm-up feature set's orders, one per pass of its loader (filled by the oracle's --align rng; empty: USB's own).
+COSSL_ORDERS: list[torch.Tensor] = []
+
+
+class OrderFeed(torch.utils.data.Sampler):
+    """A sampler that yields the next of the given orders each time a loader starts a pass over it."""
+
+    def __init__(self, orders: list[torch.Tensor]) -> None:
+        self.orders = orders
+
+    def __iter__(self) -> Any:
+        return iter(self.orders.pop(0).tolist())
+
+    def __len__(self) -> int:
+        return len(self.orders[0])
+
+
+def patch_usb_cossl(data: Any) -> None:
+    """USB's CoSSL reads its labeled and unlabeled datasets (the labeled counts; the classifier warm-up's loaders)
+    and builds two loaders of its own for the co-learning batches. Here the warm-up's loaders read our images as
+    our dataset pass does (cossl_pass_loader), the co-learning loaders hand the oracle's batch of each step
+    (StepFeed), and the `.cuda()` calls and CUDA timing of its step and hooks do nothing (this runs on CPU)."""
+    import semilearn.imb_algorithms.cossl.utils as cossl_utils
+    from semilearn.imb_algorithms.cossl.cossl import CoSSL, CoSSLParamUpdateHook
+
+    def datasets(self: Any) -> dict[str, Any]:
+        return {"train_lb": PassImages(data, labeled=True), "train_ulb": PassImages(data, labeled=False)}
+
+    def loaders(self: Any) -> dict[str, Any]:
+        self.lb_cnt_per_class = np.bincount(data.labeled_targets.numpy(), minlength=self.num_classes)
+        return {"tfe_train_lb": StepFeed(self, "labeled"), "tfe_train_ulb": StepFeed(self, "unlabeled")}
+
+    CoSSL.set_dataset = datasets
+    CoSSL.set_data_loader = loaders
+    cossl_utils.data = SimpleNamespace(DataLoader=cossl_pass_loader, dataset=torch.utils.data.dataset)
+    if not hasattr(CoSSL.train_step, "on_host"):   # once per process (one build per seed)
+        CoSSL.train_step = on_host(CoSSL.train_step)
+        CoSSLParamUpdateHook.before_train_epoch = on_host(modules_on_host(CoSSLParamUpdateHook.before_train_epoch))
+        CoSSLParamUpdateHook.after_train_step = without_cuda_timing(CoSSLParamUpdateHook.after_train_step)
+        CoSSL.train_step.on_host = True
+
+
+def modules_on_host(hook: Any) -> Any:
+    """`hook` with `nn.Module.cuda` the identity while it runs (CoSSL's classifier warm-up moves its nets)."""
+
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        cuda = nn.Module.cuda
+        nn.Module.cuda = lambda module, *args, **kwargs: module
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            nn.Module.cuda = cuda
+
+    return wrapped
+
+
+def without_cuda_timing(hook: Any) -> Any:
+    """`hook` with USB's CUDA timing (its events and torch.cuda.synchronize) inert: USB's update hook times each
+    step with them, and this run is on CPU."""
+    event = SimpleNamespace(record=lambda: None, elapsed_time=lambda other: 0.0)
+
+    def wrapped(self: Any, algorithm: Any, *args: Any, **kwargs: Any) -> Any:
+        synchronize = torch.cuda.synchronize
+        algorithm.start_run = algorithm.end_run = event
+        torch.cuda.synchronize = lambda *a, **k: None
+        try:
+            return hook(self, algorithm, *args, **kwargs)
+        finally:
+            torch.cuda.synchronize = synchronize
+            del algorithm.start_run, algorithm.end_run   # the base hook's before_train_step times when they exist
+
+    return wrapped
 
 
 def usb_unlabeled_pass(data: Any) -> Any:
@@ -402,6 +537,9 @@ def our_overrides(algo: str, seed: int, threads: int) -> list[str]:
         return overrides + [f"algorithm={algo}"]
     if algo == "tras":   # its recipe is USB's, with the TRAS_WARMUP-step warm-up
         return overrides + ["algorithm=tras", f"algorithm.warmup={TRAS_WARMUP}"]
+    if algo == "cossl":   # its recipe is USB's, the classifier warm-up at step COSSL_EPOCH, shorter warm-up epochs
+        return overrides + ["algorithm=cossl", f"algorithm.warmup={COSSL_EPOCH}",
+                            f"algorithm.classifier_epoch_steps={COSSL_CLASSIFIER_STEPS}"]
     if algo == "crest":   # CReST+ with USB's recipe, CREST_GENERATIONS generations
         return overrides + ["algorithm=crest_plus", f"algorithm.generations={CREST_GENERATIONS}"]
     if algo == "adsh":   # its recipe is USB's, with ADSH_EPOCH-step epochs

@@ -68,6 +68,8 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
     unlabeled = args.mu * args.batch
     shape = (3, args.size, args.size)
     batch = {"x": torch.randn(args.batch, *shape, device=device),
+             "x_strong": [torch.randn(args.batch, *shape, device=device)
+                          for _ in range(algorithm.num_labeled_strong_views())],
              "y": torch.randint(0, 10, (args.batch,), device=device),
              "u_weak": torch.randn(unlabeled, *shape, device=device),
              "u_strong": [torch.randn(unlabeled, *shape, device=device) for _ in range(algorithm.num_strong_views())],

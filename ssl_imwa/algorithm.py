@@ -32,6 +32,17 @@ PASS_MODELS = ("teacher", "student")
 BUILTIN_PACKAGE = "ssl_imwa.algorithms"
 
 
+@dataclass(frozen=True)
+class DatasetPass:
+    """A one-off pass of the algorithm's pass model over the whole training set (`Algorithm.dataset_pass_steps`):
+    its float32 outputs over every labeled image (`labeled[head]` is [num_labeled, ...], row i the labeled image
+    i) and over every unlabeled image (row i the image whose `u_index` is i), unaugmented, in eval mode."""
+
+    labeled: Outputs
+    labeled_targets: torch.Tensor   # int64 [num_labeled] on the CPU: known on the host, so reading it never syncs
+    unlabeled: Outputs
+
+
 @dataclass
 class AlgorithmConfig:
     name: str = "???"
@@ -249,6 +260,38 @@ class Algorithm(nn.Module):
         whose `u_index` is i, identical on every process of a data-parallel group."""
         raise NotImplementedError(f"algorithm '{self.name}' asks for unlabeled passes (unlabeled_pass_every() > 0) "
                                   "but does not define after_unlabeled_pass(outputs, step)")
+
+    def dataset_pass_steps(self) -> tuple[int, ...]:
+        """Steps at whose start the trainer runs a one-off pass over the labeled AND the unlabeled set; () (the
+        default): none.
+
+        At the start of each such step `s`, before its batch, the trainer runs `unlabeled_pass_model` in eval mode
+        over every labeled and every unlabeled image (unaugmented, normalised, in index order) and calls
+        `after_dataset_pass`. The pass is part of step `s`: a checkpoint after it holds what it produced, one
+        written before it does not, and a run killed during it redoes it on resume (CoSSL's classifier warm-up).
+        """
+        return ()
+
+    def after_dataset_pass(self, outputs: DatasetPass, model: nn.Module, teacher: nn.Module, step: int) -> None:
+        """Update state (or the heads of the student `model` and of the EMA `teacher`) from a pass. Autograd is on
+        and no autocast applies. With a data-parallel group the outputs are the same on every process, and after
+        this call the trainer broadcasts group rank 0's student, teacher and algorithm buffers to the group, so the
+        copies stay identical even where the device's arithmetic is not deterministic."""
+        raise NotImplementedError(f"algorithm '{self.name}' asks for dataset passes (dataset_pass_steps()) but does "
+                                  "not define after_dataset_pass(outputs, model, teacher, step)")
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Called after the optimiser's step of `step` and before the EMA update, with the student `model` (not its
+        DDP wrapper) whose `.grad` still hold the step's gradients (unscaled under fp16; averaged over a
+        data-parallel group). A second update of some parameters (USB's CoSSL steps its teacher classifier with an
+        optimiser of its own); the default does nothing."""
+
+    def balanced_labeled_batch(self) -> str | None:
+        """Augmentation ('weak' or 'strong') of a second labeled batch per step, `batch["x_balanced"]` with labels
+        `batch["y_balanced"]`: `train.batch_size` images drawn with replacement, each class equally likely (an
+        image of class c with probability proportional to 1 / n_c), from a generator of its own, so the stream's
+        other draws stay what they are without it. None (the default): no such batch."""
+        return None
 
     def pseudo_labels_for_next_generation(self, outputs: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(unlabeled indices, classes): what joins the labeled set for the next generation.

@@ -154,6 +154,7 @@ def build_replica(index: int, cfg: Config, data: SSLData, algorithm: Algorithm, 
     stream = data.make_stream(batch_size=cfg.train.batch_size, mu=mu, num_strong=algorithm.num_strong_views(),
                               seed=cfg.seed, replica=index, episode=generation, device=device,
                               num_labeled_strong=algorithm.num_labeled_strong_views(),
+                              balanced=algorithm.balanced_labeled_batch(),
                               shard=(data_parallel.rank, data_parallel.world_size))
     return assemble_replica(index, model, stream, algorithm, ReplicaRecipe(cfg.train, cfg.algorithm.ema,
                                                                            cfg.model.sync_batchnorm),

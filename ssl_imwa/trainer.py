@@ -3,19 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl_imwa.algorithm import Algorithm
+from ssl_imwa.algorithm import Algorithm, DatasetPass
 from ssl_imwa.config import TrainConfig
 from ssl_imwa.distributed import Communicator
 from ssl_imwa.ema import EMATeacher
 
-IMAGE_KEYS = ("x", "u_weak")
+IMAGE_KEYS = ("x", "u_weak", "x_balanced")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -122,6 +122,8 @@ class Trainer:
     def step(self, replica: Replica, step: int) -> dict[str, torch.Tensor]:
         """One optimisation step at step `step` of the schedule (the global step, or the step within the
         generation where the algorithm chains generations); returns the algorithm's (detached) outputs."""
+        if step in replica.algorithm.dataset_pass_steps():
+            self.dataset_pass(replica, step)
         for group in replica.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, step)
         batch = self._prepare(next(replica.stream))
@@ -139,6 +141,7 @@ class Trainer:
         else:
             loss.backward()
             replica.optimizer.step()
+        replica.algorithm.after_optimizer_step(replica.model, step)
         # Without SyncBatchNorm each process's running statistics saw only its slice; with it they agree
         # already (then this only guards against the last bit). Either way the teacher copies the same.
         self.data_parallel.broadcast_(list(replica.model.buffers()), "BN buffer broadcast")
@@ -159,14 +162,37 @@ class Trainer:
         model = replica.teacher.module if algorithm.unlabeled_pass_model == "teacher" else replica.model
         algorithm.after_unlabeled_pass(self.predict_unlabeled(model, replica.stream), step)
 
+    def dataset_pass(self, replica: Replica, step: int) -> None:
+        """The algorithm's model over the whole labeled and unlabeled sets, the outputs to `after_dataset_pass`.
+
+        Every process of a data-parallel group runs the whole pass (as `unlabeled_pass`); then group rank 0's
+        student, teacher and algorithm buffers are broadcast, so that whatever the hook computed (CoSSL trains
+        a classifier there) is the same on every process even where the device's arithmetic is not.
+        """
+        algorithm, stream = replica.algorithm, replica.stream
+        model = replica.teacher.module if algorithm.unlabeled_pass_model == "teacher" else replica.model
+        outputs = DatasetPass(labeled=self.predict(model, stream.labeled_batches(self.cfg.eval_batch_size)),
+                              labeled_targets=stream.labeled_classes_on_host(),
+                              unlabeled=self.predict_unlabeled(model, stream))
+        algorithm.after_dataset_pass(outputs, replica.model, replica.teacher.module, step)
+        teacher = replica.teacher.module
+        with torch.no_grad():
+            self.data_parallel.broadcast_([*replica.model.parameters(), *replica.model.buffers(), *teacher.parameters(),
+                                           *teacher.buffers(), *algorithm.buffers()], "dataset pass broadcast")
+
     @torch.no_grad()
     def predict_unlabeled(self, model: nn.Module, stream: Any) -> dict[str, torch.Tensor]:
         """`model`'s float32 outputs over every unlabeled image of `stream` (eval mode, unaugmented, in index
         order), the same on every process that holds the same model."""
+        return self.predict(model, stream.unlabeled_batches(self.cfg.eval_batch_size))
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`model`'s float32 outputs over `batches` of images, concatenated, in eval mode under the run's autocast."""
         was_training = model.training
         model.eval()
         chunks = []
-        for images in stream.unlabeled_batches(self.cfg.eval_batch_size):
+        for images in batches:
             with self.autocast():
                 chunks.append(model(self._prepare({"x": images})["x"]))
         model.train(was_training)

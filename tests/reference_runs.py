@@ -38,6 +38,7 @@ ALGORITHMS = {
     "abc": ["algorithm=abc", "algorithm.threshold=0.5", "algorithm.abc_threshold=0.5", "algorithm.schedule_epochs=5"],
     "simpro": ["algorithm=simpro", "algorithm.epoch_length=4", "algorithm.threshold=0.5"],   # M-steps after 3, 7, ...
     "cdmad": ["algorithm=cdmad", "algorithm.debias_start=4"],   # stateless; pseudo-labels debiased from step 4
+    "cossl": ["algorithm=cossl", "algorithm.warmup=8", "algorithm.classifier_epochs=2", "algorithm.classifier_epoch_steps=5", "algorithm.classifier_batch_size=16", "algorithm.threshold=0.5"],   # classifier warm-up at the start of step 8
 }
 
 

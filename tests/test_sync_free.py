@@ -39,6 +39,7 @@ ALGORITHMS = {
     "crest_plus": ["algorithm=crest_plus"],   # the alignment's estimate at every step (the pick is per generation)
     "simpro": ["algorithm=simpro", "algorithm.epoch_length=3"],   # M-steps after 5 and 8
     "cdmad": ["algorithm=cdmad", "algorithm.debias_start=6"],   # the solid image's bias subtracted from step 6
+    "cossl": ["algorithm=cossl", "algorithm.warmup=2", "algorithm.classifier_epochs=1", "algorithm.classifier_epoch_steps=2", "algorithm.classifier_batch_size=8"],   # classifier warm-up at the start of step 2, co-learning audited
 }
 AUDITED_STEPS = range(4, 10)   # DASO refreshes at 5 and 8, ACR starts epochs at 6 and 9, SAW re-weights after 5 and 8
 

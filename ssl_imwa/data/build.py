@@ -118,6 +118,7 @@ class SSLData:
         device: str | torch.device = "cpu",
         shard: tuple[int, int] = (0, 1),
         num_labeled_strong: int = 0,
+        balanced: str | None = None,
     ) -> TrainStream:
         """A training stream over this data, seeded by (seed, replica, episode); all streams on a device share its
         tensors. `shard` (i, n): only rows i/n to (i+1)/n of every batch (one of n data-parallel processes)."""
@@ -144,6 +145,8 @@ class SSLData:
             device=device,
             shard=shard,
             num_labeled_strong=num_labeled_strong,
+            balanced=balanced,
+            host_labeled_targets=self.labeled_targets,
         )
 
 

@@ -16,6 +16,9 @@ import torch
 
 from ssl_imwa.data.transforms import (
     ParameterBuffer,
+    Slot,
+    StrongPlan,
+    WeakPlan,
     apply_strong,
     apply_weak,
     normalize,
@@ -30,6 +33,17 @@ def _derive_seeds(seed: int, replica: int, episode: int) -> list[int]:
     what they were before the fourth was added."""
     children = np.random.SeedSequence([seed, replica, episode]).spawn(4)
     return [int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for child in children]
+
+
+# The augmentations of a class-balanced labeled batch (TrainStream's `balanced`); None: no such batch.
+BALANCED_VIEWS = (None, "weak", "strong")
+
+
+def _balanced_seed(seed: int, replica: int, episode: int) -> int:
+    """The class-balanced labeled batch's seed: the fifth child of `_derive_seeds`' sequence (the first four are
+    unchanged by it)."""
+    child = np.random.SeedSequence([seed, replica, episode]).spawn(5)[4]
+    return int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class InfiniteSampler:
@@ -105,6 +119,8 @@ class TrainStream:
         device: str | torch.device = "cpu",
         shard: tuple[int, int] = (0, 1),
         num_labeled_strong: int = 0,
+        balanced: str | None = None,
+        host_labeled_targets: torch.Tensor | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -129,6 +145,14 @@ class TrainStream:
         self.mu = mu
         self.num_strong = num_strong
         self.num_labeled_strong = num_labeled_strong
+        if balanced not in BALANCED_VIEWS:
+            raise ValueError(f"balanced={balanced!r}: expected one of {BALANCED_VIEWS}")
+        self.balanced = balanced
+        # The labeled classes on the host, so a class-balanced draw and a dataset pass never read the device.
+        self._host_labeled_targets = host_labeled_targets
+        if balanced is not None:
+            classes = self.labeled_classes_on_host()
+            self.balanced_weights = 1.0 / torch.bincount(classes)[classes].double()
         self.mean = list(mean)
         self.std = list(std)
         self.pad = pad
@@ -155,6 +179,8 @@ class TrainStream:
         self.augment_generator = torch.Generator().manual_seed(augment_seed)
         # A generator of their own: a stream with labeled strong views draws every other batch entry as one without.
         self.labeled_strong_generator = torch.Generator().manual_seed(labeled_strong_seed)
+        if self.balanced is not None:   # its own generator too: the other draws stay those of a stream without it
+            self.balanced_generator = torch.Generator().manual_seed(_balanced_seed(self.seed, replica, episode))
 
     def next(self) -> dict[str, Any]:
         """One step's batch: x, x_strong (list), y, u_weak, u_strong (list), u_index, u_is_labeled, u_target.
@@ -183,11 +209,14 @@ class TrainStream:
             plan_strong(self.labeled_strong_generator, labeled_shape, self.pad, self.hflip, self.cutout, buffer, labeled_rows)
             for _ in range(self.num_labeled_strong)
         ]
+        balanced = self._plan_balanced(buffer, labeled_shape, labeled_rows) if self.balanced is not None else None
         params = buffer.send(self.device)
         labeled_index, unlabeled_index = labeled_slot.read(params), unlabeled_slot.read(params)
         labeled = self.labeled_images.index_select(0, labeled_index)
         unlabeled = self.unlabeled_images.index_select(0, unlabeled_index)
+        balanced_batch = {} if balanced is None else self._balanced_batch(*balanced, params)
         return {
+            **balanced_batch,
             "x": normalize(apply_weak(labeled, labeled_plan, params), self.mean, self.std),
             "x_strong": [normalize(apply_strong(labeled, one, params), self.mean, self.std)
                          for one in labeled_strong_plans],
@@ -198,6 +227,39 @@ class TrainStream:
             "u_is_labeled": self.unlabeled_is_labeled.index_select(0, unlabeled_index),
             "u_target": self.unlabeled_targets.index_select(0, unlabeled_index),
         }
+
+    def _plan_balanced(self, buffer: ParameterBuffer, shape: tuple[int, ...], rows: slice
+                       ) -> tuple[Slot, WeakPlan | StrongPlan]:
+        """The class-balanced labeled batch's indices (with replacement, an image of class c with probability
+        proportional to 1 / n_c) and augmentation, drawn for the whole batch from its own generator; this
+        shard's rows go into `buffer`."""
+        generator = self.balanced_generator
+        index = torch.multinomial(self.balanced_weights, shape[0], replacement=True, generator=generator)
+        if self.balanced == "strong":
+            plan: WeakPlan | StrongPlan = plan_strong(generator, shape, self.pad, self.hflip, self.cutout, buffer, rows)
+        else:
+            plan = plan_weak(generator, shape, self.pad, self.hflip, buffer, rows)
+        return buffer.add(index[rows]), plan
+
+    def _balanced_batch(self, slot: Slot, plan: WeakPlan | StrongPlan, params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x_balanced, y_balanced: the planned class-balanced labeled batch (this shard's rows)."""
+        index = slot.read(params)
+        images = self.labeled_images.index_select(0, index)
+        augment = apply_strong if isinstance(plan, StrongPlan) else apply_weak
+        return {"x_balanced": normalize(augment(images, plan, params), self.mean, self.std),
+                "y_balanced": self.labeled_targets.index_select(0, index)}
+
+    def labeled_classes_on_host(self) -> torch.Tensor:
+        """The labeled images' classes as a CPU tensor (given by the data, else copied once from the device)."""
+        if self._host_labeled_targets is None:
+            self._host_labeled_targets = self.labeled_targets.cpu()
+        return self._host_labeled_targets.cpu()
+
+    def labeled_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every labeled image, unaugmented and normalised, in index order (a dataset pass's labeled half)."""
+        for images, _ in eval_batches(self.labeled_images, self.labeled_targets, batch_size, self.mean, self.std,
+                                      self.device):
+            yield images
 
     def unlabeled_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """Every unlabeled image, unaugmented and normalised, in index order: what a pass of a model over
@@ -222,6 +284,7 @@ class TrainStream:
             "augment_generator": self.augment_generator.get_state(),
             **({"labeled_strong_generator": self.labeled_strong_generator.get_state()}
                if self.num_labeled_strong else {}),
+            **({"balanced_generator": self.balanced_generator.get_state()} if self.balanced is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -236,6 +299,8 @@ class TrainStream:
         self.augment_generator.set_state(state["augment_generator"])
         if self.num_labeled_strong:
             self.labeled_strong_generator.set_state(state["labeled_strong_generator"])
+        if self.balanced is not None:
+            self.balanced_generator.set_state(state["balanced_generator"])
 
 
 def eval_batches(

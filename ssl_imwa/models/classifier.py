@@ -5,6 +5,16 @@ import torch
 from torch import nn
 
 
+class DerivedHead(nn.Module):
+    """A head computed from the outputs of the heads before it rather than from the features: the Classifier calls
+    `forward(outputs)` with the dict built so far ('features' and every earlier head, by name). A switch or a
+    combination of heads (CoSSL's evaluated head: the standard head until its classifier warm-up, its teacher
+    classifier after); the heads it reads must be added before it."""
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class Classifier(nn.Module):
     """`forward(x)` returns {'features': pooled features, <head name>: logits, ...}."""
 
@@ -25,5 +35,5 @@ class Classifier(nn.Module):
         features = self.backbone(x)
         out = {"features": features}
         for name, head in self.heads.items():
-            out[name] = head(features)
+            out[name] = head(out) if isinstance(head, DerivedHead) else head(features)
         return out
