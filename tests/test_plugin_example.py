@@ -108,6 +108,9 @@ class EveryHook(Algorithm):
         original = torch.tensor(list(context.original_labeled_counts), device=self.device)
         self.register_buffer("pseudo_labeled", (torch.tensor(list(context.labeled_counts), device=self.device)
                                                 - original).sum())
+        self.register_buffer("dataset_pass_rows", torch.zeros(2, dtype=torch.long, device=self.device))
+        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long, device=self.device))
+        self.register_buffer("balanced_seen", torch.zeros(self.num_classes, device=self.device))
 
     def num_strong_views(self):
         return 2
@@ -123,7 +126,21 @@ class EveryHook(Algorithm):
         mask = confidence.ge(self.class_threshold[targets]).float()
         loss_u = sum((F.cross_entropy(view["logits"], targets, reduction="none") * mask).mean() for view in strong)
         self.confidence[self.batch_group.gather(batch["u_index"])] = self.batch_group.gather(confidence)
+        self.balanced_seen = self.balanced_seen + F.one_hot(batch["y_balanced"], self.num_classes).sum(0)
         return {"loss": loss_x + loss_u / len(strong), "mask_rate": mask.mean()}
+
+    def balanced_labeled_batch(self):
+        return "weak"
+
+    def dataset_pass_steps(self):
+        return (3,)
+
+    def after_dataset_pass(self, outputs, model, teacher, step):
+        self.dataset_pass_rows = torch.tensor([len(outputs.labeled["logits"]), len(outputs.unlabeled["logits"])],
+                                              device=self.device)
+
+    def after_optimizer_step(self, model, step):
+        self.optimizer_steps = self.optimizer_steps + 1
 
     def unlabeled_pass_every(self):
         return self.cfg.pass_every
@@ -162,8 +179,9 @@ EVERY_HOOK_RUN = ["experiment=quickstart", "plugins=[every_hook_plugin]", "~algo
 @pytest.mark.slow
 def test_an_external_algorithm_can_use_every_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Extra head and its evaluation, a test-time logit offset, two strong views, per-sample state at u_index,
-    a periodic pass, a custom merge, generations with picks and inheritance, the context: each is seen in the
-    run's record, and the run stops and resumes bitwise inside its second generation."""
+    a periodic pass, a one-off dataset pass, a second optimiser step, a class-balanced labeled batch, a custom
+    merge, generations with picks and inheritance, the context: each is seen in the run's record, and the run
+    stops and resumes bitwise inside its second generation."""
     from ssl_imwa.api import load_run
     from ssl_imwa.checkpoint import read_checkpoint
     from ssl_imwa.data.transforms import normalize
@@ -185,6 +203,10 @@ def test_an_external_algorithm_can_use_every_hook(tmp_path: Path, monkeypatch: p
     assert final["generation"]["index"] == 1 and len(picks["labels"]) == int(283 * 0.25)
     assert int(state["generation"]) == 1 and int(state["pseudo_labeled"]) == len(picks["labels"])
     assert int(state["passes"]) == 2 and int(state["inherited_passes"]) == 2   # after steps 5 and 10, each generation
+    # generation 2: its step 3's pass over the labeled set (159 + the picks) and the unlabeled set (283); 10 steps
+    assert state["dataset_pass_rows"].tolist() == [159 + len(picks["labels"]), 283]
+    assert int(state["optimizer_steps"]) == 10
+    assert state["balanced_seen"].min() > 0   # 10 balanced batches of 16 drawn over classes of 4 to 40 images
     drawn = int((state["confidence"] > 0).sum())
     assert 16 * 2 * 5 * 0.5 < drawn <= 283   # 5 steps of 32 unlabeled images per replica, merged by max
     for part in ("model", "algorithm"):   # the last merge gave both replicas the same
