@@ -24,6 +24,7 @@ import time
 from dataclasses import fields
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench._common import header, peak_memory_mb, reset_peak_memory, synchronize
@@ -62,6 +63,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
                                num_unlabeled=args.mu * args.batch, device=device)
     algorithm_cls = get_algorithm(args.algorithm)
     options = {"weak_pass": args.weak_pass} if "weak_pass" in {item.name for item in fields(algorithm_cls.Config)} else {}
+    for setting in args.set:   # KEY=VALUE, the value read as YAML (true, 0.5, 3, a string)
+        key, value = setting.split("=", 1)
+        options[key] = yaml.safe_load(value)
     algorithm = algorithm_cls(algorithm_cls.Config(**options), context)
     for name, head in algorithm.build_heads(model.feature_dim, 10).items():
         model.add_head(name, head.to(device))
@@ -76,6 +80,9 @@ def bench_step(args: argparse.Namespace) -> dict[str, float]:
              "u_index": torch.arange(unlabeled, device=device),   # per-sample state (DARP) sees every row
              "u_target": torch.randint(0, 10, (unlabeled,), device=device),
              "u_is_labeled": torch.zeros(unlabeled, dtype=torch.bool, device=device)}
+    if algorithm.balanced_labeled_batch():   # CoSSL's class-balanced labeled batch
+        batch.update(x_balanced=torch.randn(args.batch, *shape, device=device),
+                     y_balanced=torch.randint(0, 10, (args.batch,), device=device))
     # The run's own assembly (EMA teacher, SGD, an fp16 gradient scaler) around the resident batch.
     replica = assemble_replica(0, model, _RepeatBatch(batch), algorithm, ReplicaRecipe(cfg, algorithm.cfg.ema), device)
     trainer = Trainer(cfg, device)
@@ -198,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--tf32", action="store_true", help="CUDA: TF32 for fp32 matmuls and convolutions")
     parser.add_argument("--weak-pass", choices=("joint", "no_grad"), default="joint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the algorithm's config, e.g. --set progressive_alignment=true (CReST+)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (inductor)")
     parser.add_argument("--skip-data", action="store_true")
     parser.add_argument("--ceiling", action="store_true",

@@ -334,8 +334,10 @@ def test_a_run_resumed_from_the_boundarys_merge_checkpoint_starts_the_next_gener
 
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path: Path) -> None:
+    # Two generations of 300 steps (the quick start's 600 in all), EMA with warm-up: the recipe's 0.999 from the
+    # first step lags a run this short (docs/algorithms.md, TRAS).
     run_dir = train_run(tmp_path, ["experiment=quickstart", "algorithm=crest_plus", "algorithm.generations=2",
-                                   "train.iterations=500", "algorithm.ema.warmup=true", "train.num_threads=1"])
+                                   "train.iterations=300", "algorithm.ema.warmup=true", "train.num_threads=1"])
     results = read_results(run_dir)
     assert results["final"]["top1"] > 0.3   # 10 classes: chance is 0.1
     assert read_checkpoint(run_dir / "checkpoints" / "latest.pt")["generation"]["index"] == 1

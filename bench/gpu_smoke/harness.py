@@ -195,13 +195,13 @@ def random_pool(labeled: int, unlabeled: int, seed: int = 0, size: int = 32) -> 
 
 
 def make_stream(pool: dict[str, torch.Tensor], device: torch.device, batch: int, mu: int, num_strong: int,
-                seed: int = 0, replica: int = 0, num_labeled_strong: int = 0) -> Any:
+                seed: int = 0, replica: int = 0, num_labeled_strong: int = 0, balanced: str | None = None) -> Any:
     """A TrainStream over `pool` with CIFAR-10's normalisation and augmentation."""
     from ssl_imwa.data import TrainStream
 
     return TrainStream(**pool, batch_size=batch, mu=mu, num_strong=num_strong, mean=[0.4914, 0.4822, 0.4465],
                        std=[0.2471, 0.2435, 0.2616], pad=4, hflip=True, cutout=16, seed=seed, replica=replica,
-                       episode=0, device=device, num_labeled_strong=num_labeled_strong)
+                       episode=0, device=device, num_labeled_strong=num_labeled_strong, balanced=balanced)
 
 
 class RandomData:
@@ -220,12 +220,12 @@ class RandomData:
 
     def make_stream(self, batch_size: int, mu: int, num_strong: int, seed: int, replica: int = 0, episode: int = 0,
                     device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1),
-                    num_labeled_strong: int = 0) -> Any:
+                    num_labeled_strong: int = 0, balanced: str | None = None) -> Any:
         device = torch.device(device)
         if device not in self._resident:
             self._resident[device] = {key: value.to(device) for key, value in self.pool.items()}
         return make_stream(self._resident[device], device, batch_size, mu, num_strong, seed, replica,
-                           num_labeled_strong)
+                           num_labeled_strong, balanced)
 
 
 # Each algorithm where a check wants it: DASO past its warm-up within the check's warm-up steps, ACR
