@@ -403,16 +403,7 @@ def patch_usb_cossl(data: Any) -> None:
 
 def modules_on_host(hook: Any) -> Any:
     """`hook` with `nn.Module.cuda` the identity while it runs (CoSSL's classifier warm-up moves its nets)."""
-
-    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        cuda = nn.Module.cuda
-        nn.Module.cuda = lambda module, *args, **kwargs: module
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            nn.Module.cuda = cuda
-
-    return wrapped
+    return cuda_as_identity(nn.Module, hook)
 
 
 def without_cuda_timing(hook: Any) -> Any:
@@ -456,14 +447,19 @@ def usb_unlabeled_pass(data: Any) -> Any:
 
 def on_host(hook: Any) -> Any:
     """`hook` with `Tensor.cuda` the identity while it runs (USB's hooks call it unconditionally)."""
+    return cuda_as_identity(torch.Tensor, hook)
+
+
+def cuda_as_identity(owner: type, hook: Any) -> Any:
+    """`hook` with `owner.cuda` returning its object unchanged while it runs: this CPU run keeps USB's calls."""
 
     def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
-        cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        cuda = owner.cuda
+        owner.cuda = lambda obj, *args, **kwargs: obj
         try:
             return hook(self, *args, **kwargs)
         finally:
-            torch.Tensor.cuda = cuda
+            owner.cuda = cuda
 
     return wrapped
 
