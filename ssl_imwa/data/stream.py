@@ -90,6 +90,24 @@ class InfiniteSampler:
         self.generator.set_state(state["generator"])
 
 
+def _check_stream_arguments(batch_size: int, shard: tuple[int, int], mu: int, num_strong: int,
+                            num_labeled_strong: int, unlabeled: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a stream that could not make the batches it is asked for, naming the argument."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    index, count = shard
+    if not 0 <= index < count or batch_size % count:
+        raise ValueError(f"shard {index} of {count}: expected 0 <= index < count and count dividing "
+                         f"batch_size={batch_size}")
+    if mu < 0 or num_strong < 0 or num_labeled_strong < 0:
+        raise ValueError(f"mu, num_strong and num_labeled_strong must be >= 0, got mu={mu}, num_strong={num_strong}, "
+                         f"num_labeled_strong={num_labeled_strong}")
+    if mu > 0 and len(unlabeled[0]) == 0:
+        raise ValueError(f"mu={mu} asks for unlabeled batches, but the unlabeled set is empty")
+    if len({len(part) for part in unlabeled}) > 1:
+        raise ValueError("unlabeled images, targets and is_labeled flags must have the same length")
+
+
 class TrainStream:
     """Labeled weak views plus unlabeled weak and `num_strong` strong views per step.
 
@@ -122,25 +140,12 @@ class TrainStream:
         balanced: str | None = None,
         host_labeled_targets: torch.Tensor | None = None,
     ) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        index, count = shard
-        if not 0 <= index < count or batch_size % count:
-            raise ValueError(f"shard {index} of {count}: expected 0 <= index < count and count dividing "
-                             f"batch_size={batch_size}")
-        if mu < 0 or num_strong < 0 or num_labeled_strong < 0:
-            raise ValueError(f"mu, num_strong and num_labeled_strong must be >= 0, got mu={mu}, num_strong={num_strong}, "
-                             f"num_labeled_strong={num_labeled_strong}")
-        if mu > 0 and len(unlabeled_images) == 0:
-            raise ValueError(f"mu={mu} asks for unlabeled batches, but the unlabeled set is empty")
-        if not (len(unlabeled_images) == len(unlabeled_targets) == len(unlabeled_is_labeled)):
-            raise ValueError("unlabeled images, targets and is_labeled flags must have the same length")
+        _check_stream_arguments(batch_size, shard, mu, num_strong, num_labeled_strong,
+                                (unlabeled_images, unlabeled_targets, unlabeled_is_labeled))
         self.device = torch.device(device)
-        self.labeled_images = labeled_images.to(self.device)
-        self.labeled_targets = labeled_targets.to(self.device)
-        self.unlabeled_images = unlabeled_images.to(self.device)
-        self.unlabeled_targets = unlabeled_targets.to(self.device)
-        self.unlabeled_is_labeled = unlabeled_is_labeled.to(self.device)
+        (self.labeled_images, self.labeled_targets, self.unlabeled_images, self.unlabeled_targets,
+         self.unlabeled_is_labeled) = (tensor.to(self.device) for tensor in (
+            labeled_images, labeled_targets, unlabeled_images, unlabeled_targets, unlabeled_is_labeled))
         self.batch_size = batch_size
         self.mu = mu
         self.num_strong = num_strong
