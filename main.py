@@ -11,11 +11,10 @@ from ssl_imwa.config import register_configs
 from ssl_imwa.distributed import rank_from_environment
 from ssl_imwa.preflight import CHECK_FLAG, preflight
 from ssl_imwa.resume import refuse_a_resume_of_nothing
-from ssl_imwa.sweep_jobs import SweepJobs
+from ssl_imwa.sweep_jobs import SWEEP
 from ssl_imwa.user_errors import refuse_an_unwritable_directory, short_user_errors
 
 register_configs()
-SWEEP = SweepJobs()   # the jobs of a sweep (-m) run by this process
 
 # torchrun: processes other than 0 write nothing of Hydra's (process 0's run directory reaches them
 # by broadcast, ssl_imwa.run.agree_on_run_dir) and do their own logging (ssl_imwa.run.log_secondary_process).

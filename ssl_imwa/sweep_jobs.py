@@ -3,16 +3,22 @@
 Each job that fails (a bad value, missing data, a bug) records `failed` and its reason in its own
 `status.json`, says so in a line, and the sweep goes on to the next job; a report of the sweep
 lists it. At the end the sweep's exit status is the number of jobs that failed (0: none; at most
-125, above which shells reserve the codes), after one line naming them. A stop that was asked for
+125, above which shells reserve the codes), after one line naming them. Jobs that a launcher ran in
+other processes (Slurm jobs, submitit's local processes) are counted from the `status.json` files they
+wrote under the sweep directory (`CountJobsRunElsewhere`, a Hydra callback). A stop that was asked for
 (Ctrl-C, SIGTERM) stops the whole sweep, as it stops a run.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from ssl_imwa.stopping import Terminated
 from ssl_imwa.user_errors import short_user_errors
@@ -46,6 +52,15 @@ class SweepJobs:
         log.error("sweep job %d (%s) failed; the sweep goes on", self.started, run_dir)
         return None
 
+    def count_jobs_recorded_elsewhere(self, records: list[Path]) -> None:
+        """Add the jobs whose `status.json` files are `records` (one per job directory) and that this
+        process did not run itself: a job that failed on a cluster node counts as one run here."""
+        here = {Path(run_dir).resolve() for run_dir in self.failed}
+        self.started = max(self.started, len(records))
+        for record in sorted(records):
+            if json.loads(record.read_text()).get("status") == "failed" and record.parent.resolve() not in here:
+                self.failed.append(str(record.parent))
+
     def exit_status(self) -> int:
         """The number of failed jobs (capped), after a line that names them; 0 when none failed."""
         if not self.failed:
@@ -54,6 +69,31 @@ class SweepJobs:
         print(f"error: {len(self.failed)} of {self.started} sweep jobs failed ({names}); the report of the sweep "
               "lists why (python -m ssl_imwa.report <sweep dir>)", file=sys.stderr)
         return min(len(self.failed), HIGHEST_EXIT_STATUS)
+
+
+SWEEP = SweepJobs()   # the jobs of the sweep (-m) that this process runs or waits for
+
+
+def _status_records(sweep_dir: Path) -> dict[Path, int]:
+    """Every `status.json` under the sweep directory, with its modification time (ns)."""
+    return {path: path.stat().st_mtime_ns for path in sweep_dir.rglob("status.json")} if sweep_dir.is_dir() else {}
+
+
+class CountJobsRunElsewhere(Callback):
+    """Hydra calls this in the process that launched the sweep: at its start it notes the status
+    files already there (an earlier sweep into the same directory), at its end it hands the ones that
+    this sweep wrote or rewrote to `SWEEP`, so a job that failed on a Slurm node sets the exit status.
+    File identities, not clocks: a node's clock may differ from the submitting machine's."""
+
+    def __init__(self) -> None:
+        self.before: dict[Path, int] = {}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.before = _status_records(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        records = _status_records(Path(config.hydra.sweep.dir))
+        SWEEP.count_jobs_recorded_elsewhere([path for path, mtime in records.items() if self.before.get(path) != mtime])
 
 
 def swept_dirname(task_overrides: list[str], override_dirname: str, sweep_dir: str | None = None,

@@ -55,6 +55,38 @@ def test_a_sweep_runs_each_point_as_its_own_process_on_this_machine(tmp_path: Pa
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2, "two submitit jobs"
 
 
+def test_a_job_that_failed_in_its_own_process_sets_the_sweep_exit_status(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    result = _sweep(["hydra/launcher=local", *TINY, "train.lr=-1,0.03"], sweep_dir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"1 of 2 sweep jobs failed ({sweep_dir / 'train.lr=-1'})" in result.stderr, result.stderr[-3000:]
+    assert json.loads((sweep_dir / "train.lr=0.03" / "status.json").read_text())["status"] == "complete"
+    # a later sweep into the same directory counts its own jobs, not the failure already there
+    result = _sweep(["hydra/launcher=local", *TINY, "train.lr=0.02,0.05"], sweep_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed" not in result.stderr
+
+
+def _documented_sweeps() -> list[list[str]]:
+    """docs/cluster.md's `python main.py -m ...` command blocks, continuation lines joined, as arguments."""
+    lines = (ROOT / "docs" / "cluster.md").read_text().replace("\\\n", " ").splitlines()
+    return [line.split()[2:] for line in lines if line.startswith("python main.py -m ")]
+
+
+def test_the_documented_cluster_sweeps_are_valid_and_the_study_is_126_jobs(tmp_path: Path) -> None:
+    sweeps = _documented_sweeps()
+    assert len(sweeps) == 3, "the study, the torchrun sweep and the search"
+    outputs = []
+    for arguments in sweeps:
+        arguments = [argument.replace("/scratch/$USER", str(tmp_path)) for argument in arguments]
+        checked = subprocess.run([sys.executable, str(ROOT / "main.py"), *arguments, "--check"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300, check=False)
+        assert checked.returncode == 0, checked.stderr[-3000:]
+        outputs.append(checked.stdout + checked.stderr)
+    assert "config OK: 126 jobs" in outputs[0], outputs[0][-2000:]
+    assert not any(tmp_path.iterdir()), "--check writes nothing"
+
+
 def test_a_sweep_runs_each_point_as_a_slurm_job(tmp_path: Path, slurm_cluster: dict[str, str],
                                                  reference_run: ReferenceRun) -> None:
     result = _sweep(["hydra/launcher=slurm", *ON_TEST_CLUSTER, *TINY, "seed=0,1"], tmp_path / "sweep", slurm_cluster)
