@@ -80,7 +80,12 @@ STUDIES = {
                                     ("table/*_consistent_s[0-9]",), "table"),
             "digits_table_reversed": Section("Reversed unlabeled data", ("table/*_reversed_s[0-9]",)),
             "digits_table_uniform": Section("Uniform unlabeled data", ("table/*_uniform_s[0-9]",)),
-            "digits_top": Section("IMWA, MWA and the compute-matched K=1 on top of the best algorithms", ("top/*_s[0-9]",), "top"),
+            "digits_top": Section("IMWA, MWA and the compute-matched K=1 on top of the best algorithms, consistent data "
+                                  "(the table covers all three settings)", ("top/*_consistent_s[0-9]",), "top"),
+            "digits_top_reversed": Section("IMWA, MWA and the compute-matched K=1, reversed unlabeled data",
+                                           ("top/*_reversed_s[0-9]",)),
+            "digits_top_uniform": Section("IMWA, MWA and the compute-matched K=1, uniform unlabeled data",
+                                          ("top/*_uniform_s[0-9]",)),
         }),
     "cifar10": Study(
         "CIFAR-10-LT at 32×32",
