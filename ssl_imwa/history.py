@@ -60,12 +60,17 @@ class RunHistory:
         self.state["evaluations"].append(record)
 
     def collect_pending(self, comm: Communicator) -> None:
-        """Every process's queued evaluations, kept by process 0 in process order."""
-        for chunk in comm.all_gather_object(self.pending, "evaluation gather")[1:]:
+        """Every process's queued evaluations, kept by process 0 in process order, and the scalars they
+        queued for the experiment trackers, which process 0 logs."""
+        queued = self.logger.tracker_queue or []
+        for records, tracker_scalars in comm.all_gather_object((self.pending, queued), "evaluation gather")[1:]:
             if self.is_main:
-                for record in chunk:
+                for record in records:
                     self.keep(record)
+                self.logger.track(tracker_scalars)
         self.pending = []
+        if self.logger.tracker_queue is not None:
+            self.logger.tracker_queue = []
 
     def representative(self, source: str, replica: int | None) -> bool:
         """The evaluations that describe the run's output model: replica 0 when K=1, merges otherwise."""
@@ -101,13 +106,17 @@ class RunHistory:
     # ----- checkpoint and resume -----------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
         """The history as a checkpoint's `run_state` holds it (with the queued evaluations)."""
-        return {**self.state, "pending": self.pending}
+        return {**self.state, "pending": self.pending, "pending_tracker_scalars": list(self.logger.tracker_queue or [])}
 
     def restore(self, run_state: dict[str, Any], path: Path, on_cpu: bool) -> None:
         """The history of checkpoint `path` (its run_state, the RNG state taken out); process 0 rewrites
         metrics.jsonl from it."""
         run_state = dict(run_state)
         self.pending = run_state.pop("pending")
+        # Dropped when this launch logs to no tracker; none in a checkpoint of a run that queued none.
+        queued = run_state.pop("pending_tracker_scalars", [])
+        if self.logger.tracker_queue is not None:
+            self.logger.tracker_queue = [(stream, values, step) for stream, values, step in queued]
         self.state = {"cpu_threads": [], **run_state}
         self._note_thread_count(path, on_cpu)
         if self.is_main:

@@ -169,7 +169,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, layout: ProcessLayo
         log_secondary_process(run_dir, comm.rank)
     seed_everything(cfg.seed)
     data, parts = _build(cfg, run_dir, device, layout)
-    logger = RunLogger(run_dir, data.class_names, "tensorboard" in cfg.logger, _trackers(cfg, run_dir, comm))
+    logger = RunLogger(run_dir, data.class_names, "tensorboard" in cfg.logger, _trackers(cfg, run_dir, comm),
+                       queue_for_trackers=not comm.is_main and _uses_trackers(cfg))
     store = CheckpointStore(run_dir, fingerprint(cfg), layout.across_replicas, layout.data_parallel)
     stop = StopRequests()
     orchestrator = Orchestrator(cfg, parts, RunHistory(logger, cfg.imwa.k, store.is_main, data.counts), store, stop)
@@ -260,12 +261,16 @@ def record_a_lost_main_process(logger: RunLogger, run_dir: Path, rank: int, erro
 
 def _trackers(cfg: Config, run_dir: Path, comm: Communicator) -> list[Tracker]:
     """The experiment trackers besides TensorBoard, opened by process 0 under the TensorBoard run's name."""
-    if not comm.is_main or not any(name != "tensorboard" for name in cfg.logger):
+    if not comm.is_main or not _uses_trackers(cfg):
         return []
     from ssl_imwa.report.runs import flatten
 
     return open_trackers(list(cfg.logger), run_dir, trial_name(run_dir),
                          flatten(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def _uses_trackers(cfg: Config) -> bool:
+    return any(name != "tensorboard" for name in cfg.logger)
 
 
 def _hparams(cfg: Config) -> dict[str, Any]:

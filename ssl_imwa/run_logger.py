@@ -217,13 +217,16 @@ class RunLogger:
     scalars to any experiment tracker the run logs to (ssl_imwa.trackers)."""
 
     def __init__(self, run_dir: Path, class_names: list[str], enabled_tensorboard: bool = True,
-                 trackers: list[Tracker] | None = None) -> None:
+                 trackers: list[Tracker] | None = None, queue_for_trackers: bool = False) -> None:
         self.run_dir = run_dir
         self.class_names = class_names
         self.metrics_path = run_dir / "metrics.jsonl"
         self.status_path = run_dir / "status.json"
         self.enabled_tensorboard = enabled_tensorboard
         self.trackers = trackers or []
+        # A process other than 0 of a run with trackers: the tracker runs are process 0's, so this process's
+        # scalars (stream, values, step) wait here until a merge hands them over (RunHistory.collect_pending).
+        self.tracker_queue: list[tuple[str, dict[str, float], int]] | None = [] if queue_for_trackers else None
         self._writers: dict[str, Any] = {}
         self._results: dict[str, Any] = {}  # as written by results(): the HParams session's metrics
         # (source, replica, split) -> (step, image) of the last confusion matrix drawn
@@ -236,13 +239,24 @@ class RunLogger:
 
     def scalars(self, source: str, values: dict[str, float], step: int, prefix: str = "train") -> None:
         named = {f"{prefix}/{key}": value for key, value in values.items() if not math.isnan(value)}
-        for tracker in self.trackers:
-            tracker.scalars(source, named, step)
+        self._track(source, named, step)
         if not self.enabled_tensorboard:
             return
         writer = self.writer(source)
         for key, value in named.items():
             writer.add_scalar(key, value, step)
+
+    def _track(self, stream: str, values: dict[str, float], step: int) -> None:
+        if self.tracker_queue is not None:
+            self.tracker_queue.append((stream, values, step))
+        for tracker in self.trackers:
+            tracker.scalars(stream, values, step)
+
+    def track(self, calls: list[tuple[str, dict[str, float], int]]) -> None:
+        """Log to the trackers the scalars another process queued (it has no tracker run of its own)."""
+        for stream, values, step in calls:
+            for tracker in self.trackers:
+                tracker.scalars(stream, values, step)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One evaluation as one line of metrics.jsonl (only process 0 writes the file)."""
@@ -278,8 +292,7 @@ class RunLogger:
         values.update({f"{split}_per_class/{index:03d}_{self.class_names[index]}": value
                        for index, value in enumerate(record["per_class"])})
         values = {key: value for key, value in values.items() if not math.isnan(value)}
-        for tracker in self.trackers:
-            tracker.scalars(name, values, step)
+        self._track(name, values, step)
         if not self.enabled_tensorboard:
             return
         writer = self.writer(name)

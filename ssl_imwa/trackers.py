@@ -1,7 +1,8 @@
 """Experiment trackers beside TensorBoard: Weights & Biases and MLflow (`logger=[tensorboard,wandb]`).
 
 A tracker receives what TensorBoard receives (training scalars, evaluations, merges, the run's
-hyperparameters and final metrics) under the same run name, from the main process. Its run's id is kept
+hyperparameters and final metrics) under the same run name. Process 0 holds the tracker runs; the other
+processes queue their replicas' scalars (`RunLogger.tracker_queue`), which reach process 0 at each merge. Its run's id is kept
 in `RUN_DIR/trackers.json`, so a resumed run continues the same tracker run. The packages are optional
 extras (`pip install -e .[wandb]`, `.[mlflow]`); a logger whose package is missing is refused when the
 config is validated, naming the extra. W&B without an account: `WANDB_MODE=offline`; MLflow logs to

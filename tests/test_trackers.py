@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.reference_runs import IMWA
-from tests.utils import read_metrics, read_results, train_run
+from tests.reference_runs import DISTRIBUTED, IMWA
+from tests.utils import (
+    logged_train_scalars,
+    read_metrics,
+    read_results,
+    run_processes,
+    train_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +53,34 @@ def test_mlflow_holds_the_evaluations_config_and_final_metrics_of_one_run(
     assert sorted(entry.step for entry in losses) == [5, 10, 15, 20]   # train.log_every=5, both episodes
     assert run.data.params["imwa.k"] == "2" and run.data.params["algorithm.name"] == "fixmatch"
     assert run.data.metrics["test/final_top1"] == read_results(run_dir)["final"]["top1"]
+
+
+def test_mlflow_holds_the_replicas_of_every_process_of_a_torchrun_run_across_a_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Process 1's replica is logged by process 0, which holds the MLflow run, at each merge; what
+    process 1 logged before a stop between merges waits in its checkpoint."""
+    pytest.importorskip("mlflow", reason="pip install -e .[mlflow]")
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "trackers_torchrun")
+    run_dir = tmp_path / "run"
+    for launch in (["train.stop_at=16"], ["resume=true"]):   # the stop: after replica 1 logged step 15
+        finished = run_processes(2, [*DISTRIBUTED, "logger=[tensorboard,mlflow]", *launch], run_dir)
+        assert all(code == 0 for code, _ in finished), "\n".join(output[-3000:] for _, output in finished)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("trackers_torchrun").experiment_id])
+    for replica in (0, 1):
+        losses = sorted((entry.step, entry.value)
+                        for entry in client.get_metric_history(run.info.run_id, f"replica{replica}/train/loss"))
+        assert [step for step, _ in losses] == [5, 10, 15, 20]   # train.log_every=5, written by process `replica`
+        tensorboard = logged_train_scalars(run_dir / "tensorboard" / f"replica{replica}")["loss"]
+        assert [value for _, value in losses] == pytest.approx(tensorboard, rel=1e-6)
+        evaluations = sorted((entry.step, entry.value) for entry in
+                             client.get_metric_history(run.info.run_id, f"replica{replica}/test/balanced_acc"))
+        assert evaluations == [(row["step"], row["balanced_acc"]) for row in read_metrics(run_dir)
+                               if row["source"] == "replica" and row["replica"] == replica and row["split"] == "test"]
+        assert len(evaluations) == 4
 
 
 def _wandb_records(path: Path) -> list:
