@@ -116,7 +116,7 @@ class RunHistory:
         # Dropped when this launch logs to no tracker; none in a checkpoint of a run that queued none.
         queued = run_state.pop("pending_tracker_scalars", [])
         if self.logger.tracker_queue is not None:
-            self.logger.tracker_queue = [(stream, values, step) for stream, values, step in queued]
+            self.logger.tracker_queue = list(queued)
         self.state = {"cpu_threads": [], **run_state}
         self._note_thread_count(path, on_cpu)
         if self.is_main:

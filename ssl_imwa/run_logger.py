@@ -254,9 +254,8 @@ class RunLogger:
 
     def track(self, calls: list[tuple[str, dict[str, float], int]]) -> None:
         """Log to the trackers the scalars another process queued (it has no tracker run of its own)."""
-        for stream, values, step in calls:
-            for tracker in self.trackers:
-                tracker.scalars(stream, values, step)
+        for call in calls:
+            self._track(*call)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """One evaluation as one line of metrics.jsonl (only process 0 writes the file)."""

@@ -2,8 +2,8 @@
 
 A tracker receives what TensorBoard receives (training scalars, evaluations, merges, the run's
 hyperparameters and final metrics) under the same run name. Process 0 holds the tracker runs; the other
-processes queue their replicas' scalars (`RunLogger.tracker_queue`), which reach process 0 at each merge. Its run's id is kept
-in `RUN_DIR/trackers.json`, so a resumed run continues the same tracker run. The packages are optional
+processes queue their replicas' scalars (`RunLogger.tracker_queue`), which reach process 0 at each merge.
+Its run's id is kept in `RUN_DIR/trackers.json`, so a resumed run continues the same tracker run. The packages are optional
 extras (`pip install -e .[wandb]`, `.[mlflow]`); a logger whose package is missing is refused when the
 config is validated, naming the extra. W&B without an account: `WANDB_MODE=offline`; MLflow logs to
 `MLFLOW_TRACKING_URI` (a server, or a local store such as `sqlite:///mlflow.db`).
