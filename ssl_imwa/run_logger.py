@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ssl_imwa.checkpoint import storage_fault
+from ssl_imwa.confusion_image import confusion_image
 from ssl_imwa.keys import SUMMARY_METRICS
 from ssl_imwa.tensorboard_hparams import hparam_value, metric_values, write_session
 
@@ -114,31 +114,6 @@ def _quiet_tensorboard_threads() -> None:
 
     hook.quiet_tensorboard = True  # type: ignore[attr-defined]
     threading.excepthook = hook
-
-
-def confusion_image(matrix: list[list[int]], class_names: list[str]) -> np.ndarray:
-    """Row-normalised confusion matrix rendered as an HWC uint8 image for TensorBoard."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = np.asarray(matrix, dtype=float)
-    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(3.0, 0.4 * len(class_names))
-    figure, axis = plt.subplots(figsize=(size, size), dpi=80)
-    axis.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    if len(class_names) <= 20:
-        axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-        axis.set_yticks(range(len(class_names)), class_names, fontsize=7)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    buffer.seek(0)
-    return np.asarray(matplotlib.image.imread(buffer, format="png")[..., :3] * 255, dtype=np.uint8)
 
 
 def command_line_hparams(run_dir: Path) -> dict[str, Any]:

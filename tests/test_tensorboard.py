@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from tensorboard import context as tb_context
@@ -25,6 +26,7 @@ from tensorboard.plugins.hparams import (
 )
 
 from ssl_imwa import report
+from ssl_imwa.confusion_image import BLUE_END, WHITE_END, confusion_image
 from ssl_imwa.run_logger import RunLogger, command_line_hparams
 from ssl_imwa.tensorboard_hparams import METRICS, _write_events
 from tests.utils import train_run
@@ -288,3 +290,29 @@ def test_k1_merged_stream_holds_the_runs_model_after_each_episode(tmp_path: Path
     assert [image.step for image in merged.Images("test/confusion")] == [4, 8]
     results = json.loads((run_dir / "results.json").read_text())
     assert merged.Scalars("test/top1")[-1].value == pytest.approx(results["final"]["top1"])
+
+
+def _pixels_of(image: np.ndarray, colour: np.ndarray) -> int:
+    return int((image == colour).all(axis=-1).sum())
+
+
+def test_the_confusion_image_colours_each_cell_by_its_share_of_the_true_class() -> None:
+    """25 classes (no text in the cells): 3 of class i's images predicted i, 1 predicted i+1. Every
+    cell is a square of 480 // 25 = 19 pixels in the colour of its share, the rest of the image white."""
+    classes = 25
+    matrix = [[3 if column == row else 1 if column == (row + 1) % classes else 0 for column in range(classes)]
+              for row in range(classes)]
+    image = confusion_image(matrix, [f"class {index}" for index in range(classes)])
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+    colour = lambda share: (WHITE_END + share * (BLUE_END - WHITE_END)).round()
+    cell_pixels = 19 * 19
+    assert _pixels_of(image, colour(0.75)) == classes * cell_pixels
+    assert _pixels_of(image, colour(0.25)) == classes * cell_pixels
+    assert _pixels_of(image, colour(0.0)) == (classes * classes - 2 * classes) * cell_pixels
+
+
+def test_the_confusion_image_names_the_classes() -> None:
+    matrix = [[5, 0], [2, 3]]
+    short, long = confusion_image(matrix, ["a", "b"]), confusion_image(matrix, ["a", "a much longer name"])
+    assert long.shape[0] > short.shape[0] and long.shape[1] > short.shape[1]   # names left of and below the grid
+    assert _pixels_of(short, BLUE_END) > 0   # class a's cell: all of its images predicted a, share 1

@@ -10,16 +10,16 @@ import math
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from ssl_imwa.report.groups import GroupSummary
 from ssl_imwa.report.runs import Run, imwa_setting
+
+if TYPE_CHECKING:   # matplotlib is imported when a figure is drawn: a training run imports this package, never draws
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 MAX_PER_CLASS_GROUPS = 6
 WIDTH_IN, AXES_HEIGHT_IN, DPI = 7.0, 3.2, 100
@@ -127,7 +127,7 @@ def _series_figure(
         return None
     axes.set(xlabel=xlabel, ylabel=ylabel)
     if integer_x:
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.xaxis.set_major_locator(_integer_ticks())
     _finish(figure, axes, title, legend_title="mean over seeds; shaded: min to max over seeds")
     return figure
 
@@ -170,7 +170,7 @@ def per_class_figure(summaries: Sequence[GroupSummary], bars: Sequence[tuple[str
         offset = (index - (len(bars) - 1) / 2) * width
         axes.bar(np.arange(len(mean)) + offset, mean, width, label=label, color=styles[label][0])
     axes.set(xlabel="class index (head → tail)", ylabel="final test accuracy (%)")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(_integer_ticks())
     _finish(figure, axes, "Final test accuracy per class", legend_title="mean over seeds")
     return figure
 
@@ -188,8 +188,17 @@ def _mean_per_class(runs: Sequence[Run]) -> np.ndarray | None:
     return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan) * 100
 
 
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _new_figure() -> tuple[Figure, Axes]:
     """A pyplot-free Agg figure: no global backend switch, nothing left open between calls."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(WIDTH_IN, AXES_HEIGHT_IN + 1.2), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure, figure.add_subplot()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ssl_imwa.models.factory import register_model
-from ssl_imwa.models.pooling import global_average_pool
+from ssl_imwa.models.pooling import MaxPool2x2, global_average_pool
 
 
 class SmallCNN(nn.Module):
@@ -15,7 +15,7 @@ class SmallCNN(nn.Module):
         channels = in_channels
         for index, width in enumerate(widths):
             if index > 0:
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2x2())
             layers += [
                 nn.Conv2d(channels, width, 3, padding=1, bias=False),
                 nn.BatchNorm2d(width, momentum=bn_momentum),
