@@ -1,5 +1,6 @@
 """One process of a torchrun-style job that trains several short runs one after another
-(tests/test_data_parallel.py): starting processes costs more than these runs do.
+(tests/test_data_parallel.py, tests/test_every_algorithm_data_parallel.py): starting processes costs
+more than these runs do. The first run that fails ends the job.
 
     python tests/data_parallel_worker.py JOBS_JSON   # [{"port": P, "overrides": [...]}, ...]
 

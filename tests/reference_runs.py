@@ -1,12 +1,17 @@
-"""Uninterrupted reference runs, trained once per test session and shared by every test that compares
-a stopped, killed, resumed or distributed run with one (a pytest-xdist worker is a session of its
-own). The override lists are shared too: two tests that mean the same run ask for the same list."""
+"""Uninterrupted reference runs, trained once per test run and shared by every test that compares
+a stopped, killed, resumed or distributed run with one, whichever pytest-xdist worker runs it. The
+override lists are shared too: two tests that mean the same run ask for the same list."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.utils import train_run
 
@@ -45,13 +50,22 @@ ALGORITHMS = {
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
     """`reference_run(overrides)`: the run directory of an uninterrupted run of `overrides`, trained
-    the first time it is asked for in this session. Tests read it and never write into it."""
-    trained: dict[tuple[str, ...], Path] = {}
+    the first time any process of this test run asks for it. Tests read it and never write into it.
+
+    pytest-xdist's workers share the runs through the test run's base temporary directory (the
+    parent of each worker's own), one training per run under a file lock: a worker that asks for a
+    run another is training waits for it instead of training it again."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "reference_runs"
+    shared.mkdir(exist_ok=True)
 
     def run(overrides: Sequence[str]) -> Path:
-        key = tuple(overrides)
-        if key not in trained:
-            trained[key] = train_run(tmp_path_factory.mktemp("reference"), list(key), "full")
-        return trained[key]
+        folder = shared / hashlib.sha256(json.dumps(list(overrides)).encode()).hexdigest()[:16]
+        with FileLock(f"{folder}.lock"):
+            if not (folder / "trained").is_file():
+                shutil.rmtree(folder, ignore_errors=True)   # what a failed attempt left
+                train_run(folder, list(overrides), "full")
+                (folder / "trained").write_text(json.dumps(list(overrides)))
+        return folder / "full"
 
     return run
