@@ -1,8 +1,8 @@
 """imwa.data_parallel=D: a replica trained by D processes (DDP over a replica group, gloo on CPU).
 
-K=1, D=2 against K=1, D=1 for FixMatch, DASO and ACR (same data, weights equal to float
-tolerance, algorithm state reduced over the group), and K=2, D=2 on four processes: merges,
-stops mid-episode and resumes bitwise. Each multi-process job trains its runs one after another
+K=1, D=2 against K=1, D=1 for FixMatch and every long-tailed algorithm (CReST as CReST+, which adds
+its alignment; same data, weights equal to float tolerance, algorithm state reduced over the group),
+and K=2, D=2 on four processes: merges, stops mid-episode and resumes bitwise. Each multi-process job trains its runs one after another
 in one set of processes (tests/data_parallel_worker.py).
 """
 from __future__ import annotations
@@ -44,6 +44,13 @@ ALGORITHMS = {
     "darp": ["algorithm=darp", "algorithm.epoch_length=1", "algorithm.warmup_epochs=0", "algorithm.refine_every=2"],   # solver at 1, 3, ...
     "adsh": ["algorithm=adsh", "algorithm.epoch_length=2"],         # every process runs the same pass after step 1
     "abc": ["algorithm=abc", "algorithm.abc_threshold=0.2", "algorithm.schedule_epochs=10"],   # slices draw their rows
+    "simpro": ["algorithm=simpro", "algorithm.epoch_length=2"],     # M-steps from the whole batch's sums after 1, 3, ...
+    "cdmad": ["algorithm=cdmad", "algorithm.debias_start=1"],       # the solid image's logits debias from step 1
+    # the classifier warm-up at step 2 on every process (rank 0's result broadcast), its teacher head after
+    "cossl": ["algorithm=cossl", "algorithm.warmup=2", "algorithm.classifier_epochs=1",
+              "algorithm.classifier_epoch_steps=3", "algorithm.classifier_batch_size=16"],
+    # 15-step generations: the merged teacher's pass over the unlabeled set and its picks at step 15
+    "crest_plus": ["algorithm=crest_plus", "algorithm.generations=2", "train.iterations=15", "train.eval_every=15"],
 }
 EARLY = 3
 # Relative L2 distance of all student (teacher) weights, D=2 vs D=1. Measured on 2026-11-28 (docs/imwa.md):
@@ -51,6 +58,11 @@ EARLY = 3
 # with, 9e-3..2.4e-2 without (masks flip on last-bit differences and SGD amplifies them). A wrong
 # slice, a missing gradient average or a missing reduction of algorithm state is off by far more.
 EARLY_TOLERANCE, LATE_TOLERANCE = 5e-5, 5e-2
+# CDMAD forwards its solid image alone on every process: with D=2 group BN sees two identical copies, the
+# same batch statistics, but the running variance's unbiasing factor n / (n - 1) counts both (the 4x4 maps:
+# 32/31 against 16/15; ssl_imwa/algorithms/cdmad.py). Its running variances are compared on their own, to
+# this (measured: 3e-3 after 3 steps, 1.1e-2 after 30); everything else to the tolerances above.
+RUNNING_VARIANCE_TOLERANCE = {"cdmad": 3e-2}
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +83,15 @@ def _replica(run_dir: Path) -> dict[str, Any]:
     return read_checkpoint(run_dir / "checkpoints" / "latest.pt")["replicas"][0]
 
 
-def _relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
-    keys = [key for key, value in left.items() if value.is_floating_point()]
+def _relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor],
+                       running_variances: bool | None = None) -> float:
+    """Over the floating tensors; running_variances True: only BN's running variances, False: all but them."""
+    keys = [key for key, value in left.items() if value.is_floating_point()
+            and running_variances in (None, key.endswith("running_var"))]
     flat = lambda state: torch.cat([state[key].double().reshape(-1) for key in keys])
     return float((flat(left) - flat(right)).norm() / flat(left).norm())
+
+
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_two_processes_per_replica_train_what_one_does(d2_and_d1: Path, algorithm: str) -> None:
     for steps, tolerance in ((EARLY, EARLY_TOLERANCE), (30, LATE_TOLERANCE)):
@@ -89,8 +106,12 @@ def test_two_processes_per_replica_train_what_one_does(d2_and_d1: Path, algorith
         assert torch.equal(one["stream"]["augment_generator"], two["stream"]["augment_generator"])
         # The same training, to summation order.
         for part in ("model", "teacher"):
-            distance = _relative_distance(one[part], two[part])
+            apart = algorithm in RUNNING_VARIANCE_TOLERANCE
+            distance = _relative_distance(one[part], two[part], False if apart else None)
             assert distance < tolerance, f"{algorithm} {part} after {steps} steps: relative distance {distance:.2e}"
+            if apart:
+                distance = _relative_distance(one[part], two[part], True)
+                assert distance < RUNNING_VARIANCE_TOLERANCE[algorithm], f"{algorithm} {part} running variances"
         state_one, state_two = one["algorithm"], two["algorithm"]
         assert state_one.keys() == state_two.keys()
         if algorithm == "daso":   # the queue holds every slice's features, in batch order
