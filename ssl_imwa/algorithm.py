@@ -319,6 +319,11 @@ class Algorithm(nn.Module):
         """How K replicas' states combine at an IMWA merge (default: mean of float tensors)."""
         return mean_of_states(states)
 
+    def momentum_buffers(self, model: nn.Module) -> list[str]:
+        """Keys of `model`'s state that hold the momentum of an optimiser of the algorithm's own (CoSSL's
+        second one): an IMWA merge treats them per `imwa.momentum`, as the main optimiser's. None by default."""
+        return []
+
 
 _ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", BUILTIN_PACKAGE)
 

@@ -33,7 +33,11 @@ from ssl_imwa.config import Config, generation_count
 from ssl_imwa.distributed import Communicator, to_device
 from ssl_imwa.history import RunHistory
 from ssl_imwa.keys import SUMMARY_METRICS
-from ssl_imwa.merge import MergeResult, merge_optimizers_and_algorithms
+from ssl_imwa.merge import (
+    MergeResult,
+    merge_model_momentum,
+    merge_optimizers_and_algorithms,
+)
 from ssl_imwa.rng import rng_state, set_rng_state
 from ssl_imwa.stopping import StopRequests, Terminated
 from ssl_imwa.trainer import Replica, lr_at
@@ -308,10 +312,13 @@ class Orchestrator:
         states = [replica.state_dict() for replica in self.replicas]
         optimizer, algorithm = merge_optimizers_and_algorithms(
             states, indices, self.cfg.imwa.momentum, self.replicas[0].algorithm.merge_states, self.k, self.comm)
+        momentum = merge_model_momentum([state["model"] for state in states],
+                                        self.replicas[0].algorithm.momentum_buffers(self.replicas[0].model),
+                                        self.cfg.imwa.momentum, self.k, self.comm)
         result = self.merger([{"model": state["model"], "teacher": state["teacher"]} for state in states], indices,
                              start, self.episode)
-        for replica in self.replicas:
-            replica.model.load_state_dict(result.model)
+        for replica, model_momentum in zip(self.replicas, momentum):
+            replica.model.load_state_dict({**result.model, **model_momentum})
             replica.teacher.load_state_dict(result.teacher)
             # Optimizer.load_state_dict (and an algorithm's) may keep the given tensors rather than copy
             # them: without a copy, time-sliced replicas would share, and mutate, one momentum buffer.

@@ -53,6 +53,20 @@ def merge_optimizer_states(states: list[dict[str, Any]], policy: str, total: int
     return {"state": merged_state, "param_groups": first["param_groups"]}
 
 
+def merge_model_momentum(models: list[dict[str, torch.Tensor]], keys: list[str], policy: str, total: int,
+                         comm: Communicator | None = None) -> list[dict[str, torch.Tensor]]:
+    """The momentum an algorithm keeps in the model (`Algorithm.momentum_buffers`), per `imwa.momentum` as
+    the main optimiser's: each replica's own (keep), zeros (reset) or the mean over all K replicas
+    (average). One dict per replica of `models` (copies), to load over the merged weights."""
+    own = [{key: model[key].detach().clone() for key in keys} for model in models]
+    if not keys or policy == "keep":
+        return own
+    if policy == "reset":
+        return [{key: torch.zeros_like(value) for key, value in state.items()} for state in own]
+    averaged = average_across(own, total, comm, "momentum merge")
+    return [{key: value.clone() for key, value in averaged.items()} for _ in models]
+
+
 def gather_algorithm_states(local: list[tuple[int, dict[str, Any]]], comm: Communicator) -> list[dict[str, Any]]:
     """Every replica's algorithm state, ordered by replica index, on every process."""
     everything = [item for chunk in comm.all_gather_object(local, "algorithm state gather") for item in chunk]

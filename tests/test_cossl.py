@@ -532,6 +532,25 @@ def test_runs_stopped_before_at_and_after_the_warm_up_end_resume_bitwise(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy", ["average", "keep", "reset"])
+def test_the_second_optimisers_momentum_follows_imwa_momentum(tmp_path: Path, policy: str) -> None:
+    """The teacher classifier's momentum (built from the warm-up's end at step 12 to the last merge at 24)
+    merges as `imwa.momentum` says, like the main optimiser's; the weights merge whatever it says."""
+    run_dir = train_run(tmp_path, [*RUN, f"imwa.momentum={policy}"])
+    replicas = [replica["model"] for replica in read_checkpoint(run_dir / "checkpoints" / "latest.pt")["replicas"]]
+    momentum = [f"heads.{TEACHER_HEAD}.momentum_weight", f"heads.{TEACHER_HEAD}.momentum_bias"]
+    for key in replicas[0].keys() - set(momentum):
+        assert torch.equal(replicas[0][key], replicas[1][key]), key
+    for key in momentum:
+        first, second = replicas[0][key], replicas[1][key]
+        if policy == "reset":
+            assert not first.any() and not second.any(), key
+        else:
+            assert first.any() and second.any(), key
+            assert torch.equal(first, second) == (policy == "average"), key
+
+
+@pytest.mark.slow
 def test_quickstart_learns(tmp_path: Path) -> None:
     run_dir = train_run(tmp_path, ["experiment=quickstart", "algorithm=cossl", "train.num_threads=1",
                                    "algorithm.warmup=0.5", "algorithm.classifier_epoch_steps=200"])

@@ -10,6 +10,7 @@ import torch
 from ssl_imwa.algorithm import mean_of_states
 from ssl_imwa.merge import (
     average_tensors,
+    merge_model_momentum,
     merge_optimizer_states,
     merge_optimizers_and_algorithms,
 )
@@ -120,3 +121,16 @@ def test_the_engine_imports_no_merge_strategy_until_one_is_looked_up() -> None:
             "assert {'uniform', 'twa'} <= set(list_merges())\n"
             "assert 'ssl_imwa.merges.twa' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=DOC.parents[1])
+
+
+@pytest.mark.parametrize("policy, expected", [("keep", [[2.0, 4.0], [4.0, 8.0]]), ("reset", [[0.0, 0.0], [0.0, 0.0]]),
+                                              ("average", [[3.0, 6.0], [3.0, 6.0]])])
+def test_momentum_an_algorithm_keeps_in_the_model_follows_imwa_momentum(policy: str, expected: list) -> None:
+    models = [{"weight": torch.tensor([1.0, 2.0]), "momentum": torch.tensor([2.0, 4.0])},
+              {"weight": torch.tensor([3.0, 4.0]), "momentum": torch.tensor([4.0, 8.0])}]
+    merged = merge_model_momentum(models, ["momentum"], policy, total=2)
+    assert [state["momentum"].tolist() for state in merged] == expected
+    assert all(state.keys() == {"momentum"} for state in merged)   # the weights are the strategy's
+    merged[0]["momentum"].add_(1)   # copies: the replicas' own tensors stay as they were
+    assert models[0]["momentum"].tolist() == [2.0, 4.0]
+    assert merge_model_momentum(models, [], policy, total=2) == [{}, {}]

@@ -106,7 +106,8 @@ class CoSSLConfig(USBFixMatchConfig):
 
 class TeacherClassifier(nn.Linear):
     """The teacher classifier (USB's CoSSL_Net.teacher_classifier), with the momentum of its second optimiser as
-    buffers: they travel with the model (checkpoints, IMWA merges average them as the optimiser's momentum).
+    buffers: they travel with the model (checkpoints); an IMWA merge treats them per `imwa.momentum`
+    (`CoSSL.momentum_buffers`).
 
     Zero-initialised: until the warm-up's end it gets an exactly zero gradient, so neither optimiser moves it nor
     builds momentum (USB: no gradient at all), and the classifier warm-up then writes it."""
@@ -302,9 +303,9 @@ class CoSSL(Algorithm):
     """No checkpointed state of its own: the teacher classifier, its second optimiser's momentum and the
     evaluated head's switch are the model's (the EMA teacher's classifier is the EMA of the student's, as USB's
     EMA of its whole net); the mixing probabilities derive from the labeled counts, and the draws from (run
-    seed, step). So an IMWA merge averages the classifiers and their momentum with the models (the switch, an
-    integer buffer, is replica 0's: every replica switches at the same step) and `merge_states` has nothing to
-    merge; a data-parallel group needs no reduction (the slices' teacher-classifier gradients are averaged by
+    seed, step). So an IMWA merge averages the classifiers with the models, merges their momentum per
+    `imwa.momentum`, keeps replica 0's switch (an integer buffer: every replica switches at the same step), and
+    `merge_states` has nothing to merge; a data-parallel group needs no reduction (the slices' teacher-classifier gradients are averaged by
     DDP, and each process draws the whole batch's numbers and keeps its rows).
     """
 
@@ -327,6 +328,11 @@ class CoSSL(Algorithm):
 
     def build_heads(self, feature_dim: int, num_classes: int) -> dict[str, nn.Module]:
         return {TEACHER_HEAD: TeacherClassifier(feature_dim, num_classes), EVAL_HEAD: EvaluatedHead()}
+
+    def momentum_buffers(self, model: nn.Module) -> list[str]:
+        """The second optimiser's momentum, which the teacher classifier carries as buffers."""
+        return [f"{prefix}.{name}" for prefix, module in model.named_modules() if isinstance(module, TeacherClassifier)
+                for name in ("momentum_weight", "momentum_bias")]
 
     def balanced_labeled_batch(self) -> str | None:
         return self.cfg.tfe_augment
