@@ -22,7 +22,12 @@ SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+# cred_expire: how long a job credential lives, and so how long Slurm holds a requeued job back before
+# starting it again (while slurmd still refuses the revoked credential of its previous run). 120 s by
+# default; the requeue tests would wait that long.
+AuthInfo=socket={munge_socket},cred_expire=15
+# Look for startable jobs every 2 s (60 s and 30 s by default), so a requeued job starts once it may.
+SchedulerParameters=sched_interval=2,bf_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
