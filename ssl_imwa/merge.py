@@ -58,11 +58,11 @@ def merge_model_momentum(models: list[dict[str, torch.Tensor]], keys: list[str],
     """The momentum an algorithm keeps in the model (`Algorithm.momentum_buffers`), per `imwa.momentum` as
     the main optimiser's: each replica's own (keep), zeros (reset) or the mean over all K replicas
     (average). One dict per replica of `models` (copies), to load over the merged weights."""
+    if policy == "reset":
+        return [{key: torch.zeros_like(model[key]) for key in keys} for model in models]
     own = [{key: model[key].detach().clone() for key in keys} for model in models]
     if not keys or policy == "keep":
         return own
-    if policy == "reset":
-        return [{key: torch.zeros_like(value) for key, value in state.items()} for state in own]
     averaged = average_across(own, total, comm, "momentum merge")
     return [{key: value.clone() for key, value in averaged.items()} for _ in models]
 

@@ -2,8 +2,8 @@
 
 K=1, D=2 against K=1, D=1 for FixMatch and every long-tailed algorithm (CReST as CReST+, which adds
 its alignment; same data, weights equal to float tolerance, algorithm state reduced over the group),
-and K=2, D=2 on four processes: merges, stops mid-episode and resumes bitwise. Each multi-process job trains its runs one after another
-in one set of processes (tests/data_parallel_worker.py).
+and K=2, D=2 on four processes: merges, stops mid-episode and resumes bitwise. Each multi-process job
+trains its runs one after another in one set of processes (tests/data_parallel_worker.py).
 """
 from __future__ import annotations
 
@@ -44,13 +44,14 @@ ALGORITHMS = {
     "darp": ["algorithm=darp", "algorithm.epoch_length=1", "algorithm.warmup_epochs=0", "algorithm.refine_every=2"],   # solver at 1, 3, ...
     "adsh": ["algorithm=adsh", "algorithm.epoch_length=2"],         # every process runs the same pass after step 1
     "abc": ["algorithm=abc", "algorithm.abc_threshold=0.2", "algorithm.schedule_epochs=10"],   # slices draw their rows
-    "simpro": ["algorithm=simpro", "algorithm.epoch_length=2"],     # M-steps from the whole batch's sums after 1, 3, ...
+    "simpro": ["algorithm=simpro", "algorithm.epoch_length=2"],     # M-steps (whole-batch sums) after 1, 3, ...
     "cdmad": ["algorithm=cdmad", "algorithm.debias_start=1"],       # the solid image's logits debias from step 1
     # the classifier warm-up at step 2 on every process (rank 0's result broadcast), its teacher head after
     "cossl": ["algorithm=cossl", "algorithm.warmup=2", "algorithm.classifier_epochs=1",
               "algorithm.classifier_epoch_steps=3", "algorithm.classifier_batch_size=16"],
     # 15-step generations: the merged teacher's pass over the unlabeled set and its picks at step 15
-    "crest_plus": ["algorithm=crest_plus", "algorithm.generations=2", "train.iterations=15", "train.eval_every=15"],
+    "crest_plus": ["algorithm=crest_plus", "algorithm.generations=2", "train.iterations=15",
+                   "train.eval_every=15"],
 }
 EARLY = 3
 # Relative L2 distance of all student (teacher) weights, D=2 vs D=1. Measured on 2026-11-28 (docs/imwa.md):
@@ -87,7 +88,7 @@ def _relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Ten
                        running_variances: bool | None = None) -> float:
     """Over the floating tensors; running_variances True: only BN's running variances, False: all but them."""
     keys = [key for key, value in left.items() if value.is_floating_point()
-            and running_variances in (None, key.endswith("running_var"))]
+            and (running_variances is None or key.endswith("running_var") == running_variances)]
     flat = lambda state: torch.cat([state[key].double().reshape(-1) for key in keys])
     return float((flat(left) - flat(right)).norm() / flat(left).norm())
 

@@ -305,8 +305,9 @@ class CoSSL(Algorithm):
     EMA of its whole net); the mixing probabilities derive from the labeled counts, and the draws from (run
     seed, step). So an IMWA merge averages the classifiers with the models, merges their momentum per
     `imwa.momentum`, keeps replica 0's switch (an integer buffer: every replica switches at the same step), and
-    `merge_states` has nothing to merge; a data-parallel group needs no reduction (the slices' teacher-classifier gradients are averaged by
-    DDP, and each process draws the whole batch's numbers and keeps its rows).
+    `merge_states` has nothing to merge; a data-parallel group needs no reduction (the slices'
+    teacher-classifier gradients are averaged by DDP, and each process draws the whole batch's numbers and
+    keeps its rows).
     """
 
     Config = CoSSLConfig
